@@ -1,0 +1,36 @@
+"""Packaging for hailo-device-manager (src layout).
+
+The canonical Debian package is built from debian/; this file also serves
+pybuild there and stdeb for the plain client-library .deb.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_version():
+    namespace = {}
+    exec((HERE / "src/hailo_devmgr/_version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
+setup(
+    name="hailo-devmgr",
+    version=read_version(),
+    description="Shares one Hailo AI accelerator among the services of a host",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    install_requires=["numpy", "PyYAML", "sdnotify", "systemd-python"],
+    entry_points={
+        "console_scripts": [
+            "hailo-device-manager = hailo_devmgr.daemon:main",
+            "hailo-devmgr = hailo_devmgr.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,57 @@
+"""Backends: what stands between the device thread and an accelerator.
+
+A backend exposes ``platform``, a namespace with the parts of the
+``hailo_platform`` API we use (``VDevice``, ``FormatType``,
+``HailoSchedulingAlgorithm``, the exception classes, ``genai.VLM``, ...).
+Handlers use only ``platform``, so they run unchanged on real hardware and
+on the simulated accelerator. The few things that are not part of that API
+(opening, identifying, temperature) are methods of the backend itself.
+
+Every method here is called from the device thread only.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class BackendUnavailable(Exception):
+    """The accelerator cannot be used (not installed, absent, owned elsewhere)."""
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    device_id: str | None
+    architecture: str | None
+    fw_version: str | None
+
+
+class Backend(Protocol):
+    name: str
+    platform: Any
+
+    def open_vdevice(self) -> Any:
+        """Create the VDevice; raises BackendUnavailable with a reason."""
+
+    def identify(self, vdevice: Any) -> DeviceIdentity:
+        """Device id, architecture and firmware of the open device."""
+
+    def temperature(self, vdevice: Any) -> float | None:
+        """Chip temperature in °C, or None when it cannot be read."""
+
+    def request_scope(self, model_params: dict) -> AbstractContextManager:
+        """Context around one device operation (the simulated backend uses
+        it for ``model_params.simulate_ms``; the real one does nothing)."""
+
+    def close_vdevice(self, vdevice: Any) -> None:
+        """Release the VDevice (after every model object was released)."""
+
+
+def create_backend(config) -> Backend:
+    """The backend the configuration names. Imports nothing of HailoRT yet."""
+    if config.backend == "simulated":
+        from .simulated import SimulatedBackend
+        return SimulatedBackend(config.simulated, config.device)
+    from .hailo import HailoBackend
+    return HailoBackend(config.device, python_path=config.device.python_path)

@@ -1,0 +1,269 @@
+"""The real backend: HailoRT through its Python package ``hailo_platform``.
+
+This is the only module of the project that imports ``hailo_platform``, and
+it does so lazily: importing this module imports nothing of HailoRT. The
+first ``open_vdevice()`` call (on the device thread) prepends the configured
+``python_path`` entries to ``sys.path`` and imports ``hailo_platform``; the
+module is kept in ``platform`` from then on, and a failed import is retried
+on the next ``open_vdevice()``. Nothing of HailoRT is imported anywhere else,
+so the daemon starts, and reports why, on a host without HailoRT.
+
+Facts from docs/HAILORT.md that this relies on but that are **uncertain**:
+
+- Device node names. Drivers up to 5.2 and Hailo-8 create ``/dev/hailo0``,
+  ...; the 5.3 driver may create ``/dev/h1x-0`` instead. Both globs are in
+  ``DEVICE_NODE_GLOBS``; the node check only gives a clearer reason than
+  HailoRT would, HailoRT itself finds the device (``Device.scan()``).
+- ``control.identify()`` field formats: ``device_architecture`` is an
+  IntEnum whose ``str()`` is the bare name in the bindings seen so far, but
+  we take ``.name`` when present and strip any ``Enum.`` prefix in case a
+  version prints the qualified name; ``str(firmware_version)`` looks like
+  ``"5.3.0 (release,app)"`` and is passed on verbatim. Either may change
+  between HailoRT versions, which is why identity never raises.
+- Opening a ``Device`` beside our own ``VDevice`` in the same process is a
+  field report for Hailo-10H on HailoRT 5.3; if it fails, identity and
+  temperature are simply unknown.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib
+import logging
+import os
+import pwd
+import sys
+from typing import Any, Callable
+
+from .. import hailort_status
+from ..config import DeviceConfig
+from . import BackendUnavailable, DeviceIdentity
+
+log = logging.getLogger(__name__)
+
+MODULE_NAME = "hailo_platform"
+# Device nodes, relative to the dev directory: hailo_chardev (driver <= 5.2,
+# Hailo-8) and, possibly, hailo1x (5.3 driver).
+DEVICE_NODE_GLOBS = ("hailo*", "h1x-*")
+DEFAULT_DEV_DIR = "/dev"
+INSTALL_HINT = "install python3-h10-hailort (Hailo-10H) or python3-hailort (Hailo-8)"
+
+
+class HailoBackend:
+    """Backend on a real Hailo-10H / Hailo-8 / Hailo-8L (see backends.Backend)."""
+
+    name = "hailo"
+
+    def __init__(self, device: DeviceConfig, importer: Callable[[str], Any] = importlib.import_module,
+                 *, python_path: tuple[str, ...] = (), dev_dir: str = DEFAULT_DEV_DIR,
+                 access: Callable[[str, int], bool] = os.access):
+        self._config = device
+        self._importer = importer
+        self._python_path = tuple(python_path)
+        self._dev_dir = dev_dir
+        # os.access by default; tests inject their own so that the result
+        # does not depend on running as root (root may open anything).
+        self._access = access
+        self._platform: Any = None
+        self._identity: DeviceIdentity | None = None
+        self._identify_warned = False
+        self._device_id: str | None = None
+        self._temp_device: Any = None
+
+    # -- the hailo_platform module -------------------------------------------
+
+    @property
+    def platform(self) -> Any:
+        if self._platform is None:
+            raise BackendUnavailable("HailoRT is not loaded yet (no VDevice has been opened)")
+        return self._platform
+
+    def _load_platform(self) -> Any:
+        if self._platform is None:
+            self._extend_sys_path()
+            self._platform = self._import_platform()
+            log.info("using HailoRT Python package %s from %s",
+                     getattr(self._platform, "__version__", "(unknown version)"),
+                     getattr(self._platform, "__file__", "?"))
+        return self._platform
+
+    def _extend_sys_path(self) -> None:
+        # Prepend in the configured order, so the first entry wins over the
+        # Debian package; skip entries already present so that retries after a
+        # failed import do not grow sys.path.
+        for entry in reversed(self._python_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+
+    def _import_platform(self) -> Any:
+        try:
+            return self._importer(MODULE_NAME)
+        except ImportError as exc:
+            searched = f" (also searched {', '.join(self._python_path)})" if self._python_path else ""
+            raise BackendUnavailable(
+                f"HailoRT Python package ({MODULE_NAME}) is not installed: {exc}{searched}; "
+                f"{INSTALL_HINT}") from exc
+        except Exception as exc:
+            # Installed but broken, e.g. a wheel built against another numpy ABI.
+            raise BackendUnavailable(
+                f"HailoRT Python package ({MODULE_NAME}) failed to import: "
+                f"{type(exc).__name__}: {exc}") from exc
+
+    # -- opening -------------------------------------------------------------
+
+    def open_vdevice(self) -> Any:
+        platform = self._load_platform()
+        self._check_device_nodes()
+        return self._create_vdevice(platform)
+
+    def _device_nodes(self) -> list[str]:
+        nodes: list[str] = []
+        for pattern in DEVICE_NODE_GLOBS:
+            matches = glob.glob(os.path.join(self._dev_dir, pattern))
+            nodes.extend(path for path in sorted(matches) if not os.path.isdir(path))
+        return nodes
+
+    def _check_device_nodes(self) -> None:
+        """Turn the two common setup mistakes into a clear reason before
+        HailoRT reports them as a bare status number."""
+        nodes = self._device_nodes()
+        if not nodes:
+            wanted = ", ".join(os.path.join(self._dev_dir, p) for p in DEVICE_NODE_GLOBS)
+            raise BackendUnavailable(f"no Hailo device node ({wanted}): is the PCIe driver loaded?")
+        usable = [node for node in nodes if self._access(node, os.R_OK | os.W_OK)]
+        if not usable:
+            raise BackendUnavailable(
+                f"no read/write permission on {', '.join(nodes)}: the daemon's user "
+                f"{_user_name()} needs to be in group 'hailo' (see the package's udev rule)")
+        for node in nodes:
+            if node not in usable:
+                log.warning("no read/write permission on %s; using the others", node)
+
+    def _create_vdevice(self, platform: Any) -> Any:
+        group_id = self._config.group_id
+        try:
+            params = platform.VDevice.create_params()
+            params.group_id = group_id
+            vdevice = platform.VDevice(params)
+        except Exception as exc:
+            raise BackendUnavailable(_open_failure_reason(exc, group_id)) from exc
+        log.info("opened Hailo VDevice (group_id %s)", group_id)
+        return vdevice
+
+    # -- identity and temperature -------------------------------------------
+
+    def identify(self, vdevice: Any) -> DeviceIdentity:
+        if self._identity is not None:
+            return self._identity
+        device_id = None
+        try:
+            device_id = self._physical_device_id(vdevice)
+            with self.platform.Device(device_id) as device:
+                info = device.control.identify()
+            identity = DeviceIdentity(device_id, _architecture_name(info.device_architecture),
+                                      _text_or_none(info.firmware_version))
+        except Exception as exc:
+            self._warn_identify_once(device_id, exc)
+            return DeviceIdentity(device_id, None, None)
+        # Cached: the chip and its firmware cannot change while we hold it.
+        self._identity = identity
+        return identity
+
+    def _warn_identify_once(self, device_id: str | None, exc: Exception) -> None:
+        # Identity is informational and may be asked for on every status
+        # request: one warning is enough.
+        level = logging.DEBUG if self._identify_warned else logging.WARNING
+        self._identify_warned = True
+        log.log(level, "cannot identify Hailo device %s: %s",
+                device_id or "(unknown id)", hailort_status.describe(exc))
+
+    def _physical_device_id(self, vdevice: Any) -> str:
+        if self._device_id is None:
+            try:
+                self._device_id = str(vdevice.get_physical_devices_ids()[0])
+            except Exception as exc:
+                # Not every HailoRT version offers this on a 10H VDevice.
+                log.debug("get_physical_devices_ids failed (%s); using Device.scan()",
+                          hailort_status.describe(exc))
+                self._device_id = str(self.platform.Device.scan()[0])
+        return self._device_id
+
+    def temperature(self, vdevice: Any) -> float | None:
+        try:
+            device = self._temperature_device(vdevice)
+            reading = device.control.get_chip_temperature()
+            return float(max(reading.ts0_temperature, reading.ts1_temperature))
+        except Exception as exc:
+            log.debug("cannot read the chip temperature: %s", hailort_status.describe(exc))
+            # The handle may be what broke (device reset, lost): reopen next time.
+            self._release_temperature_device()
+            return None
+
+    def _temperature_device(self, vdevice: Any) -> Any:
+        # Kept open between calls: status asks often and opening a Device
+        # costs a driver open and a control handshake each time.
+        if self._temp_device is None:
+            self._temp_device = self.platform.Device(self._physical_device_id(vdevice))
+        return self._temp_device
+
+    def _release_temperature_device(self) -> None:
+        device, self._temp_device = self._temp_device, None
+        if device is not None:
+            _release_quietly(device, "the Device used for temperature")
+
+    # -- the rest of the Backend interface -----------------------------------
+
+    def request_scope(self, model_params: dict) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def close_vdevice(self, vdevice: Any) -> None:
+        # The auxiliary Device goes first so nothing of ours still talks to
+        # the chip when the VDevice is released.
+        self._release_temperature_device()
+        # The next VDevice may sit on another chip (rebuild after a fault).
+        self._device_id = None
+        _release_quietly(vdevice, "the VDevice")
+
+
+def _open_failure_reason(exc: Exception, group_id: str) -> str:
+    status = hailort_status.status_of(exc)
+    detail = hailort_status.describe(exc)
+    if status in hailort_status.OWNED_ELSEWHERE:
+        return (f"device owned by another process ({detail}); stop it, or give both "
+                f"the same shared device.group_id (ours: {group_id})")
+    if status == hailort_status.OPEN_FILE_FAILURE:
+        return (f"cannot open the Hailo device ({detail}): the daemon's user "
+                f"{_user_name()} needs read/write access to the device node (group 'hailo')")
+    if status == hailort_status.DRIVER_OPERATION_FAILED:
+        # HailoRT reports 36 after failing to open the node (13), so
+        # permissions are as likely a cause as the driver itself.
+        return (f"cannot open the Hailo device ({detail}): check the device node's "
+                f"permissions (group 'hailo') and 'dmesg | grep -i hailo'")
+    return f"cannot open the Hailo device: {detail}"
+
+
+def _architecture_name(value: Any) -> str | None:
+    name = getattr(value, "name", None)
+    text = name if isinstance(name, str) and name else _text_or_none(value)
+    # "DeviceArchitectureTypes.HAILO10H" -> "HAILO10H"
+    return text.rsplit(".", 1)[-1] if text else None
+
+
+def _text_or_none(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _release_quietly(obj: Any, what: str) -> None:
+    try:
+        obj.release()
+    except Exception as exc:
+        log.warning("releasing %s failed: %s", what, hailort_status.describe(exc))
+
+
+def _user_name() -> str:
+    uid = os.geteuid()
+    try:
+        return f"'{pwd.getpwuid(uid).pw_name}'"
+    except KeyError:  # a uid without a passwd entry (DynamicUser, containers)
+        return f"(uid {uid})"

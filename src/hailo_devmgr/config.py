@@ -1,0 +1,270 @@
+"""The daemon's configuration: one YAML file plus environment overrides.
+
+Built once at start (and again on SIGHUP), validated here and nowhere else;
+no other module reads the environment. Every key, its default and its
+meaning is also written in etc/hailo/device-manager.yaml, the conffile.
+A defect stops the daemon with one line: ``<file>: <key>: <what is wrong>``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/hailo/device-manager.yaml"
+DEFAULT_SOCKET_PATH = "/run/hailo/device.sock"
+DEFAULT_MODEL_DIRS = ("/usr/share/hailo-models", "/var/lib/hailo/models")
+BACKENDS = ("hailo", "simulated")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names source and key."""
+
+
+# Each field's metadata: "check" validates and converts a raw value, raising
+# ValueError with a short reason; "help" is not needed here (the conffile has it).
+
+def _integer(minimum: int, maximum: int | None = None):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+    return check
+
+
+def _number(minimum: float, maximum: float | None = None):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return float(value)
+    return check
+
+
+def _choice(*choices: str):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def _absolute_path(value):
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _path(value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a path, got {value!r}")
+    return value
+
+
+def _path_list(value):
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be a non-empty list of absolute paths, got {value!r}")
+    return tuple(_absolute_path(item) for item in value)
+
+
+def _file_mode(value):
+    # YAML reads 0660 as the octal int 432 and "0660" as a string: take both.
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ValueError(f"must be an octal mode like \"0660\", got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"must be an octal mode like \"0660\", got {value!r}")
+    return value
+
+
+def _shape(value):
+    if (not isinstance(value, list) or not value or len(value) > 8
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"must be a list of positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _pin_list(value):
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of models, got {value!r}")
+    pins = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValueError(f"[{index}] must be a mapping with model_type and model_path")
+        unknown = set(item) - {"model_type", "model_path", "model_params"}
+        if unknown:
+            raise ValueError(f"[{index}] has unknown key {sorted(unknown)[0]!r}")
+        model_type, model_path = item.get("model_type"), item.get("model_path")
+        if not isinstance(model_type, str) or not isinstance(model_path, str) or not model_path:
+            raise ValueError(f"[{index}] needs model_type and model_path strings")
+        params = item.get("model_params") or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"[{index}].model_params must be a mapping")
+        pins.append(PinnedModel(model_type, model_path, params))
+    return tuple(pins)
+
+
+def _key(check, default, env: str | None = None):
+    return field(default=default, metadata={"check": check, "env": env})
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    model_type: str
+    model_path: str
+    model_params: dict
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    # How long one device operation may take before the device thread counts
+    # as hung and the WATCHDOG=1 pings stop (systemd then restarts us).
+    load_budget_s: float = _key(_number(0.1), 300.0)
+    infer_budget_s: float = _key(_number(0.1), 120.0)
+    other_budget_s: float = _key(_number(0.1), 60.0)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    # Seconds between attempts to open a device that was unavailable.
+    retry_s: float = _key(_number(0.0), 5.0)
+    # HailoRT VDevice group: UNIQUE = exclusive owner.
+    group_id: str = _key(_path, "UNIQUE")
+    # Extra folders to import hailo_platform from (a wheel outside Debian).
+    python_path: tuple = _key(lambda v: () if v == [] else _path_list(v), ())
+
+
+@dataclass(frozen=True)
+class SimulatedConfig:
+    load_ms: int = _key(_integer(0, 600_000), 200)
+    infer_ms: int = _key(_integer(0, 600_000), 20)
+    device_memory_mb: int = _key(_integer(1), 4096)
+    model_memory_mb: int = _key(_integer(0), 512)
+    lock_path: str = _key(_absolute_path, "/tmp/hailo-devmgr-simulated.lock")
+    image_shape: tuple = _key(_shape, (224, 224, 3))
+    vlm_frame_shape: tuple = _key(_shape, (336, 336, 3))
+    embedding_size: int = _key(_integer(1, 65536), 512)
+    temperature_c: float = _key(_number(-40.0, 200.0), 53.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str = _key(_choice(*BACKENDS), "hailo", "HAILO_DEVICE_BACKEND")
+    socket_path: str = _key(_path, DEFAULT_SOCKET_PATH, "HAILO_DEVICE_SOCKET")
+    socket_mode: int = _key(_file_mode, 0o660)
+    socket_dir_mode: int = _key(_file_mode, 0o755)
+    model_dirs: tuple = _key(_path_list, DEFAULT_MODEL_DIRS, "HAILO_DEVICE_MODEL_DIRS")
+    max_message_bytes: int = _key(_integer(1024, 1024 * MiB), 64 * MiB,
+                                  "HAILO_DEVICE_MAX_MESSAGE_BYTES")
+    max_pending_bytes: int = _key(_integer(1024, 4096 * MiB), 256 * MiB)
+    max_tensor_elements: int = _key(_integer(1), 64 * MiB)
+    max_loaded_models: int = _key(_integer(1, 64), 8, "HAILO_DEVICE_MAX_LOADED_MODELS")
+    pin: tuple = _key(_pin_list, ())
+    log_level: str = _key(_choice(*LOG_LEVELS), "info", "HAILO_DEVICE_LOG_LEVEL")
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
+
+
+def _build(cls, raw: dict, source: str, prefix: str = ""):
+    """Validate a mapping against a config dataclass, recursively."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: must be a mapping")
+    known = {f.name: f for f in fields(cls)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{source}: {prefix}{name}: unknown key (known: {', '.join(known)})")
+    values = {}
+    for name, value in raw.items():
+        spec = known[name]
+        check = spec.metadata.get("check")
+        if check is None:  # a nested section such as watchdog:
+            section = {} if value is None else value
+            values[name] = _build(spec.default_factory, section, source, f"{prefix}{name}.")
+            continue
+        try:
+            values[name] = check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {prefix}{name}: {exc}") from None
+    return cls(**values)
+
+
+def _env_overrides(config: Config, environ) -> Config:
+    changes = {}
+    for spec in fields(Config):
+        env = spec.metadata.get("env")
+        if not env or env not in environ:
+            continue
+        text = environ[env]
+        if spec.name == "model_dirs":
+            value: Any = [part for part in text.split(":") if part]
+        else:
+            try:
+                value = yaml.safe_load(text) if text else text
+            except yaml.YAMLError:
+                value = text
+            if spec.name == "socket_path":
+                value = text
+        try:
+            changes[spec.name] = spec.metadata["check"](value)
+        except ValueError as exc:
+            raise ConfigError(f"environment {env}: {exc}") from None
+    return replace(config, **changes)
+
+
+def load(path: str | os.PathLike | None = None, environ=None, *, required: bool | None = None) -> Config:
+    """Read the config file (if any) and apply environment overrides.
+
+    ``path`` None means the default file, which may be absent (defaults
+    apply); a path given explicitly must exist.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = environ.get("HAILO_DEVICE_CONFIG") or DEFAULT_CONFIG_PATH
+        required = bool(environ.get("HAILO_DEVICE_CONFIG")) if required is None else required
+    elif required is None:
+        required = True
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{source}: file not found") from None
+        text = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f"line {where.line + 1}: " if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: {at}YAML error: {problem}") from None
+    config = _env_overrides(_build(Config, raw if raw is not None else {}, source), environ)
+    if config.max_pending_bytes < config.max_message_bytes:
+        raise ConfigError(f"{source}: max_pending_bytes: must be at least max_message_bytes "
+                          f"({config.max_message_bytes}), got {config.max_pending_bytes}")
+    return config
+
+
+def describe(config: Config) -> dict:
+    """The effective configuration as plain data (for logs and --check-config)."""
+    def plain(value):
+        if is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, tuple):
+            return [plain(item) for item in value]
+        return value
+    return plain(config)

@@ -1,0 +1,203 @@
+"""`hailo-device-manager`: start, run and stop the daemon.
+
+Startup, in order: config (a defect exits 1 with one line), logging, the
+listener (inherited from systemd, else bound at ``socket_path``), the
+device thread (first device open), READY=1, then pinned models are
+pre-warmed in the background. Signal handlers only set things in motion;
+shutdown is one method with ordered, logged steps.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from . import config as config_mod
+from . import systemd
+from ._version import __version__
+from .backends import create_backend
+from .device import DeviceRuntime, DeviceThread
+from .registry import ModelRegistry
+from .server import Server, bind_unix_socket
+
+log = logging.getLogger("hailo_devmgr")
+
+EXIT_OK = 0
+EXIT_CONFIG = 1      # bad configuration (systemd shows the line)
+EXIT_STARTUP = 2     # could not listen or start the device thread
+SHUTDOWN_DRAIN_S = 5.0
+STATUS_INTERVAL_S = 1.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hailo-device-manager",
+        description="Own the Hailo accelerator and share it over a Unix socket.")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"YAML configuration (default {config_mod.DEFAULT_CONFIG_PATH}, "
+                             "or $HAILO_DEVICE_CONFIG)")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="listen here when not started by systemd (overrides socket_path)")
+    parser.add_argument("--backend", choices=config_mod.BACKENDS, help="override backend")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print it as JSON and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def load_config(args) -> config_mod.Config:
+    config = config_mod.load(args.config)
+    overrides = {}
+    if args.socket:
+        overrides["socket_path"] = args.socket
+    if args.backend:
+        overrides["backend"] = args.backend
+    return replace(config, **overrides) if overrides else config
+
+
+def pin_keys(config) -> frozenset[str]:
+    return frozenset(f"{pin.model_type}:{pin.model_path}" for pin in config.pin)
+
+
+class Daemon:
+    def __init__(self, config, args):
+        self.config = config
+        self.args = args
+        self.notifier = systemd.Notifier()
+        backend = create_backend(config)
+        self.runtime = DeviceRuntime(backend, config.device.retry_s, config.watchdog)
+        self.device = DeviceThread(self.runtime)
+        self.registry = ModelRegistry(self.runtime, config.max_loaded_models, pin_keys(config))
+        self.server: Server | None = None
+        self._stop = asyncio.Event()
+        self._bound_path: str | None = None
+        self._watchdog_warned = False
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        listener = self._listener()
+        self.server = Server(self.config, self.device, self.runtime, self.registry,
+                             self._bound_path or self.config.socket_path)
+        await self.server.start(listener)
+        await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        self.notifier.ready(self.server.summary())
+        log.info("hailo-device-manager %s ready on %s (backend %s)", __version__,
+                 self.server.socket_path, self.config.backend)
+        self.prewarm()
+        tasks = [asyncio.ensure_future(self._status_loop())]
+        if self.notifier.watchdog_interval_s:
+            tasks.append(asyncio.ensure_future(self._watchdog_loop(self.notifier.watchdog_interval_s)))
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        return await self.shutdown()
+
+    def _listener(self):
+        fds = systemd.inherited_sockets()
+        if fds:
+            log.info("using the socket passed by systemd")
+            return systemd.adopt_listener(fds)
+        sock = bind_unix_socket(self.config.socket_path, self.config.socket_mode,
+                                self.config.socket_dir_mode)
+        self._bound_path = self.config.socket_path
+        return sock
+
+    def prewarm(self) -> None:
+        """Load pinned models after READY, in the background (READY never waits)."""
+        for pin in self.config.pin:
+            message = {"action": "load_model", "model_type": pin.model_type,
+                       "model_path": pin.model_path, "model_params": pin.model_params}
+            asyncio.ensure_future(self._prewarm_one(message))
+
+    async def _prewarm_one(self, message: dict) -> None:
+        response = await self.server.handle_message(message)
+        if "error" in response:
+            log.error("pinned model %s could not be loaded: %s", message["model_path"], response["error"])
+
+    async def _status_loop(self) -> None:
+        while True:
+            self.notifier.status(self.server.summary())
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        """WATCHDOG=1 only while the device thread is healthy: a hung HailoRT
+        call must end in a watchdog restart, not a daemon that looks alive."""
+        while True:
+            problem = self.device.health()
+            if problem is None:
+                self.notifier.watchdog()
+                self._watchdog_warned = False
+            elif not self._watchdog_warned:
+                log.error("withholding watchdog pings: %s", problem)
+                self._watchdog_warned = True
+            await asyncio.sleep(interval_s)
+
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.args)
+        except config_mod.ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        else:
+            self._apply(new)
+        self.notifier.ready(self.server.summary())
+
+    def _apply(self, new) -> None:
+        needs_restart = [key for key in ("backend", "socket_path", "socket_mode", "simulated", "device")
+                         if getattr(new, key) != getattr(self.config, key)]
+        if needs_restart:
+            log.warning("configuration reloaded; %s change only after a restart", ", ".join(needs_restart))
+        systemd.set_level(new.log_level)
+        self.server.apply_config(new)
+        self.runtime.budgets = new.watchdog
+        self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new)),
+                           label="apply configuration", budget_s=new.watchdog.other_budget_s)
+        self.config = new
+        log.info("configuration reloaded")
+
+    async def shutdown(self) -> int:
+        log.info("stopping: refusing new work")
+        self.notifier.stopping()
+        self.server.shutting_down = True
+        await self.server.stop_accepting()
+        loop = asyncio.get_running_loop()
+        log.info("stopping: answering queued work, finishing the running operation")
+        stopped = await loop.run_in_executor(None, self.device.stop, SHUTDOWN_DRAIN_S)
+        await self.server.close_connections(grace_s=1.0)
+        if self._bound_path:
+            try:
+                os.unlink(self._bound_path)
+            except OSError:
+                pass
+        if not stopped:
+            log.error("stopping: the device thread did not finish within %.0f s (%s)",
+                      SHUTDOWN_DRAIN_S, self.device.busy_with)
+            return EXIT_STARTUP
+        log.info("stopped")
+        return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+    except config_mod.ConfigError as exc:
+        print(f"hailo-device-manager: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(json.dumps(config_mod.describe(config), indent=2))
+        return EXIT_OK
+    systemd.setup_logging(config.log_level)
+    try:
+        return asyncio.run(Daemon(config, args).run())
+    except (OSError, systemd.SystemdError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_STARTUP

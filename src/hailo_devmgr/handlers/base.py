@@ -1,0 +1,133 @@
+"""What every model type implements, and the input checks they share.
+
+A handler class has two halves that run in different places:
+
+- class methods ``check_params`` and ``parse_input`` run before the device
+  is touched (in a worker thread, off the event loop): they validate every
+  field and decode tensors, raising ``bad_request`` errors that name the
+  field;
+- an instance owns the HailoRT objects of one loaded model and lives on
+  the device thread only: ``load``, ``run``, ``release``.
+
+Handlers use ``platform`` (the hailo_platform-like namespace of the
+backend) and nothing else of the backend, so they run unchanged on the
+real and the simulated accelerator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import tensors
+from ..protocol import BAD_REQUEST, RequestError, json_type
+
+MAX_PROMPT_CHARS = 256 * 1024
+MAX_FRAMES = 32
+# Longest single HailoRT call we allow a request to ask for (ms).
+MAX_TIMEOUT_MS = 600_000
+DEFAULT_RUN_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_tensor_elements: int = tensors.DEFAULT_MAX_ELEMENTS
+
+
+class Handler:
+    """One loaded model of one model type. Subclasses set ``model_type``."""
+
+    model_type = ""
+    # Extra model files named in model_params (checked like model_path).
+    path_params: tuple[str, ...] = ()
+
+    def __init__(self, platform: Any, vdevice: Any, model_path: str, params: dict):
+        self.platform = platform
+        self.vdevice = vdevice
+        self.model_path = model_path
+        self.params = params
+
+    # -- before the device (worker thread) --------------------------------
+
+    @classmethod
+    def check_params(cls, params: dict, resolve_path: Callable[[str], str]) -> dict:
+        """Validate ``model_params``; returns them with file paths resolved."""
+        checked = dict(params)
+        for key in cls.path_params:
+            if checked.get(key) is not None:
+                value = checked[key]
+                if not isinstance(value, str) or not value:
+                    raise RequestError(BAD_REQUEST, f"model_params.{key} must be a path string")
+                checked[key] = resolve_path(value)
+        return checked
+
+    @classmethod
+    def parse_input(cls, input_data: Any, limits: InputLimits) -> Any:
+        """Validate ``input_data`` and decode its tensors."""
+        raise NotImplementedError
+
+    # -- on the device thread ---------------------------------------------
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def run(self, inputs: Any, timeout_ms: int) -> Any:
+        """Run one inference; returns JSON-able data with ndarrays inside."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- input helpers
+
+def require_object(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise RequestError(BAD_REQUEST, f"{where} must be an object, got {json_type(value)}")
+    return value
+
+
+def tensor_field(data: dict, key: str, limits: InputLimits, where: str = "input_data") -> np.ndarray:
+    if key not in data:
+        raise RequestError(BAD_REQUEST, f"{where}.{key} is required (a tensor)")
+    return tensors.decode_v1(data[key], where=f"{where}.{key}",
+                             max_elements=limits.max_tensor_elements)
+
+
+def tensor_list_field(data: dict, key: str, limits: InputLimits, where: str = "input_data",
+                      max_items: int = MAX_FRAMES) -> list[np.ndarray]:
+    value = data.get(key)
+    if not isinstance(value, list) or not value:
+        raise RequestError(BAD_REQUEST, f"{where}.{key} must be a non-empty list of tensors")
+    if len(value) > max_items:
+        raise RequestError(BAD_REQUEST, f"{where}.{key} has {len(value)} items, over the limit of {max_items}")
+    return [tensors.decode_v1(item, where=f"{where}.{key}[{index}]",
+                              max_elements=limits.max_tensor_elements)
+            for index, item in enumerate(value)]
+
+
+def prompt_field(data: dict, where: str = "input_data") -> str:
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        raise RequestError(BAD_REQUEST, f"{where}.prompt must be a string, got {json_type(prompt)}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(BAD_REQUEST, f"{where}.prompt is longer than {MAX_PROMPT_CHARS} characters")
+    return prompt
+
+
+def match_stream(array: np.ndarray, shape: list, dtype: np.dtype, where: str) -> np.ndarray:
+    """Check a tensor against a model stream; accept a leading batch dim of 1.
+
+    Returns a C-contiguous array of exactly the stream's shape (HailoRT
+    requires C-contiguous buffers).
+    """
+    expected = tuple(int(size) for size in shape)
+    got = tuple(array.shape)
+    if got == (1, *expected):
+        array = array.reshape(expected)
+    elif got != expected:
+        raise RequestError(BAD_REQUEST, f"{where} has shape {list(got)}, the model expects {list(expected)}")
+    if array.dtype != dtype:
+        raise RequestError(BAD_REQUEST, f"{where} has dtype {array.dtype.name}, the model expects {dtype.name}")
+    return np.ascontiguousarray(array)

@@ -1,0 +1,30 @@
+"""generic: any HEF, named inputs and outputs, formats from the HEF.
+
+input_data ``{"inputs": {name: tensor}}`` → result ``{"outputs": {name: tensor}}``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Handler, InputLimits, require_object, tensor_field
+from .network import Network
+
+
+class GenericHandler(Handler):
+    model_type = "generic"
+
+    @classmethod
+    def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
+        data = require_object(input_data, "input_data")
+        named = require_object(data.get("inputs"), "input_data.inputs")
+        return {str(name): tensor_field(named, name, limits, "input_data.inputs") for name in named}
+
+    def load(self) -> None:
+        self.network = Network(self.platform, self.vdevice, self.model_path)
+        self.network.load()
+
+    def run(self, inputs: dict, timeout_ms: int) -> dict:
+        return {"outputs": self.network.run(inputs, timeout_ms, where="input_data.inputs")}
+
+    def release(self) -> None:
+        self.network.release()

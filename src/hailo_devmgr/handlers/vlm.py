@@ -1,0 +1,83 @@
+"""vlm and vlm_chat: a vision-language model through hailo_platform.genai.VLM.
+
+vlm: ``{"prompt", "image": tensor}`` → text.
+vlm_chat: ``{"prompt", "frames": [tensor, ...], "temperature"?, "seed"?,
+"max_generated_tokens"?}`` → text. The context is cleared after every call,
+so one client's conversation never leaks into the next request.
+Frames must match the model's ``input_frame_shape()`` and
+``input_frame_format_type()`` (336x336x3 uint8 on the public Qwen2-VL HEF).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..protocol import optional_number
+from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, prompt_field, require_object,
+                   tensor_field, tensor_list_field)
+
+GENERATE_TIMEOUT_MS = 600_000
+MAX_GENERATED_TOKENS = 8192
+
+
+def chat_prompt(text: str, image_count: int) -> list[dict]:
+    """A one-turn chat with an image slot per frame, as genai expects."""
+    content = [{"type": "image"} for _ in range(image_count)]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+class VlmChatHandler(Handler):
+    model_type = "vlm_chat"
+
+    @classmethod
+    def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
+        data = require_object(input_data, "input_data")
+        where = "input_data."
+        return {
+            "prompt": prompt_field(data),
+            "frames": cls._frames(data, limits),
+            "temperature": optional_number(data, "temperature", None, minimum=0, maximum=100, where=where),
+            "seed": optional_number(data, "seed", None, minimum=0, maximum=2**31 - 1, integer=True, where=where),
+            "max_generated_tokens": optional_number(data, "max_generated_tokens", None, minimum=1,
+                                                    maximum=MAX_GENERATED_TOKENS, integer=True, where=where),
+            "timeout_ms": optional_number(data, "timeout_ms", None, minimum=1, maximum=MAX_TIMEOUT_MS,
+                                          integer=True, where=where),
+        }
+
+    @classmethod
+    def _frames(cls, data: dict, limits: InputLimits) -> list[np.ndarray]:
+        return tensor_list_field(data, "frames", limits)
+
+    def load(self) -> None:
+        self.vlm = self.platform.genai.VLM(self.vdevice, self.model_path)
+
+    def run(self, inputs: dict, timeout_ms: int) -> str:
+        shape = list(self.vlm.input_frame_shape())
+        dtype = np.dtype(self.vlm.input_frame_format_type())
+        frames = [match_stream(frame, shape, dtype, f"input_data frame {index}")
+                  for index, frame in enumerate(inputs["frames"])]
+        options = {key: inputs[key] for key in ("temperature", "seed", "max_generated_tokens")
+                   if inputs[key] is not None}
+        try:
+            # Keywords only: HailoRT 5.2 inserted a positional parameter.
+            return self.vlm.generate_all(
+                prompt=chat_prompt(inputs["prompt"], len(frames)), frames=frames,
+                timeout_ms=min(inputs["timeout_ms"] or GENERATE_TIMEOUT_MS, GENERATE_TIMEOUT_MS),
+                **options)
+        finally:
+            self.vlm.clear_context()
+
+    def release(self) -> None:
+        self.vlm.release()
+
+
+class VlmHandler(VlmChatHandler):
+    """The single-image form of vlm_chat."""
+
+    model_type = "vlm"
+
+    @classmethod
+    def _frames(cls, data: dict, limits: InputLimits) -> list[np.ndarray]:
+        return [tensor_field(data, "image", limits)]

@@ -1,0 +1,255 @@
+"""The device socket's wire format, as a pure codec.
+
+Rules of this module:
+- It knows nothing of sockets or asyncio: bytes go in, messages come out,
+  and the other way round. The server is a thin I/O wrapper around it.
+- Every error a client can cause is a :class:`RequestError` carrying the
+  machine ``code`` and the human message to answer with; the server turns
+  it into an error response in one place.
+- v1 is a compatibility contract (see docs/protocol.md): the messages and
+  texts marked "v1 text" below are matched by existing services. Change
+  them never.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+# Framing: 4-byte unsigned big-endian length, then that many bytes of JSON.
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+PROTOCOL_VERSION = 1
+
+# Error codes (the `code` field of an error response).
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+UNKNOWN_ACTION = "unknown_action"
+UNSUPPORTED_MODEL_TYPE = "unsupported_model_type"
+MODEL_NOT_FOUND = "model_not_found"
+FORBIDDEN = "forbidden"
+LOAD_FAILED = "load_failed"
+INFERENCE_FAILED = "inference_failed"
+RESOURCE_EXHAUSTED = "resource_exhausted"
+BUSY = "busy"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+DEVICE_UNAVAILABLE = "device_unavailable"
+SHUTTING_DOWN = "shutting_down"
+OVERHEATED = "overheated"
+INTERNAL_ERROR = "internal_error"
+
+# Actions answered by the event loop at once (never queued behind the device).
+CONTROL_ACTIONS = frozenset({"ping", "status", "device_status"})
+# Actions that need the device thread.
+DEVICE_ACTIONS = frozenset({"load_model", "infer", "unload_model"})
+ACTIONS = CONTROL_ACTIONS | DEVICE_ACTIONS
+
+DEFAULT_MODEL_TYPE = "vlm"  # v1 default for load_model/infer/unload_model
+
+
+class RequestError(Exception):
+    """Something the client asked for cannot be done; answered, not fatal.
+
+    ``message`` is what the client reads in ``error``; ``code`` is one of the
+    constants above. ``fatal`` means the connection must be closed after the
+    answer because the framing can no longer be trusted.
+    """
+
+    def __init__(self, code: str, message: str, *, retry_after_ms: int | None = None,
+                 fatal: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+        self.fatal = fatal
+
+
+# ---------------------------------------------------------------- framing
+
+def encode_frame(message: dict) -> bytes:
+    """One message as it goes on the wire."""
+    body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return HEADER.pack(len(body)) + body
+
+
+def parse_length(header: bytes, max_message_bytes: int) -> int:
+    """Length of the body announced by a 4-byte header; checks the limit.
+
+    Raises a fatal ``too_large`` error before any body byte is read, so a
+    hostile length never makes us allocate it.
+    """
+    (length,) = HEADER.unpack(header)
+    if length > max_message_bytes:
+        raise RequestError(
+            TOO_LARGE,
+            f"Message of {length} bytes exceeds the limit of {max_message_bytes} bytes",
+            fatal=True,
+        )
+    return length
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get complete bodies (bytes) out.
+
+    Used by the synchronous client and by tests; the server reads frames
+    with exact-size reads instead, which needs no buffering.
+    """
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        bodies = []
+        while len(self._buffer) >= HEADER_SIZE:
+            length = parse_length(bytes(self._buffer[:HEADER_SIZE]), self.max_message_bytes)
+            if len(self._buffer) < HEADER_SIZE + length:
+                break
+            bodies.append(bytes(self._buffer[HEADER_SIZE:HEADER_SIZE + length]))
+            del self._buffer[:HEADER_SIZE + length]
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return len(self._buffer)
+
+
+# ---------------------------------------------------------------- messages
+
+@dataclass
+class Request:
+    """A decoded, minimally validated request."""
+
+    action: str
+    body: dict
+    request_id: Any = None
+    has_request_id: bool = False
+
+
+def decode_body(body: bytes) -> dict:
+    """JSON body → dict. Raises ``bad_request`` for anything else."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(BAD_REQUEST, f"Message is not valid UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(BAD_REQUEST, f"Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except RecursionError:
+        raise RequestError(BAD_REQUEST, "Invalid JSON: nested too deeply")
+    if not isinstance(message, dict):
+        raise RequestError(BAD_REQUEST, f"Message must be a JSON object, got {json_type(message)}")
+    return message
+
+
+def parse_request(message: dict) -> Request:
+    """Checks the envelope every action shares: ``action`` and ``request_id``."""
+    request_id, has_id = request_id_of(message)
+    request = Request(action="", body=message, request_id=request_id, has_request_id=has_id)
+    if "request_id" in message and not has_id:
+        raise RequestError(BAD_REQUEST, "request_id must be a string or a number")
+    action = message.get("action")
+    if action is None:
+        raise RequestError(BAD_REQUEST, "Missing action")
+    if not isinstance(action, str):
+        raise RequestError(BAD_REQUEST, f"action must be a string, got {json_type(action)}")
+    if action not in ACTIONS:
+        raise RequestError(UNKNOWN_ACTION, f"Unknown action: {action}")
+    request.action = action
+    return request
+
+
+def ok_response(request: Request | None, payload: dict) -> dict:
+    response = {"status": "ok", **payload}
+    return _with_request_id(request, response)
+
+
+def error_response(request: Request | None, error: RequestError) -> dict:
+    response: dict[str, Any] = {"error": error.message, "code": error.code}
+    if error.retry_after_ms is not None:
+        response["retry_after_ms"] = int(error.retry_after_ms)
+    return _with_request_id(request, response)
+
+
+def _with_request_id(request: Request | None, response: dict) -> dict:
+    if request is not None and request.has_request_id:
+        response["request_id"] = request.request_id
+    return response
+
+
+def request_id_of(message: Any) -> tuple[Any, bool]:
+    """The ``request_id`` of a message that failed validation, if it is echoable."""
+    if isinstance(message, dict) and "request_id" in message:
+        rid = message["request_id"]
+        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
+            return rid, True
+    return None, False
+
+
+# ---------------------------------------------------------------- field checks
+
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def require_str(container: dict, key: str, where: str = "") -> str:
+    value = container.get(key)
+    if not isinstance(value, str) or not value:
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be a non-empty string")
+    return value
+
+
+def optional_str(container: dict, key: str, default: str | None, where: str = "") -> str | None:
+    if key not in container or container[key] is None:
+        return default
+    value = container[key]
+    if not isinstance(value, str):
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be a string, got {json_type(value)}")
+    return value
+
+
+def optional_object(container: dict, key: str, where: str = "") -> dict:
+    value = container.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be an object, got {json_type(value)}")
+    return value
+
+
+def optional_number(container: dict, key: str, default, *, minimum=None, maximum=None,
+                    integer: bool = False, where: str = ""):
+    if key not in container or container[key] is None:
+        return default
+    value = container[key]
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not (isinstance(value, int) or float(value).is_integer())):
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be {kind}, got {json_type(value)}")
+    if value != value:  # NaN cannot come from JSON, but be safe
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be {kind}")
+    if minimum is not None and value < minimum:
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be <= {maximum}, got {value}")
+    return int(value) if integer else value

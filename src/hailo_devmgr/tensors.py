@@ -1,0 +1,109 @@
+"""Tensors on the wire.
+
+v1: ``{"dtype": "uint8", "shape": [h, w, 3], "data_b64": "<base64>"}``,
+C-order bytes, dtype named as numpy names it. Shared by the daemon and the
+client library, so both sides agree on every check.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any
+
+import numpy as np
+
+from .protocol import BAD_REQUEST, RequestError, json_type
+
+# v1 text: existing clients match on it.
+MISSING_TENSOR_FIELDS = "tensor must include dtype, shape, and data_b64"
+
+# Numeric dtypes a tensor may have; anything else (object, str, void) is refused.
+ALLOWED_DTYPES = frozenset({
+    "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+    "float16", "float32", "float64", "bool",
+})
+MAX_DIMENSIONS = 8
+DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
+
+
+def is_v1_tensor(value: Any) -> bool:
+    return isinstance(value, dict) and "data_b64" in value
+
+
+def check_dtype(name: Any, where: str) -> np.dtype:
+    if not isinstance(name, str) or name not in ALLOWED_DTYPES:
+        allowed = ", ".join(sorted(ALLOWED_DTYPES))
+        raise RequestError(BAD_REQUEST, f"{where}dtype must be one of {allowed}, got {name!r}")
+    return np.dtype(name)
+
+
+def check_shape(shape: Any, where: str, max_elements: int) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS:
+        raise RequestError(BAD_REQUEST, f"{where}shape must be a list of at most {MAX_DIMENSIONS} sizes")
+    for size in shape:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise RequestError(BAD_REQUEST, f"{where}shape sizes must be integers >= 0, got {shape!r}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise RequestError(BAD_REQUEST,
+                           f"{where}shape {shape} has {count} elements, over the limit of {max_elements}")
+    return tuple(shape)
+
+
+def decode_v1(value: Any, where: str = "tensor", max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """A v1 tensor dict → read-only ndarray. Every defect is a ``bad_request``."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(value, dict) or not all(k in value for k in ("dtype", "shape", "data_b64")):
+        # The v1 text comes first so clients matching on it keep working.
+        raise RequestError(BAD_REQUEST, f"{MISSING_TENSOR_FIELDS} ({where or 'tensor'})")
+    dtype = check_dtype(value["dtype"], prefix)
+    shape = check_shape(value["shape"], prefix, max_elements)
+    data = value["data_b64"]
+    if not isinstance(data, str):
+        raise RequestError(BAD_REQUEST, f"{prefix}data_b64 must be a base64 string")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(BAD_REQUEST, f"{prefix}data_b64 is not valid base64")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise RequestError(
+            BAD_REQUEST,
+            f"{prefix}data has {len(raw)} bytes but dtype {dtype.name} and shape {list(shape)} "
+            f"need {expected}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def encode_v1(array: np.ndarray) -> dict:
+    """ndarray → v1 tensor dict (C order)."""
+    array = np.ascontiguousarray(array)
+    return {
+        "dtype": array.dtype.name,
+        "shape": list(array.shape),
+        "data_b64": base64.b64encode(array.data).decode("ascii"),
+    }
+
+
+def encode_results(value: Any) -> Any:
+    """Replace every ndarray inside a result (dicts, lists) by its v1 form."""
+    if isinstance(value, np.ndarray):
+        return encode_v1(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: encode_results(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_results(item) for item in value]
+    return value
+
+
+def decode_results(value: Any) -> Any:
+    """The client's inverse of :func:`encode_results`."""
+    if is_v1_tensor(value) and "dtype" in value and "shape" in value:
+        return decode_v1(value, where="result")
+    if isinstance(value, dict):
+        return {key: decode_results(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [decode_results(item) for item in value]
+    return value
