@@ -1,0 +1,63 @@
+"""Only files inside model_dirs may be opened, whatever the path says."""
+import os
+
+import pytest
+
+from hailo_devmgr.model_files import resolve_model_path
+from hailo_devmgr.protocol import BAD_REQUEST, FORBIDDEN, MODEL_NOT_FOUND, RequestError
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    (allowed / "ok.hef").write_text("x")
+    (allowed / "sub").mkdir()
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "key.hef").write_text("x")
+    os.symlink(outside / "key.hef", allowed / "escape.hef")
+    os.symlink(allowed / "ok.hef", tmp_path / "link-in.hef")
+    (tmp_path / "models-evil").mkdir()
+    (tmp_path / "models-evil" / "x.hef").write_text("x")
+    return tmp_path, (str(allowed),)
+
+
+def _code(path, model_dirs):
+    with pytest.raises(RequestError) as info:
+        resolve_model_path(path, model_dirs)
+    return info.value.code, info.value.message
+
+
+def test_file_inside_is_accepted_as_its_real_path(dirs):
+    root, model_dirs = dirs
+    assert resolve_model_path(f"{root}/models/ok.hef", model_dirs) == f"{root}/models/ok.hef"
+    # A link from outside that points inside is fine: the real file is allowed.
+    assert resolve_model_path(f"{root}/link-in.hef", model_dirs) == f"{root}/models/ok.hef"
+
+
+@pytest.mark.parametrize("relative", [
+    "secret/key.hef",              # plainly outside
+    "models/../secret/key.hef",    # .. escape
+    "models/escape.hef",           # symlink escape
+    "models-evil/x.hef",           # prefix of the folder name is not inside it
+    "secret/missing.hef",          # outside and missing: forbidden, not "not found"
+])
+def test_outside_is_forbidden(dirs, relative):
+    root, model_dirs = dirs
+    code, message = _code(f"{root}/{relative}", model_dirs)
+    assert code == FORBIDDEN and "outside the allowed model folders" in message
+
+
+def test_missing_and_directory_use_the_v1_not_found_text(dirs):
+    root, model_dirs = dirs
+    code, message = _code(f"{root}/models/missing.hef", model_dirs)
+    assert code == MODEL_NOT_FOUND and message == f"Model file not found: {root}/models/missing.hef"
+    code, message = _code(f"{root}/models/sub", model_dirs)
+    assert code == MODEL_NOT_FOUND and message.startswith(f"Model file not found: {root}/models/sub")
+
+
+@pytest.mark.parametrize("path", ["relative.hef", "", "/a\0b", "/" + "a" * 5000])
+def test_malformed_paths_are_bad_requests(dirs, path):
+    _, model_dirs = dirs
+    assert _code(path, model_dirs)[0] == BAD_REQUEST
