@@ -63,7 +63,10 @@ def _build(action: str, request_id: int, fields: dict) -> dict:
     return message
 
 
-def _check(response: dict, decode: bool) -> dict:
+def _check(message: dict, response: dict, decode: bool) -> dict:
+    if response.get("request_id") != message["request_id"]:
+        raise DeviceError(f"answer for request {response.get('request_id')!r} received for "
+                          f"{message['request_id']!r}", p.INTERNAL_ERROR, response)
     if "error" in response:
         raise DeviceError(str(response["error"]), response.get("code"), response)
     if decode and "result" in response:
@@ -139,7 +142,7 @@ class AsyncClient(_Methods):
             await self.connect()
         async with self._lock:
             message = _build(action, next(self._ids), fields)
-            return _check(await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
+            return _check(message, await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
 
     async def _exchange(self, message: dict) -> dict:
         try:
@@ -195,7 +198,7 @@ class Client(_Methods):
         except OSError as exc:
             self.close()
             raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
-        return _check(p.decode_body(body), _decode)
+        return _check(message, p.decode_body(body), _decode)
 
     def _recv_exactly(self, size: int) -> bytes:
         buffer = bytearray(size)

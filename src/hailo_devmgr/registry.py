@@ -172,7 +172,7 @@ class ModelRegistry:
                 status = hs.status_of(exc)
                 if status == hs.RESOURCE_EXHAUSTED:
                     self._capacity_event("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key)
-                    if self._evict_one("device memory exhausted", spec.key):
+                    if self._evict_one("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key):
                         continue
                 if status in hs.RUNTIME_BROKEN:
                     self.runtime.mark_broken(hs.describe(exc))

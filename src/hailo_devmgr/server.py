@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Bodies larger than this are parsed in a worker thread, not on the loop.
 INLINE_PARSE_BYTES = 256 * 1024
+# Per-request knobs of the simulated backend (the real one ignores them).
+SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
 MAX_SIMULATE_MS = 600_000
 
 
@@ -290,13 +292,14 @@ class Server:
             return {"model_type": model_type, "model_path": model_path}
         handler_cls = HANDLERS[model_type]
         params = p.optional_object(body, "model_params")
-        simulate_ms = p.optional_number(params, "simulate_ms", None, minimum=0, maximum=MAX_SIMULATE_MS,
+        scope = {key: p.optional_number(params, key, None, minimum=0, maximum=MAX_SIMULATE_MS,
                                         integer=True, where="model_params.")
+                 for key in SIMULATION_PARAMS if key in params}
         model_dirs = self.config.model_dirs
         real_path = resolve_model_path(model_path, model_dirs)
         checked = handler_cls.check_params(params, lambda path: resolve_model_path(path, model_dirs))
         spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
-        prepared = {"spec": spec, "scope": {"simulate_ms": simulate_ms} if simulate_ms is not None else {}}
+        prepared = {"spec": spec, "scope": scope}
         if action == "infer":
             limits = InputLimits(max_tensor_elements=self.config.max_tensor_elements)
             prepared["inputs"] = handler_cls.parse_input(body["input_data"], limits)

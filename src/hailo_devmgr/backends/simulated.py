@@ -1,0 +1,1324 @@
+"""A simulated Hailo accelerator that looks like ``hailo_platform`` to handlers.
+
+``SimulatedBackend.platform`` imitates the parts of the HailoRT Python API the
+daemon uses (docs: /work/shared/HAILORT.md, "Checklist for the simulated
+backend"): ``VDevice`` and its params, ``FormatType``,
+``HailoSchedulingAlgorithm``, infer models (``InferModel`` ->
+``ConfiguredInferModel`` -> bindings, ``run`` / ``run_async``), ``genai.VLM``
+and ``genai.LLM``, and the exception classes with HailoRT's names, texts and
+status numbers. Handlers therefore run unchanged on this and on real hardware.
+
+What a simulated model file ("HEF") holds:
+
+* empty file -> ``HailoRTInvalidHEFException`` (26); missing or unreadable
+  -> ``libhailort failed with error: 13 (HAILO_OPEN_FILE_FAILURE)``;
+* a YAML mapping describes the model: ``inputs`` / ``outputs`` lists of
+  ``{name, shape: [..], format: UINT8|UINT16|FLOAT32}``, ``memory_mb``; for
+  genai models ``memory_mb``, ``frame_shape`` and ``context_capacity``;
+* anything else (a real HEF is binary) gets the defaults: one input
+  ``input_layer1`` of ``settings.image_shape`` (224x224x3) UINT8, one output
+  ``output_layer1`` of ``[settings.embedding_size]`` (512) FLOAT32,
+  ``settings.model_memory_mb`` (512) of device memory; VLM frames of
+  ``settings.vlm_frame_shape`` (336x336x3) uint8.
+
+Behaviour: outputs are a pure function of (model file content, output name,
+input bytes); ``configure()`` and genai constructors sleep ``load_ms`` and
+reserve device memory (81 when ``device_memory_mb`` or the limit of 8 loaded
+networks is exceeded); one inference sleeps ``infer_ms`` (or ``simulate_ms``
+inside ``SimulatedBackend.request_scope``); ``group_id "UNIQUE"`` takes an
+exclusive ``flock`` on ``settings.lock_path`` (74 for a second owner). Tests
+can read ``backend.calls``, replace ``backend.sleep`` with a fake clock, and
+inject faults with ``backend.inject_fault``.
+
+Where the HailoRT sources we read stop, the choice made here is marked
+"uncertain" in a comment.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import yaml
+
+from .. import hailort_status
+from ..hailort_status import (COMMUNICATION_CLOSED, DRIVER_OPERATION_FAILED, INVALID_HEF,
+                              INVALID_OPERATION, NOT_FOUND, OPEN_FILE_FAILURE,
+                              OUT_OF_PHYSICAL_DEVICES, RESOURCE_EXHAUSTED, TIMEOUT)
+from . import BackendUnavailable, DeviceIdentity
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID = "0001:01:00.0"
+ARCHITECTURE = "HAILO10H"
+FW_VERSION = "5.3.0 (simulated)"
+HAILORT_VERSION = "5.3.0"
+UNIQUE_GROUP = "UNIQUE"
+
+# hailort.h numbers the daemon never classifies, so hailort_status lacks them.
+INVALID_ARGUMENT = 2
+_EXTRA_NAMES = {INVALID_ARGUMENT: "HAILO_INVALID_ARGUMENT", 3: "HAILO_OUT_OF_HOST_MEMORY",
+                8: "HAILO_INTERNAL_FAILURE"}
+
+# HAILORT.md: 81 also comes when the network-group limit of 8 runs out.
+NETWORK_GROUP_LIMIT = 8
+DEFAULT_CONTEXT_CAPACITY = 4096
+# How many prompt words a generated answer repeats.
+ECHO_WORDS = 12
+END_TOKEN = "<|im_end|>"
+HANG_LIMIT_S = 3600.0
+# Larger files are taken for real (binary) HEFs without trying YAML.
+YAML_SNIFF_BYTES = 1024 * 1024
+
+
+# ---------------------------------------------------------------- exceptions
+
+class HailoRTException(Exception):
+    """Base of pyhailort's errors."""
+
+
+class HailoRTTimeout(HailoRTException):
+    pass
+
+
+class HailoRTInvalidArgumentException(HailoRTException):
+    pass
+
+
+class HailoRTNotFoundException(HailoRTException):
+    pass
+
+
+class HailoRTInvalidHEFException(HailoRTException):
+    pass
+
+
+class HailoRTInvalidOperationException(HailoRTException):
+    pass
+
+
+class HailoCommunicationClosedException(HailoRTException):
+    pass
+
+
+class HailoRTDriverOperationFailedException(HailoRTException):
+    pass
+
+
+class HailoRTStatusException(Exception):
+    """The binding's raw status error; ``args[0]`` is the number as text ("81").
+
+    pyhailort does ``int(exc.args[0])`` on it, so the binding stores text.
+    Uncertain: it is a pybind11-registered exception, so we assume it derives
+    from ``Exception`` and NOT from ``HailoRTException`` -- code that wants to
+    catch genai constructor failures must not rely on ``HailoRTException``.
+    """
+
+
+# Typed classes and texts as pyhailort's ExceptionWrapper chooses them.
+_TYPED_ERRORS = {
+    TIMEOUT: (HailoRTTimeout,
+              "Received a timeout - hailort has failed because a timeout had occurred"),
+    INVALID_OPERATION: (HailoRTInvalidOperationException, "Invalid operation"),
+    INVALID_ARGUMENT: (HailoRTInvalidArgumentException, "Invalid argument"),
+    NOT_FOUND: (HailoRTNotFoundException, "Item not found"),
+    INVALID_HEF: (HailoRTInvalidHEFException, "Invalid HEF"),
+    DRIVER_OPERATION_FAILED: (HailoRTDriverOperationFailedException,
+                              "Failure in hailort driver ioctl"),
+    COMMUNICATION_CLOSED: (HailoCommunicationClosedException,
+                           "Communication closed failure. Check server-client connection"),
+}
+
+
+def status_name(number: int) -> str:
+    return hailort_status.NAMES.get(number) or _EXTRA_NAMES.get(number) or f"HAILO_STATUS_{number}"
+
+
+def status_error(number: int, detail: str = "") -> HailoRTException:
+    """The exception pyhailort raises for a failed call, chained from the raw status.
+
+    Typed classes carry a generic text (the real one points at hailort.log;
+    we append the detail instead); other numbers give the plain
+    ``libhailort failed with error: N (NAME)``, exactly.
+    """
+    cls, text = _TYPED_ERRORS.get(number, (HailoRTException, None))
+    if text is None:
+        text = f"libhailort failed with error: {number} ({status_name(number)})"
+        if detail:
+            log.debug("simulated hailort: %s: %s", status_name(number), detail)
+    elif detail:
+        text = f"{text}: {detail}"
+    error = cls(text)
+    error.__cause__ = HailoRTStatusException(str(number))
+    return error
+
+
+def raw_status_error(number: int) -> HailoRTStatusException:
+    """What the genai constructors raise: unwrapped, ``str()`` is just the number."""
+    return HailoRTStatusException(str(number))
+
+
+# ------------------------------------------------------------- enumerations
+
+class FormatType(enum.IntEnum):
+    AUTO = 0
+    UINT8 = 1
+    UINT16 = 2
+    FLOAT32 = 3
+
+
+class HailoSchedulingAlgorithm(enum.IntEnum):
+    NONE = 0
+    ROUND_ROBIN = 1
+
+
+class LLMGeneratorCompletionStatus(enum.IntEnum):
+    # Names from pyhailort; the numbers are a guess (uncertain). Compare names.
+    GENERATING = 0
+    LOGICAL_END_OF_GENERATION = 1
+    MAX_TOKENS_REACHED = 2
+    ABORTED = 3
+
+
+_DTYPES = {FormatType.UINT8: np.dtype(np.uint8), FormatType.UINT16: np.dtype(np.uint16),
+           FormatType.FLOAT32: np.dtype(np.float32)}
+
+
+# ------------------------------------------------------------ chip internals
+
+class _FaultPlan:
+    """Faults a test armed; consumed by the next device operations.
+
+    * ``raise``: the next ``count`` operations raise HailoRT errors with
+      ``status`` (typed or plain, as pyhailort would; the genai
+      constructors raise the raw status exception);
+    * ``hang``: the next ``count`` operations block until ``release_hang()``
+      (or HANG_LIMIT_S), then carry on normally;
+    * ``lose_device``: every operation on the VDevices open now (and their
+      models) raises COMMUNICATION_CLOSED (62); a new VDevice works again.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._raise_status: int | None = None
+        self._raise_left = 0
+        self._hang_left = 0
+        self._hang_released = threading.Event()
+        self.lost_up_to_generation = 0
+
+    def arm(self, kind: str, status: int | None, count: int, current_generation: int) -> None:
+        with self._lock:
+            if kind == "raise":
+                self._raise_status, self._raise_left = status, count
+            elif kind == "hang":
+                self._hang_released.clear()
+                self._hang_left = count
+            else:
+                self.lost_up_to_generation = current_generation
+
+    def take(self) -> tuple[str, int | None] | None:
+        """The fault the next operation suffers, if any (hangs come first)."""
+        with self._lock:
+            if self._hang_left:
+                self._hang_left -= 1
+                return ("hang", None)
+            if self._raise_left:
+                self._raise_left -= 1
+                return ("raise", self._raise_status)
+        return None
+
+    def wait_for_release(self) -> None:
+        self._hang_released.wait(HANG_LIMIT_S)
+
+    def release_hang(self) -> None:
+        with self._lock:
+            self._hang_left = 0
+        self._hang_released.set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._raise_left = self._hang_left = 0
+            self.lost_up_to_generation = 0
+        self._hang_released.set()
+
+
+class _MemoryLedger:
+    """Device memory and network-group slots, counted per owning VDevice."""
+
+    def __init__(self, capacity_mb: int):
+        self._capacity_mb = capacity_mb
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[int, int]] = {}  # token -> (owner generation, MB)
+        self._next_token = 1
+
+    def reserve(self, owner: int, megabytes: int) -> int | None:
+        """A token for the reservation, or None when it does not fit."""
+        with self._lock:
+            used = sum(mb for _, mb in self._held.values())
+            if used + megabytes > self._capacity_mb or len(self._held) >= NETWORK_GROUP_LIMIT:
+                return None
+            token, self._next_token = self._next_token, self._next_token + 1
+            self._held[token] = (owner, megabytes)
+            return token
+
+    def release(self, token: int) -> bool:
+        with self._lock:
+            return self._held.pop(token, None) is not None
+
+    def release_owner(self, owner: int) -> int:
+        """Free everything a VDevice still holds; returns how many models that was."""
+        with self._lock:
+            tokens = [t for t, (o, _) in self._held.items() if o == owner]
+            for token in tokens:
+                del self._held[token]
+            return len(tokens)
+
+    def used_mb(self) -> int:
+        with self._lock:
+            return sum(mb for _, mb in self._held.values())
+
+
+class _ExclusiveLock:
+    """``flock`` on the lock file: the simulated 'device owned by a process'.
+
+    Each instance opens its own file description, so two VDevices of one
+    process conflict too, as two processes would.
+    """
+
+    def __init__(self, path: str):
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the last descriptor drops the flock
+
+
+class _SimulatedChip:
+    """State of the one simulated accelerator, shared by every platform object."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.calls: list[tuple] = []
+        self.memory = _MemoryLedger(settings.device_memory_mb)
+        self.faults = _FaultPlan()
+        self.temperature_c = float(settings.temperature_c)
+        self.sleep = time.sleep  # tests may swap in a fake clock
+        self.infer_ms_override: int | None = None
+        self.hang_ms_override: int | None = None
+        self._generation_lock = threading.Lock()
+        self._generation = 0
+
+    def record(self, *entry) -> None:
+        self.calls.append(entry)  # list.append is atomic: safe from any thread
+
+    def next_generation(self) -> int:
+        with self._generation_lock:
+            self._generation += 1
+            return self._generation
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def infer_ms(self) -> int:
+        override = self.infer_ms_override
+        return self.settings.infer_ms if override is None else override
+
+    def sleep_ms(self, milliseconds: float) -> None:
+        self.sleep(milliseconds / 1000.0)
+
+    def is_lost(self, generation: int) -> bool:
+        return generation <= self.faults.lost_up_to_generation
+
+    def device_operation(self, generation: int | None, *, raw: bool = False) -> None:
+        """Gate in front of every operation that reaches the device: faults apply here.
+
+        ``generation`` is the VDevice's (None while creating one); ``raw``
+        selects the genai constructors' unwrapped status exception.
+        """
+        hang_ms, self.hang_ms_override = self.hang_ms_override, None
+        if hang_ms:
+            self.record("hang", hang_ms)
+            self.sleep_ms(hang_ms)
+        if generation is not None and self.is_lost(generation):
+            raise raw_status_error(COMMUNICATION_CLOSED) if raw else status_error(
+                COMMUNICATION_CLOSED, "the device was lost (injected fault)")
+        fault = self.faults.take()
+        if fault is None:
+            return
+        kind, number = fault
+        self.record("fault", kind)
+        if kind == "hang":
+            self.faults.wait_for_release()
+            return
+        raise raw_status_error(number) if raw else status_error(number, "injected fault")
+
+
+# ------------------------------------------------------------- model files
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    name: str
+    shape: tuple
+    format_type: FormatType
+
+
+@dataclass(frozen=True)
+class _ModelFile:
+    """A model file's content: label for logs, identity digest, parsed YAML (or None)."""
+    label: str
+    digest: bytes
+    description: dict | None
+
+
+def _read_model_file(source, failure) -> _ModelFile:
+    """Read a model given as a path (str) or as its bytes.
+
+    ``failure(number, detail)`` builds the exception to raise, so the infer
+    model path and the genai constructors fail each in their own style.
+    """
+    if isinstance(source, bytes):
+        content = source
+        label = f"<bytes:{hashlib.blake2b(content, digest_size=4).hexdigest()}>"
+    elif isinstance(source, str):
+        try:
+            with open(source, "rb") as handle:
+                content = handle.read()
+        except OSError as exc:
+            # No "from None": that would drop the status chained as __cause__.
+            raise failure(OPEN_FILE_FAILURE, f"cannot open {source}: {exc.strerror}")
+        label = source
+    else:
+        # The real binding accepts only str or bytes (pybind raises TypeError).
+        raise TypeError(f"model must be a path (str) or bytes, got {type(source).__name__}")
+    if not content:
+        raise failure(INVALID_HEF, f"{label} is empty")
+    digest = hashlib.blake2b(content, digest_size=16).digest()
+    return _ModelFile(label, digest, _yaml_mapping(content))
+
+
+def _yaml_mapping(content: bytes) -> dict | None:
+    """The YAML mapping a simulated model file holds, or None (e.g. a real HEF)."""
+    if len(content) > YAML_SNIFF_BYTES:
+        return None
+    try:
+        data = yaml.safe_load(content.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _shape(value, what: str) -> tuple:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what} must be a non-empty list of positive integers, got {value!r}")
+    return tuple(_positive_int(v, what) for v in value)
+
+
+def _memory_mb(description: dict | None, default: int) -> int:
+    if description is None or "memory_mb" not in description:
+        return default
+    value = description["memory_mb"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"memory_mb must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _stream_specs(entries, side: str, default: _StreamSpec) -> tuple:
+    if entries is None:
+        return (default,)
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{side} must be a non-empty list")
+    fallback_format = FormatType.UINT8 if side == "inputs" else FormatType.FLOAT32
+    specs = []
+    for index, entry in enumerate(entries):
+        where = f"{side}[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping")
+        name = entry.get("name", f"{side[:-1]}_layer{index + 1}")
+        format_name = str(entry.get("format", fallback_format.name)).upper()
+        if format_name not in ("UINT8", "UINT16", "FLOAT32"):
+            raise ValueError(f"{where}.format must be UINT8, UINT16 or FLOAT32")
+        specs.append(_StreamSpec(str(name), _shape(entry.get("shape"), f"{where}.shape"),
+                                 FormatType[format_name]))
+    if len({spec.name for spec in specs}) != len(specs):
+        raise ValueError(f"{side} has duplicate names")
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class _NetworkSpec:
+    """What an infer model's file describes."""
+    file: _ModelFile
+    inputs: tuple
+    outputs: tuple
+    memory_mb: int
+
+    @classmethod
+    def from_file(cls, file: _ModelFile, settings) -> "_NetworkSpec":
+        description = file.description or {}
+        default_in = _StreamSpec("input_layer1", tuple(settings.image_shape), FormatType.UINT8)
+        default_out = _StreamSpec("output_layer1", (settings.embedding_size,), FormatType.FLOAT32)
+        try:
+            return cls(file,
+                       _stream_specs(description.get("inputs"), "inputs", default_in),
+                       _stream_specs(description.get("outputs"), "outputs", default_out),
+                       _memory_mb(file.description, settings.model_memory_mb))
+        except ValueError as exc:
+            raise status_error(INVALID_HEF, f"{file.label}: {exc}")
+
+
+def _simulated_output(model_digest: bytes, spec: _StreamSpec, format_type: FormatType,
+                      inputs: list[tuple[str, bytes]]) -> np.ndarray:
+    """Deterministic output: seeded by the model, the output's name and the input bytes."""
+    hasher = hashlib.blake2b(model_digest, digest_size=16)
+    hasher.update(spec.name.encode())
+    for name, data in inputs:
+        hasher.update(b"\0" + name.encode() + b"\0")
+        hasher.update(data)
+    rng = np.random.default_rng(int.from_bytes(hasher.digest(), "little"))
+    if format_type == FormatType.FLOAT32:
+        values = rng.standard_normal(spec.shape, dtype=np.float32)
+        if len(spec.shape) == 1:  # an embedding: unit length, as CLIP-like models give
+            values /= np.float32(np.linalg.norm(values)) or np.float32(1.0)
+        return values
+    top = 256 if format_type == FormatType.UINT8 else 65536
+    return rng.integers(0, top, size=spec.shape, dtype=_DTYPES[format_type])
+
+
+# ------------------------------------------------------------------ VDevice
+
+class VDeviceParams:
+    """``VDevice.create_params()``: HailoRT's defaults."""
+
+    def __init__(self):
+        self.device_count = 1
+        self.device_ids: list = []
+        self._scheduling_algorithm = int(HailoSchedulingAlgorithm.ROUND_ROBIN)
+        self.group_id = UNIQUE_GROUP
+        self.multi_process_service = False
+
+    @property
+    def scheduling_algorithm(self) -> int:
+        return self._scheduling_algorithm  # the real getter returns a plain int
+
+    @scheduling_algorithm.setter
+    def scheduling_algorithm(self, value) -> None:
+        self._scheduling_algorithm = int(HailoSchedulingAlgorithm(value))
+
+
+class VDevice:
+    """The simulated VDevice. ``_chip`` is bound per backend (see _build_platform)."""
+
+    _chip: _SimulatedChip
+
+    def __init__(self, params=None, *, device_ids=None):
+        self._released = True  # so __del__ is safe if opening fails
+        self._lock: _ExclusiveLock | None = None
+        self._creation_pid = os.getpid()
+        self._params = params if params is not None else VDevice.create_params()
+        self.generation = 0
+        self._check_params(device_ids)
+        self._chip.device_operation(None)
+        self._take_lock()
+        self.generation = self._chip.next_generation()
+        self._released = False
+        self._chip.record("vdevice_open", self._params.group_id)
+
+    @staticmethod
+    def create_params() -> VDeviceParams:
+        return VDeviceParams()
+
+    def _check_params(self, device_ids) -> None:
+        params = self._params
+        ids = list(device_ids if device_ids is not None else params.device_ids or [])
+        if params.multi_process_service:
+            raise status_error(INVALID_OPERATION, "multi_process_service is not supported on Hailo-10H")
+        if params.device_count != 1 or len(ids) > 1:
+            raise status_error(OUT_OF_PHYSICAL_DEVICES, "the simulated system has one device")
+        unknown = [i for i in ids if i != DEVICE_ID]
+        if unknown:  # uncertain: the exact number HailoRT gives for an unknown id
+            raise status_error(NOT_FOUND, f"no device {unknown[0]!r} (have {DEVICE_ID})")
+
+    def _take_lock(self) -> None:
+        if self._params.group_id != UNIQUE_GROUP:
+            return  # a shared group: other processes may join, no lock
+        path = self._chip.settings.lock_path
+        try:
+            self._lock = _ExclusiveLock(path)
+        except BlockingIOError:
+            raise status_error(OUT_OF_PHYSICAL_DEVICES, f"{path} is locked")
+        except OSError as exc:  # like a device node we may not open (13, then 36)
+            raise status_error(DRIVER_OPERATION_FAILED, f"cannot open {path}: {exc.strerror}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+        return False
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # as pyhailort does; never fail in GC
+            self.release()
+
+    def release(self) -> None:
+        """Give back the device and every model's memory; safe to call twice."""
+        if self._released:
+            return
+        self._released = True
+        live_models = self._chip.memory.release_owner(self.generation)
+        # live_models > 0 tells tests the daemon released the VDevice before its models.
+        self._chip.record("vdevice_release", live_models)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def ensure_usable(self) -> None:
+        if self._released:
+            raise status_error(INVALID_OPERATION, "the VDevice was released")
+
+    def get_physical_devices_ids(self) -> list:
+        self.ensure_usable()
+        return [DEVICE_ID]
+
+    def create_infer_model(self, hef_source, name=""):
+        if os.getpid() != self._creation_pid:
+            raise HailoRTException("InferModel can be created only from the process VDevice was created in.")
+        self.ensure_usable()
+        file = _read_model_file(hef_source, status_error)
+        spec = _NetworkSpec.from_file(file, self._chip.settings)
+        self._chip.record("create_infer_model", file.label)
+        return InferModel(self, spec, name)
+
+
+# -------------------------------------------------------------- infer models
+
+@dataclass(frozen=True)
+class _Format:
+    type: FormatType
+
+
+class InferStream:
+    """An input or output of an InferModel: name, shape (HWC list), format."""
+
+    def __init__(self, spec: _StreamSpec):
+        self._spec = spec
+        self._format_type = spec.format_type
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    @property
+    def shape(self) -> list:
+        return list(self._spec.shape)
+
+    @property
+    def format(self) -> _Format:
+        return _Format(self._format_type)
+
+    @property
+    def is_nms(self) -> bool:
+        return False
+
+    def set_format_type(self, type) -> None:  # noqa: A002 - HailoRT's keyword name
+        try:
+            chosen = FormatType(type)
+        except ValueError:
+            raise status_error(INVALID_ARGUMENT, f"unknown format type {type!r}")
+        # AUTO means "as the HEF has it".
+        self._format_type = self._spec.format_type if chosen == FormatType.AUTO else chosen
+
+
+def _pick(streams: dict, name, kind: str):
+    """A stream by name; the empty name picks the only one (HailoRT's rule)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a str, got {type(name).__name__}")
+    if name == "" and len(streams) == 1:
+        return next(iter(streams.values()))
+    if name in streams:
+        return streams[name]
+    wanted = "a name (several exist)" if name == "" else repr(name)
+    raise status_error(NOT_FOUND, f"no {kind} stream {wanted}; {kind}s: {', '.join(streams)}")
+
+
+class InferModel:
+    """What ``VDevice.create_infer_model`` returns; ``configure()`` loads it."""
+
+    def __init__(self, vdevice: VDevice, spec: _NetworkSpec, name: str):
+        self._vdevice = vdevice
+        self._spec = spec
+        self._name = name
+        self._inputs = {s.name: InferStream(s) for s in spec.inputs}
+        self._outputs = {s.name: InferStream(s) for s in spec.outputs}
+        self._batch_size = 0  # HAILO_DEFAULT_BATCH_SIZE: chosen by HailoRT
+
+    @property
+    def input_names(self) -> list:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list:
+        return list(self._outputs)
+
+    @property
+    def inputs(self) -> list:
+        return list(self._inputs.values())
+
+    @property
+    def outputs(self) -> list:
+        return list(self._outputs.values())
+
+    def input(self, name=""):
+        return _pick(self._inputs, name, "input")
+
+    def output(self, name=""):
+        return _pick(self._outputs, name, "output")
+
+    def set_batch_size(self, batch_size) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise status_error(INVALID_ARGUMENT, f"batch size must be an integer >= 0, got {batch_size!r}")
+        self._batch_size = batch_size
+
+    def configure(self):
+        """Load the network: sleeps load_ms, reserves memory (plain 81 if it does not fit)."""
+        vdevice, chip = self._vdevice, self._vdevice._chip
+        vdevice.ensure_usable()
+        chip.device_operation(vdevice.generation)
+        token = chip.memory.reserve(vdevice.generation, self._spec.memory_mb)
+        if token is None:
+            raise status_error(RESOURCE_EXHAUSTED,
+                               f"{self._spec.file.label} needs {self._spec.memory_mb} MB")
+        chip.sleep_ms(chip.settings.load_ms)
+        chip.record("configure", self._spec.file.label)
+        formats = {s.name: s._format_type for s in (*self._inputs.values(), *self._outputs.values())}
+        return ConfiguredInferModel(vdevice, self._spec, formats, token)
+
+
+class _BoundStream:
+    """One buffer of a Bindings: what ``bindings.input(name)`` returns."""
+
+    def __init__(self, spec: _StreamSpec, format_type: FormatType):
+        self.spec = spec
+        self.format_type = format_type
+        self.dtype = _DTYPES[format_type]
+        self._buffer: np.ndarray | None = None  # the caller's
+        self._result: np.ndarray | None = None  # allocated here when the caller set none
+
+    def set_buffer(self, buffer) -> None:
+        if not isinstance(buffer, np.ndarray):
+            raise status_error(INVALID_ARGUMENT, f"{self.spec.name}: buffer must be a numpy array")
+        if not buffer.flags.c_contiguous:
+            raise HailoRTException("Buffer must be C_CONTIGUOUS")  # pyhailort's own check: no status
+        expected = int(np.prod(self.spec.shape))
+        # Uncertain: HailoRT compares only the byte size; we also demand the
+        # dtype, so a handler that forgot a format conversion fails here too.
+        # A leading batch dimension of 1 passes, as it does on hardware.
+        if buffer.dtype != self.dtype or buffer.size != expected:
+            raise status_error(INVALID_ARGUMENT,
+                               f"{self.spec.name}: expected {expected} x {self.dtype} "
+                               f"(shape {list(self.spec.shape)}), got {buffer.size} x {buffer.dtype}")
+        self._buffer = buffer
+        self._result = None
+
+    def get_buffer(self, tf_format=False):
+        # Departure (the brief asks for it): real pyhailort returns only what
+        # set_buffer stored (None otherwise, and run would fail); here an
+        # output nobody set gets a new array per run. Handlers should still
+        # set output buffers.
+        return self._buffer if self._buffer is not None else self._result
+
+    def input_bytes(self) -> bytes:
+        if self._buffer is None:  # uncertain: the number HailoRT reports here
+            raise status_error(INVALID_OPERATION, f"input {self.spec.name!r} has no buffer")
+        return self._buffer.tobytes()
+
+    def deliver(self, result: np.ndarray) -> None:
+        if self._buffer is None:
+            self._result = result
+        else:
+            np.copyto(self._buffer, result.reshape(self._buffer.shape))
+
+
+class Bindings:
+    """The buffers of one frame: ``input(name)`` / ``output(name)``."""
+
+    def __init__(self, owner, inputs: dict, outputs: dict):
+        self._owner = owner
+        self._inputs = inputs
+        self._outputs = outputs
+
+    def input(self, name=""):
+        return _pick(self._inputs, name, "input")
+
+    def output(self, name=""):
+        return _pick(self._outputs, name, "output")
+
+
+class AsyncInferCompletionInfo:
+    """What a run_async callback receives as ``completion_info``."""
+
+    def __init__(self, exception=None):
+        self.exception = exception
+
+
+class AsyncInferJob:
+    """A running inference: results land after the simulated duration.
+
+    Whether ``wait(timeout_ms)`` times out is decided from the simulated
+    duration, not the wall clock, so tests with a fake sleep stay exact.
+    """
+
+    def __init__(self, chip: _SimulatedChip, duration_ms: int, finish):
+        self._chip = chip
+        self._duration_ms = duration_ms
+        self._done = threading.Event()
+        threading.Thread(target=self._complete, args=(finish,), name="hailo-sim-infer",
+                         daemon=True).start()
+
+    def _complete(self, finish) -> None:
+        try:
+            self._chip.sleep_ms(self._duration_ms)
+            finish()
+        finally:
+            self._done.set()
+
+    def wait(self, timeout_ms) -> None:
+        if self._duration_ms > timeout_ms:
+            self._chip.sleep_ms(timeout_ms)
+            raise status_error(TIMEOUT, f"inference takes {self._duration_ms} ms, timeout {timeout_ms} ms")
+        self._done.wait()
+
+
+class ConfiguredInferModel:
+    """A loaded network: bindings, run / run_async; shutdown or exit frees its memory."""
+
+    def __init__(self, vdevice: VDevice, spec: _NetworkSpec, formats: dict, token: int):
+        self._vdevice = vdevice
+        self._chip = vdevice._chip
+        self._spec = spec
+        self._formats = formats  # format types as set when configure() ran
+        self._token: int | None = token
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._free()
+        return False
+
+    def shutdown(self) -> None:
+        self._free()
+
+    def _free(self) -> None:
+        if self._token is None:
+            return
+        token, self._token = self._token, None
+        if self._chip.memory.release(token):
+            self._chip.record("release", self._spec.file.label)
+
+    def _ensure_usable(self) -> None:
+        self._vdevice.ensure_usable()
+        if self._token is None:
+            raise status_error(INVALID_OPERATION, f"{self._spec.file.label} was shut down")
+
+    def create_bindings(self, input_buffers=None, output_buffers=None) -> Bindings:
+        self._ensure_usable()
+        bindings = Bindings(self,
+                            {s.name: _BoundStream(s, self._formats[s.name]) for s in self._spec.inputs},
+                            {s.name: _BoundStream(s, self._formats[s.name]) for s in self._spec.outputs})
+        for name, buffer in (input_buffers or {}).items():
+            bindings.input(name).set_buffer(buffer)
+        for name, buffer in (output_buffers or {}).items():
+            bindings.output(name).set_buffer(buffer)
+        return bindings
+
+    def wait_for_async_ready(self, timeout_ms=1000, frames_count=1) -> None:
+        self._ensure_usable()  # the simulated queue is never full
+
+    def run(self, bindings, timeout) -> None:
+        """Synchronous inference; ``timeout`` in ms, positional as in HailoRT."""
+        self.run_async(bindings).wait(timeout)
+
+    def run_async(self, bindings, callback=None) -> AsyncInferJob:
+        """One inference over a list of Bindings (a batch): one ``infer_ms`` in all."""
+        self._ensure_usable()
+        frames = self._checked_bindings(bindings)
+        self._chip.device_operation(self._vdevice.generation)
+        results = [(frame, self._outputs_for(frame)) for frame in frames]
+        self._chip.record("run", self._spec.file.label)
+
+        def finish():
+            for frame, outputs in results:
+                for name, array in outputs.items():
+                    frame.output(name).deliver(array)
+            if callback is not None:
+                callback(completion_info=AsyncInferCompletionInfo(None))
+
+        return AsyncInferJob(self._chip, self._chip.infer_ms(), finish)
+
+    def _checked_bindings(self, bindings) -> list:
+        if not isinstance(bindings, (list, tuple)):
+            # pyhailort iterates the argument: a bare Bindings is a TypeError there too.
+            raise TypeError("bindings must be a list of Bindings")
+        if not bindings or any(getattr(b, "_owner", None) is not self for b in bindings):
+            raise status_error(INVALID_ARGUMENT, "bindings must come from this model's create_bindings()")
+        return list(bindings)
+
+    def _outputs_for(self, frame: Bindings) -> dict:
+        inputs = [(s.name, frame.input(s.name).input_bytes()) for s in self._spec.inputs]
+        return {s.name: _simulated_output(self._spec.file.digest, s, self._formats[s.name], inputs)
+                for s in self._spec.outputs}
+
+
+# -------------------------------------------------------------------- genai
+
+def _check_prompt(prompt):
+    """pyhailort's own prompt checks (plain HailoRTException, no status)."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list):
+        raise HailoRTException("prompt must be a list of dicts in chat format")
+    if not all(isinstance(item, dict) for item in prompt):
+        raise HailoRTException("prompt must be a list of dicts")
+    return prompt
+
+
+def _prompt_text(prompt) -> str:
+    """The text the answer echoes: a str prompt, or the last message's text parts."""
+    if isinstance(prompt, str):
+        return prompt
+    content = prompt[-1].get("content", "") if prompt else ""
+    if isinstance(content, str):
+        return content
+    return " ".join(str(part.get("text", "")) for part in content
+                    if isinstance(part, dict) and part.get("type") == "text")
+
+
+def _image_slots(prompt) -> int | None:
+    """Image slots of a chat prompt; None for a raw str prompt (not checked)."""
+    if isinstance(prompt, str):
+        return None
+    return sum(1 for message in prompt for part in message.get("content", [])
+               if isinstance(part, dict) and part.get("type") == "image")
+
+
+class LLMGeneratorCompletion:
+    """A streaming generation: iterate for str tokens; ``read``, ``read_all``, ``release``."""
+
+    def __init__(self, model, tokens: list, end_status, duration_ms: int):
+        self._model = model
+        self._tokens = list(tokens)
+        self._next = 0
+        self._end_status = end_status
+        self._token_ms = duration_ms / max(len(tokens), 1)
+        self._released = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+        return False
+
+    def release(self) -> None:
+        self._released = True
+        self._model._completion_finished(self)
+
+    @property
+    def generation_status(self):
+        if self._next < len(self._tokens):
+            return (LLMGeneratorCompletionStatus.ABORTED if self._released
+                    else LLMGeneratorCompletionStatus.GENERATING)
+        return self._end_status
+
+    def read(self, timeout_ms=10000) -> str:
+        self._ensure_not_released()
+        if self._next >= len(self._tokens):
+            # Uncertain: the number HailoRT gives for reading a finished generation.
+            raise status_error(INVALID_OPERATION, "the generation is over")
+        self._spend(self._token_ms, timeout_ms)
+        token = self._tokens[self._next]
+        self._next += 1
+        return token
+
+    def read_all(self, timeout_ms=10000) -> str:
+        self._ensure_not_released()
+        remaining = self._tokens[self._next:]
+        self._spend(self._token_ms * len(remaining), timeout_ms)
+        self._next = len(self._tokens)
+        return "".join(remaining)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.generation_status != LLMGeneratorCompletionStatus.GENERATING:
+            raise StopIteration
+        return self.read()
+
+    def _ensure_not_released(self) -> None:
+        if self._released:
+            raise status_error(INVALID_OPERATION, "the completion was released")
+
+    def _spend(self, milliseconds: float, timeout_ms) -> None:
+        chip = self._model._chip
+        if milliseconds > timeout_ms:
+            chip.sleep_ms(timeout_ms)
+            raise status_error(TIMEOUT, f"generation needs {milliseconds:.0f} ms, timeout {timeout_ms} ms")
+        chip.sleep_ms(milliseconds)
+
+
+class _GenAIModel:
+    """What LLM and VLM share: loading, generation, context, release."""
+
+    kind = "genai"
+
+    def __init__(self, vdevice, model_path):
+        if not isinstance(vdevice, VDevice):
+            raise TypeError("vdevice must be a VDevice")
+        if vdevice._released:  # uncertain: the real binding fails in its own way here
+            raise raw_status_error(INVALID_OPERATION)
+        self._vdevice = vdevice
+        self._chip = chip = vdevice._chip
+        chip.device_operation(vdevice.generation, raw=True)
+        self._file = _read_model_file(model_path, lambda number, _detail: raw_status_error(number))
+        try:
+            self._memory_mb = _memory_mb(self._file.description, chip.settings.model_memory_mb)
+            self._configure_from(self._file.description or {})
+        except ValueError:
+            raise raw_status_error(INVALID_HEF) from None
+        self._token = chip.memory.reserve(vdevice.generation, self._memory_mb)
+        if self._token is None:
+            raise raw_status_error(RESOURCE_EXHAUSTED)
+        chip.sleep_ms(chip.settings.load_ms)
+        self._context_used = 0
+        self._stop_tokens: list = []
+        self._active: LLMGeneratorCompletion | None = None
+        chip.record(f"{self.kind}_load", self._file.label)
+
+    def _configure_from(self, description: dict) -> None:
+        capacity = description.get("context_capacity", DEFAULT_CONTEXT_CAPACITY)
+        self._context_capacity = _positive_int(capacity, "context_capacity")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+        return False
+
+    def release(self) -> None:
+        token, self._token = self._token, None
+        if token is not None and self._chip.memory.release(token):
+            self._chip.record("release", self._file.label)
+
+    def _ensure_usable(self) -> None:
+        self._vdevice.ensure_usable()
+        if self._token is None:
+            raise status_error(INVALID_OPERATION, f"{self._file.label} was released")
+
+    def _start(self, prompt, frames, seed, max_generated_tokens) -> LLMGeneratorCompletion:
+        """Begin a generation (a device operation); tokens come from a digest of the inputs."""
+        self._ensure_usable()
+        running = self._active is not None and (
+            self._active.generation_status == LLMGeneratorCompletionStatus.GENERATING)
+        if running:  # uncertain: HailoRT's answer to overlapping generations
+            raise status_error(INVALID_OPERATION, "a generation is still running; release it first")
+        self._chip.device_operation(self._vdevice.generation)
+        tokens, end_status = self._answer(prompt, frames, seed, max_generated_tokens)
+        used = self._context_used + len(_prompt_text(prompt).split()) + len(tokens)
+        # Uncertain what HailoRT does with a full context; we just stop counting.
+        self._context_used = min(used, self._context_capacity)
+        self._chip.record(f"{self.kind}_generate", self._file.label)
+        self._active = LLMGeneratorCompletion(self, tokens, end_status, self._chip.infer_ms())
+        return self._active
+
+    def _completion_finished(self, completion) -> None:
+        if self._active is completion:
+            self._active = None
+
+    def _answer(self, prompt, frames, seed, max_generated_tokens):
+        hasher = hashlib.blake2b(self._file.digest, digest_size=16)
+        hasher.update(json.dumps(prompt, sort_keys=True, default=str).encode())
+        for frame in frames:
+            hasher.update(frame.tobytes())
+        hasher.update(repr(seed).encode())
+        words = ["Simulated", self.kind.upper(), "answer", f"{hasher.hexdigest()[:8]}:",
+                 *_prompt_text(prompt).split()[:ECHO_WORDS]]
+        tokens = [word + " " for word in words[:-1]] + [words[-1], END_TOKEN]
+        if max_generated_tokens is not None and max_generated_tokens < len(tokens):
+            return tokens[:max(max_generated_tokens, 0)], LLMGeneratorCompletionStatus.MAX_TOKENS_REACHED
+        return tokens, LLMGeneratorCompletionStatus.LOGICAL_END_OF_GENERATION
+
+    def tokenize(self, text) -> list:
+        self._ensure_usable()
+        return [int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % 151936
+                for word in str(text).split()]
+
+    def clear_context(self) -> None:
+        self._ensure_usable()
+        self._context_used = 0
+
+    def get_context_usage_size(self) -> int:
+        self._ensure_usable()
+        return self._context_used
+
+    def max_context_capacity(self) -> int:
+        self._ensure_usable()
+        return self._context_capacity
+
+    def prompt_template(self) -> str:
+        return "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+    def set_stop_tokens(self, stop_tokens) -> None:
+        self._stop_tokens = list(stop_tokens)  # stored only; the simulated text never contains them
+
+    def get_stop_tokens(self) -> list:
+        return list(self._stop_tokens)
+
+    def save_context(self) -> bytes:
+        self._ensure_usable()
+        return json.dumps({"model": self._file.digest.hex(), "used": self._context_used}).encode()
+
+    def load_context(self, context_data) -> None:
+        self._ensure_usable()
+        try:
+            saved = json.loads(bytes(context_data))
+            if saved["model"] != self._file.digest.hex():
+                raise ValueError("context of another model")
+            self._context_used = int(saved["used"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise status_error(INVALID_ARGUMENT, f"cannot load context: {exc}")
+
+
+class VLM(_GenAIModel):
+    """``genai.VLM(vdevice, model_path, optimize_memory_on_device=False)``.
+
+    Parameters after ``frames`` are keyword-only here: HailoRT 5.2 inserted
+    ``videos`` as the third positional parameter, so positional calls break
+    between versions (HAILORT.md: always pass keywords).
+    """
+
+    kind = "vlm"
+
+    def __init__(self, vdevice, model_path, optimize_memory_on_device=False):
+        super().__init__(vdevice, model_path)
+
+    def _configure_from(self, description: dict) -> None:
+        super()._configure_from(description)
+        shape = description.get("frame_shape", self._chip.settings.vlm_frame_shape)
+        self._frame_shape = _shape(shape, "frame_shape")
+
+    def input_frame_shape(self) -> list:
+        return list(self._frame_shape)
+
+    def input_frame_format_type(self):
+        return np.dtype(np.uint8)
+
+    def input_frame_size(self) -> int:
+        return int(np.prod(self._frame_shape))
+
+    def generate(self, prompt, frames, *, temperature=None, top_p=None, top_k=None,
+                 frequency_penalty=None, max_generated_tokens=None, do_sample=None, seed=None):
+        prompt = _check_prompt(prompt)
+        self._check_frames(prompt, frames)
+        return self._start(prompt, frames, seed, max_generated_tokens)
+
+    def generate_all(self, prompt, frames, *, temperature=None, top_p=None, top_k=None,
+                     frequency_penalty=None, max_generated_tokens=None, do_sample=None, seed=None,
+                     timeout_ms=600000) -> str:
+        with self.generate(prompt, frames, max_generated_tokens=max_generated_tokens,
+                           seed=seed) as completion:
+            return completion.read_all(timeout_ms)
+
+    def _check_frames(self, prompt, frames) -> None:
+        # The first two texts are pyhailort's own Python checks (no status);
+        # shape and dtype are checked by the binding (uncertain: which number).
+        if not isinstance(frames, list):
+            raise HailoRTException("frames must be a list of numpy arrays")
+        if not all(isinstance(frame, np.ndarray) for frame in frames):
+            raise HailoRTException("each frame must be a numpy array")
+        for index, frame in enumerate(frames):
+            if tuple(frame.shape) != self._frame_shape or frame.dtype != np.uint8:
+                raise status_error(INVALID_ARGUMENT,
+                                   f"frame {index} is {list(frame.shape)} {frame.dtype}, "
+                                   f"expected {list(self._frame_shape)} uint8")
+        slots = _image_slots(prompt)
+        if slots is not None and slots != len(frames):
+            raise status_error(INVALID_ARGUMENT, f"prompt has {slots} image slots but {len(frames)} frames")
+
+
+class LLM(_GenAIModel):
+    """``genai.LLM(vdevice, model_path, lora_name="", optimize_memory_on_device=False)``."""
+
+    kind = "llm"
+
+    def __init__(self, vdevice, model_path, lora_name="", optimize_memory_on_device=False):
+        self.lora_name = lora_name
+        super().__init__(vdevice, model_path)
+
+    def generate(self, prompt, *, temperature=None, top_p=None, top_k=None, frequency_penalty=None,
+                 max_generated_tokens=None, do_sample=None, seed=None, tools=None):
+        return self._start(_check_prompt(prompt), [], seed, max_generated_tokens)
+
+    def generate_all(self, prompt, *, temperature=None, top_p=None, top_k=None, frequency_penalty=None,
+                     max_generated_tokens=None, do_sample=None, seed=None, tools=None,
+                     timeout_ms=600000) -> str:
+        with self.generate(prompt, max_generated_tokens=max_generated_tokens, seed=seed) as completion:
+            return completion.read_all(timeout_ms)
+
+
+# ------------------------------------------------------------------ backend
+
+_EXCEPTIONS = (HailoRTException, HailoRTTimeout, HailoRTInvalidArgumentException,
+               HailoRTNotFoundException, HailoRTInvalidHEFException,
+               HailoRTInvalidOperationException, HailoCommunicationClosedException,
+               HailoRTDriverOperationFailedException, HailoRTStatusException)
+
+
+def _build_platform(chip: _SimulatedChip) -> types.SimpleNamespace:
+    """A ``hailo_platform``-shaped namespace whose VDevice class talks to ``chip``."""
+    vdevice_class = type("VDevice", (VDevice,), {"_chip": chip, "__module__": __name__})
+    genai = types.SimpleNamespace(VDevice=vdevice_class, VLM=VLM, LLM=LLM,
+                                  LLMGeneratorCompletionStatus=LLMGeneratorCompletionStatus)
+    platform = types.SimpleNamespace(
+        __version__=HAILORT_VERSION, VDevice=vdevice_class, FormatType=FormatType,
+        HailoSchedulingAlgorithm=HailoSchedulingAlgorithm, AsyncInferJob=AsyncInferJob, genai=genai)
+    for exception_class in _EXCEPTIONS:
+        setattr(platform, exception_class.__name__, exception_class)
+    return platform
+
+
+class SimulatedBackend:
+    """The Backend for the simulated accelerator (see the module docstring).
+
+    Test hooks: ``calls`` (operation log), ``sleep`` (replaceable clock),
+    ``memory_used_mb()``, ``set_temperature(c)``, ``inject_fault(...)``,
+    ``release_hang()``, ``clear_faults()``.
+    """
+
+    name = "simulated"
+    FAULT_KINDS = ("raise", "hang", "lose_device")
+
+    def __init__(self, settings, device):
+        self.settings = settings
+        self.device = device
+        self._chip = _SimulatedChip(settings)
+        self.platform = _build_platform(self._chip)
+
+    # -- Backend protocol
+
+    def open_vdevice(self):
+        params = self.platform.VDevice.create_params()
+        params.group_id = self.device.group_id
+        try:
+            return self.platform.VDevice(params)
+        except HailoRTException as exc:
+            raise BackendUnavailable(self._unavailable_reason(exc)) from exc
+
+    @staticmethod
+    def _unavailable_reason(exc: HailoRTException) -> str:
+        number = hailort_status.status_of(exc)
+        if number in hailort_status.OWNED_ELSEWHERE:
+            return f"device owned by another process ({status_name(number)})"
+        return f"cannot open the simulated device: {hailort_status.describe(exc)}"
+
+    def identify(self, vdevice) -> DeviceIdentity:
+        return DeviceIdentity(device_id=DEVICE_ID, architecture=ARCHITECTURE, fw_version=FW_VERSION)
+
+    def temperature(self, vdevice) -> float | None:
+        if vdevice._released or self._chip.is_lost(vdevice.generation):
+            return None
+        return self._chip.temperature_c
+
+    @contextlib.contextmanager
+    def request_scope(self, model_params: dict):
+        """Per-request simulation knobs (validated upstream by the server):
+
+        * ``simulate_ms``: one inference takes that long (a run that is
+          longer than its HailoRT timeout ends in HailoRTTimeout, as on hardware);
+        * ``simulate_hang_ms``: the device call blocks that long, ignoring
+          every timeout, like a hung HailoRT call (for watchdog tests).
+        """
+        params = model_params or {}
+        chip = self._chip
+        previous = chip.infer_ms_override, chip.hang_ms_override
+        if params.get("simulate_ms") is not None:
+            chip.infer_ms_override = params["simulate_ms"]
+        if params.get("simulate_hang_ms") is not None:
+            chip.hang_ms_override = params["simulate_hang_ms"]
+        try:
+            yield
+        finally:
+            chip.infer_ms_override, chip.hang_ms_override = previous
+
+    def close_vdevice(self, vdevice) -> None:
+        vdevice.release()
+
+    # -- test hooks
+
+    @property
+    def calls(self) -> list:
+        """Operations in order, e.g. ("configure", path), ("run", path), ("release", path)."""
+        return self._chip.calls
+
+    @property
+    def sleep(self):
+        return self._chip.sleep
+
+    @sleep.setter
+    def sleep(self, function) -> None:
+        self._chip.sleep = function
+
+    def memory_used_mb(self) -> int:
+        return self._chip.memory.used_mb()
+
+    def set_temperature(self, celsius: float) -> None:
+        self._chip.temperature_c = float(celsius)
+
+    def inject_fault(self, kind: str, *, status: int | None = None, count: int = 1) -> None:
+        """Arm a fault for the next device operations.
+
+        Device operations: opening a VDevice, ``configure``, ``run`` /
+        ``run_async``, the genai constructors, ``generate`` / ``generate_all``.
+        ``raise`` needs ``status``; ``count`` applies to ``raise`` and
+        ``hang``; ``lose_device`` breaks the VDevices open now until a new one
+        is created. See _FaultPlan for the details.
+        """
+        if kind not in self.FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {', '.join(self.FAULT_KINDS)}, got {kind!r}")
+        if kind == "raise" and (isinstance(status, bool) or not isinstance(status, int)):
+            raise ValueError("a 'raise' fault needs status=<HailoRT status number>")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        self._chip.faults.arm(kind, status, count, self._chip.generation)
+
+    def release_hang(self) -> None:
+        """Let a hung operation (and any armed hang) go on."""
+        self._chip.faults.release_hang()
+
+    def clear_faults(self) -> None:
+        self._chip.faults.clear()

@@ -1,0 +1,210 @@
+"""What systemd sees: socket hand-over, sd_notify, watchdog, signals, config errors."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import DaemonProcess, env_with_src, wait_for_socket, write_config
+from hailo_devmgr import protocol as p
+from hailo_devmgr.client import Client, tensor
+
+
+class NotifyListener:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self) -> list[str]:
+        return [line for _, line in self.messages]
+
+    def wait_for(self, prefix: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines():
+                if line.startswith(prefix):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no {prefix} among {self.lines()}")
+
+    def count(self, line: str, since: float = 0.0, until: float = float("inf")) -> int:
+        return sum(1 for at, text in self.messages if text == line and since <= at <= until)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path):
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    yield listener
+    listener.close()
+
+
+def start_notified(tmp_path, model_dir, notify, watchdog_usec=200_000, **overrides) -> DaemonProcess:
+    config = write_config(tmp_path, model_dir, **overrides)
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec)}
+    return DaemonProcess(tmp_path, config, yaml.safe_load(config.read_text())["socket_path"], env).wait_ready()
+
+
+def test_socket_activation_hands_over_the_listening_fd(tmp_path, model_dir):
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate (package systemd) is needed; make test installs it"
+    socket_path = str(tmp_path / "activated.sock")
+    config = write_config(tmp_path, model_dir, socket_path="/nonexistent/never-bound.sock")
+    log = open(tmp_path / "activate.log", "wb")
+    process = subprocess.Popen(
+        [activate, "-l", socket_path, "-E", "PYTHONPATH", sys.executable, "-m", "hailo_devmgr",
+         "--config", str(config)],
+        env=env_with_src(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_socket(socket_path, process)
+        # The daemon starts on the first connection, as under the .socket unit.
+        with Client(socket_path, timeout=30) as client:
+            assert client.ping()["status"] == "ok"
+            assert client.load_model(str(model_dir / "net.hef"), "generic")["status"] == "ok"
+        assert not os.path.exists("/nonexistent/never-bound.sock")
+        assert "using the socket passed by systemd" in (tmp_path / "activate.log").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        log.close()
+
+
+def test_notify_ready_status_watchdog_and_stopping(tmp_path, model_dir, notify):
+    daemon = start_notified(tmp_path, model_dir, notify)
+    ready_at = None
+    notify.wait_for("READY=1")
+    assert notify.wait_for("STATUS=").startswith("STATUS=simulated backend, 0 model(s) loaded")
+    with Client(daemon.socket_path, timeout=30) as client:
+        client.load_model(str(model_dir / "net.hef"), "generic")
+    notify.wait_for("STATUS=simulated backend, 1 model(s) loaded")
+    ready_at = notify.messages[0][0]
+    time.sleep(0.6)
+    assert notify.count("WATCHDOG=1", since=ready_at) >= 3  # every 0.1 s for WATCHDOG_USEC=0.2 s
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(15) == 0
+    notify.wait_for("STOPPING=1")
+    assert notify.lines().index("READY=1") < notify.lines().index("STOPPING=1")
+
+
+def test_watchdog_pings_stop_while_a_device_call_hangs(tmp_path, model_dir, notify):
+    daemon = start_notified(tmp_path, model_dir, notify,
+                            watchdog={"load_budget_s": 0.5, "infer_budget_s": 0.5})
+    notify.wait_for("WATCHDOG=1")
+    path = str(model_dir / "net.hef")
+    with Client(daemon.socket_path, timeout=30) as client:
+        client.load_model(path, "generic")
+        hung = Client(daemon.socket_path, timeout=30).connect()
+        hung._sock.sendall(p.encode_frame({
+            "action": "infer", "model_type": "generic", "model_path": path,
+            "model_params": {"simulate_hang_ms": 3000},
+            "input_data": {"inputs": {"input_layer1": tensor(np.zeros((224, 224, 3), np.uint8))}}}))
+        started = time.monotonic()
+        time.sleep(2.0)
+        # Budget 1 s (load + infer): from then until the hang ends, no pings.
+        silent = notify.count("WATCHDOG=1", since=started + 1.3, until=started + 2.0)
+        # The control plane still answers: only the device is stuck.
+        assert client.status()["device_busy_with"].startswith("infer")
+        hung.close()
+    assert silent == 0
+    time.sleep(1.5)  # the hang ends at 3 s; pings resume
+    assert notify.count("WATCHDOG=1", since=started + 3.2) >= 1
+    assert "withholding watchdog pings" in daemon.log()
+
+
+def test_sigterm_answers_queued_work_and_exits_zero(tmp_path, model_dir, notify):
+    daemon = start_notified(tmp_path, model_dir, notify)
+    path = str(model_dir / "net.hef")
+    with Client(daemon.socket_path, timeout=30) as client:
+        client.load_model(path, "generic")
+    frame = {"action": "infer", "model_type": "generic", "model_path": path,
+             "input_data": {"inputs": {"input_layer1": tensor(np.zeros((224, 224, 3), np.uint8))}}}
+    running = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    running.connect(daemon.socket_path)
+    running.sendall(p.encode_frame({**frame, "request_id": "running", "model_params": {"simulate_ms": 1500}}))
+    time.sleep(0.3)
+    queued = []
+    for index in range(5):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(daemon.socket_path)
+        sock.sendall(p.encode_frame({**frame, "request_id": f"queued-{index}"}))
+        queued.append(sock)
+    time.sleep(0.3)
+    daemon.signal(signal.SIGTERM)
+    from test_daemon_v1 import read_frame
+    for sock in [running, *queued]:
+        sock.settimeout(15)
+    answers = {answer["request_id"]: answer for answer in (read_frame(s) for s in [running, *queued])}
+    assert answers["running"]["status"] == "ok"  # the running operation finishes
+    for index in range(5):
+        assert answers[f"queued-{index}"]["code"] == p.SHUTTING_DOWN
+    assert daemon.process.wait(15) == 0
+    notify.wait_for("STOPPING=1")
+    assert not os.path.exists(daemon.socket_path)  # a socket we bound ourselves is removed
+    for sock in [running, *queued]:
+        sock.close()
+
+
+def test_config_error_exits_1_with_one_line(tmp_path, model_dir):
+    config = tmp_path / "bad.yaml"
+    config.write_text("backend: simulated\nsimulated:\n  infer_ms: fast\n")
+    result = subprocess.run([sys.executable, "-m", "hailo_devmgr", "--config", str(config)],
+                            env=env_with_src(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"hailo-device-manager: configuration error: {config}: simulated.infer_ms: "
+        "must be an integer, got 'fast'"]
+
+
+def test_sighup_reloads_and_keeps_connections(tmp_path, model_dir, notify):
+    daemon = start_notified(tmp_path, model_dir, notify, max_loaded_models=4)
+    a, b = str(model_dir / "net.hef"), str(model_dir / "other.hef")
+    with Client(daemon.socket_path, timeout=30) as client:
+        client.load_model(a, "generic")
+        client.load_model(b, "generic")
+        write_config(tmp_path, model_dir, max_loaded_models=1)
+        daemon.signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        deadline = time.monotonic() + 10
+        while "configuration reloaded" not in daemon.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client.load_model(str(model_dir / "two.hef"), "generic")  # same connection still works
+        assert len(client.status()["loaded_models"]) == 1  # the new limit applies
+        # A broken file on reload keeps the running configuration.
+        (tmp_path / "config.yaml").write_text("backend: [")
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload failed, keeping the running configuration" not in daemon.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.ping()["status"] == "ok"
