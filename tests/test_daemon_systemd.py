@@ -208,3 +208,36 @@ def test_sighup_reloads_and_keeps_connections(tmp_path, model_dir, notify):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert client.ping()["status"] == "ok"
+
+
+def test_log_lines_carry_structured_fields(client, daemon, model_dir):
+    path = str(model_dir / "net.hef")
+    client.load_model(path, "generic")
+    from hailo_devmgr.client import DeviceError
+    with pytest.raises(DeviceError):
+        client.load_model("/etc/passwd", "generic")
+    log = daemon.log()
+    [loaded] = [line for line in log.splitlines() if "loaded generic:" in line]
+    for field in (f"MODEL={path}", "MODEL_TYPE=generic", "REQUEST_ID=1", f"CLIENT_PID={os.getpid()}",
+                  f"CLIENT_UID={os.getuid()}", "DURATION_MS="):
+        assert field in loaded
+    assert any("CODE=forbidden" in line for line in log.splitlines())
+    assert "ping" not in log  # no line per control request
+
+
+def test_unit_files_follow_the_design():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "systemd"
+    service = (root / "hailo-device-manager.service").read_text()
+    sock = (root / "hailo-device-manager.socket").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure",
+                 "User=hailo-device-mgr", "SupplementaryGroups=hailo", "MemoryMax=512M",
+                 "ProtectSystem=strict", "DevicePolicy=closed", "NoNewPrivileges=yes"):
+        assert f"\n{line}\n" in service, line
+    assert "\nRuntimeDirectory" not in service  # would delete /run/hailo and the socket
+    for line in ("ListenStream=/run/hailo/device.sock", "SocketMode=0660", "SocketGroup=hailo",
+                 "DirectoryMode=0755"):
+        assert f"\n{line}\n" in sock, line
+    example = (root / "examples" / "hailo-clip-search.service").read_text()
+    assert "Requires=hailo-device-manager.socket" in example
+    assert "After=hailo-device-manager.socket" in example

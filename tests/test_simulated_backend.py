@@ -352,7 +352,7 @@ def test_memory_budget_raises_81_and_shutdown_returns_it(tmp_path, model_file):
     backend = make_backend(tmp_path, device_memory_mb=1000, model_memory_mb=400)
     vdevice = backend.open_vdevice()
     first = vdevice.create_infer_model(model_file("a.hef")).configure()
-    second = vdevice.create_infer_model(model_file("b.hef")).configure()
+    vdevice.create_infer_model(model_file("b.hef")).configure()
     assert backend.memory_used_mb() == 800
     third = vdevice.create_infer_model(model_file("c.hef"))
     with pytest.raises(backend.platform.HailoRTException) as caught:

@@ -145,3 +145,7 @@ def main(argv=None) -> int:
     except DeviceError as exc:
         print(f"hailo-devmgr: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

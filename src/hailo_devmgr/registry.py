@@ -94,27 +94,31 @@ class ModelRegistry:
 
     # -- requests -------------------------------------------------------------
 
-    def load(self, spec: ModelSpec) -> tuple[LoadedModel, bool]:
-        """The loaded model for ``spec``; True if it was loaded already."""
+    def load(self, spec: ModelSpec, log_fields: dict | None = None) -> tuple[LoadedModel, bool]:
+        """The loaded model for ``spec``; True if it was loaded already.
+
+        ``log_fields`` (client pid/uid, request id) go into the log line."""
         model = self._models.get(spec.key)
         if model is not None:
             return model, True
         vdevice = self.runtime.require()
         while len(self._models) >= self.max_loaded_models:
-            if not self._evict_one(f"max_loaded_models ({self.max_loaded_models}) reached", spec.key):
+            if not self._evict_one(f"max_loaded_models ({self.max_loaded_models}) reached", spec.key,
+                                   log_fields):
                 raise RequestError(RESOURCE_EXHAUSTED, f"Failed to load model: max_loaded_models "
                                    f"({self.max_loaded_models}) reached and every loaded model is pinned")
-        model = self._load_evicting(spec, vdevice)
+        model = self._load_evicting(spec, vdevice, log_fields)
         self._models[spec.key] = model
         self._publish()
         log.info("loaded %s in %.0f ms", spec.key, model.load_ms,
-                 extra={"MODEL": spec.model_path, "MODEL_TYPE": spec.model_type,
+                 extra={**(log_fields or {}), "MODEL": spec.model_path, "MODEL_TYPE": spec.model_type,
                         "DURATION_MS": round(model.load_ms)})
         return model, False
 
-    def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, scope_params: dict) -> tuple[Any, float]:
+    def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, scope_params: dict,
+              log_fields: dict | None = None) -> tuple[Any, float]:
         """Run one inference (loading first if needed); returns (result, run ms)."""
-        model, _ = self.load(spec)
+        model, _ = self.load(spec, log_fields)
         started = time.perf_counter()
         try:
             with self.runtime.backend.request_scope(scope_params):
@@ -133,14 +137,14 @@ class ModelRegistry:
             self._publish()
         return result, (time.perf_counter() - started) * 1000
 
-    def unload(self, model_type: str, model_path: str) -> bool:
+    def unload(self, model_type: str, model_path: str, log_fields: dict | None = None) -> bool:
         model = self._models.pop(f"{model_type}:{model_path}", None)
         if model is None:
             return False
         self._release(model)
         self._publish()
         log.info("unloaded %s", model.spec.key,
-                 extra={"MODEL": model_path, "MODEL_TYPE": model_type})
+                 extra={**(log_fields or {}), "MODEL": model_path, "MODEL_TYPE": model_type})
         return True
 
     def release_all(self) -> None:
@@ -158,7 +162,7 @@ class ModelRegistry:
 
     # -- internals ------------------------------------------------------------
 
-    def _load_evicting(self, spec: ModelSpec, vdevice: Any) -> LoadedModel:
+    def _load_evicting(self, spec: ModelSpec, vdevice: Any, log_fields: dict | None) -> LoadedModel:
         """Load; on RESOURCE_EXHAUSTED evict the LRU model and retry, while any is left."""
         while True:
             handler = spec.handler_cls(self.runtime.platform, vdevice, spec.real_path, spec.params)
@@ -172,7 +176,8 @@ class ModelRegistry:
                 status = hs.status_of(exc)
                 if status == hs.RESOURCE_EXHAUSTED:
                     self._capacity_event("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key)
-                    if self._evict_one("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key):
+                    if self._evict_one("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key,
+                                       log_fields):
                         continue
                 if status in hs.RUNTIME_BROKEN:
                     self.runtime.mark_broken(hs.describe(exc))
@@ -183,7 +188,7 @@ class ModelRegistry:
                                load_ms=(time.perf_counter() - started) * 1000,
                                pinned=spec.key in self.pins)
 
-    def _evict_one(self, reason: str, wanted: str) -> bool:
+    def _evict_one(self, reason: str, wanted: str, log_fields: dict | None = None) -> bool:
         order = eviction_order(list(self._models.values()))
         if not order:
             return False
@@ -194,7 +199,8 @@ class ModelRegistry:
         self._capacity_event(reason, wanted)
         self._publish()
         log.info("evicted %s (least recently used) to load %s: %s", victim.spec.key, wanted, reason,
-                 extra={"MODEL": victim.spec.model_path, "MODEL_TYPE": victim.spec.model_type})
+                 extra={**(log_fields or {}), "MODEL": victim.spec.model_path,
+                        "MODEL_TYPE": victim.spec.model_type})
         return True
 
     def _capacity_event(self, reason: str, model_key: str) -> None:

@@ -20,7 +20,6 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from . import protocol as p
 from ._version import __version__
@@ -239,9 +238,7 @@ class Server:
         if request is None:
             request_id, has_id = p.request_id_of(message)
             request = p.Request(action="", body={}, request_id=request_id, has_request_id=has_id)
-        fields = {**peer.log_fields(), "CODE": error.code}
-        if request.has_request_id:
-            fields["REQUEST_ID"] = request.request_id
+        fields = {**self._log_fields(request, peer), "CODE": error.code}
         if error.code not in (p.BAD_REQUEST, p.UNKNOWN_ACTION):
             self.last_error = error.message
         log.info("%s refused: %s", request.action or "request", error.message, extra=fields)
@@ -255,18 +252,20 @@ class Server:
         if self.shutting_down:
             raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down")
         prepared = await asyncio.to_thread(self._prepare, request)
+        prepared["log_fields"] = self._log_fields(request, peer)
         job, label, budget_s = self._device_job(request.action, prepared)
         future = self.device.submit(job, label=label, budget_s=budget_s)
         result = await asyncio.wrap_future(future)
         if request.action == "infer":
             result = await self._infer_payload(result)
-            log.debug("infer %s done in %.1f ms", prepared["spec"].key, result["inference_time_ms"])
-        elif request.action in ("load_model", "unload_model"):
-            extra = {**peer.log_fields(), "MODEL": result["model_path"], "MODEL_TYPE": result["model_type"]}
-            if request.has_request_id:
-                extra["REQUEST_ID"] = request.request_id
-            log.info("%s %s: %s", request.action, result["model_path"], result["message"], extra=extra)
         return result
+
+    @staticmethod
+    def _log_fields(request: p.Request, peer: Peer) -> dict:
+        fields = peer.log_fields()
+        if request.has_request_id:
+            fields["REQUEST_ID"] = request.request_id
+        return fields
 
     async def _infer_payload(self, outcome) -> dict:
         result, run_ms = outcome
@@ -311,7 +310,7 @@ class Server:
             model_type, model_path = prepared["model_type"], prepared["model_path"]
 
             def unload():
-                unloaded = registry.unload(model_type, model_path)
+                unloaded = registry.unload(model_type, model_path, prepared["log_fields"])
                 return {"model_path": model_path, "model_type": model_type,
                         "message": "Model unloaded" if unloaded else "Model was not loaded"}
             return unload, f"unload {model_type}:{model_path}", budgets.other_budget_s
@@ -319,7 +318,7 @@ class Server:
         spec = prepared["spec"]
         if action == "load_model":
             def load():
-                _, already = registry.load(spec)
+                _, already = registry.load(spec, prepared["log_fields"])
                 return {"model_path": spec.model_path, "model_type": spec.model_type,
                         "message": "Model already loaded" if already else "Model loaded"}
             return load, f"load {spec.key}", budgets.load_budget_s
@@ -327,7 +326,8 @@ class Server:
         timeout_ms = int(budgets.infer_budget_s * 1000)
 
         def infer():
-            return registry.infer(spec, prepared["inputs"], timeout_ms, prepared["scope"])
+            return registry.infer(spec, prepared["inputs"], timeout_ms, prepared["scope"],
+                                  prepared["log_fields"])
         # A load on demand may come first, so allow for both.
         return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s
 

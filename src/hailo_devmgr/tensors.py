@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import BAD_REQUEST, RequestError, json_type
+from .protocol import BAD_REQUEST, RequestError
 
 # v1 text: existing clients match on it.
 MISSING_TENSOR_FIELDS = "tensor must include dtype, shape, and data_b64"
