@@ -44,7 +44,7 @@ CLIENT_TIMEOUT_S = 30
 
 SETTINGS = {
     "default": {"warmup": 100, "pings": 2000, "busy_ms": 2000, "infer_s": 5.0},
-    "quick": {"warmup": 50, "pings": 500, "busy_ms": 1000, "infer_s": 1.5},
+    "quick": {"warmup": 50, "pings": 500, "busy_ms": 1000, "infer_s": 3.0},
 }
 
 
