@@ -6,10 +6,12 @@
 PYTHON    ?= /usr/bin/python3
 RUN_DIR   ?= $(CURDIR)/run
 RUNTIME_DEPS = python3-systemd python3-sdnotify python3-numpy python3-yaml
-TEST_DEPS    = $(RUNTIME_DEPS) python3-pytest python3-pytest-timeout systemd
+DEB_DEPS     = dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
+TEST_DEPS    = $(RUNTIME_DEPS) $(DEB_DEPS) python3-pytest python3-pytest-timeout systemd
+DEB_DIR     ?= $(CURDIR)/build/deb
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: run test bench lint deps-runtime deps-test clean
+.PHONY: run test bench deb stdeb deps-runtime deps-test deps-deb clean
 
 # Install missing Debian packages (root), or say which are missing.
 define ensure_packages
@@ -30,6 +32,9 @@ deps-runtime:
 deps-test:
 	$(call ensure_packages,$(TEST_DEPS))
 
+deps-deb:
+	$(call ensure_packages,$(DEB_DEPS) $(RUNTIME_DEPS))
+
 run: deps-runtime
 	@mkdir -p $(RUN_DIR)/models
 	@[ -e $(RUN_DIR)/models/demo.hef ] || echo "simulated HEF (any content gets the default network)" > $(RUN_DIR)/models/demo.hef
@@ -43,6 +48,22 @@ test: deps-test
 
 bench: deps-test
 	$(PYTHON) bench/run.py
+
+# Build from a copy of the tree, so dpkg-buildpackage's output (written to
+# the parent folder) and build files stay under build/.
+deb: deps-deb
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	tar -c --exclude=./build --exclude=./run --exclude=./.git --exclude=__pycache__ . | tar -x -C $(DEB_DIR)/src
+	# Debian's own Python and tools only (a pyenv or venv on PATH must not leak in).
+	cd $(DEB_DIR)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	@echo "packages in $(DEB_DIR):" && ls $(DEB_DIR)/*.deb
+
+# The quick route for hosts that only need the client library (see stdeb.cfg).
+stdeb: deps-deb
+	rm -rf $(DEB_DIR)/stdeb && mkdir -p $(DEB_DIR)/stdeb
+	tar -c --exclude=./build --exclude=./run --exclude=./.git --exclude=./debian --exclude=__pycache__ . | tar -x -C $(DEB_DIR)/stdeb
+	cd $(DEB_DIR)/stdeb && env PATH=/usr/sbin:/usr/bin:/sbin:/bin python3 setup.py --command-packages=stdeb.command bdist_deb
+	@echo "package in $(DEB_DIR)/stdeb/deb_dist:" && ls $(DEB_DIR)/stdeb/deb_dist/*.deb
 
 clean:
 	rm -rf $(RUN_DIR) build dist .pytest_cache

@@ -107,7 +107,7 @@ def running_daemon(root: Path, config_path: Path, sock: str):
         try:
             wait_for_socket(sock, process)
             yield process
-        except BaseException:
+        except Exception:
             log.flush()
             sys.stderr.write(f"--- daemon log ---\n{log_path.read_text(errors='replace')}\n")
             raise
@@ -173,7 +173,7 @@ def bench_ping_busy(sock: str, models: Path, cfg: dict) -> dict:
     with Client(sock, timeout=CLIENT_TIMEOUT_S) as client:
         client.load_model(path, "generic")
         timed_pings(client, cfg["warmup"])
-        worker = threading.Thread(target=slow_infer, args=(sock, path, cfg["busy_ms"], done))
+        worker = threading.Thread(target=slow_infer, args=(sock, path, cfg["busy_ms"], done), daemon=True)
         begin_ns = time.perf_counter_ns()
         worker.start()
         wait_until_busy(client, worker)
@@ -212,7 +212,7 @@ def bench_infer(sock: str, models: Path, clients: int, seconds: float) -> dict:
         run["until_ns"] = run["start_ns"] + int(seconds * 1e9)
 
     barrier = threading.Barrier(clients, action=start_clock)
-    threads = [threading.Thread(target=infer_worker, args=(sock, path, barrier, run, out))
+    threads = [threading.Thread(target=infer_worker, args=(sock, path, barrier, run, out), daemon=True)
                for out in results]
     for thread in threads:
         thread.start()
@@ -292,8 +292,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds, so the daemon is stopped too
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
     cfg = SETTINGS["quick" if args.quick else "default"]
     print(header(), flush=True)
     with tempfile.TemporaryDirectory(prefix="hailo-bench-") as tmp:

@@ -28,8 +28,9 @@ from .server import Server, bind_unix_socket
 log = logging.getLogger("hailo_devmgr")
 
 EXIT_OK = 0
-EXIT_CONFIG = 1      # bad configuration (systemd shows the line)
-EXIT_STARTUP = 2     # could not listen or start the device thread
+EXIT_CONFIG = 1      # bad configuration (the unit does not restart on it)
+EXIT_STARTUP = 2     # could not listen, or the device thread did not stop
+EXIT_SOFTWARE = 70   # unexpected internal error (EX_SOFTWARE; systemd restarts)
 SHUTDOWN_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 1.0
 
@@ -201,3 +202,7 @@ def main(argv=None) -> int:
     except (OSError, systemd.SystemdError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP
+    except Exception:
+        # Not 1: that status means "fix the configuration" and is not restarted.
+        log.exception("internal error")
+        return EXIT_SOFTWARE
