@@ -62,6 +62,9 @@ def test_pinned_models_are_prewarmed_and_never_evicted(start_daemon, model_dir):
             client.load_model(str(model_dir / name), "generic")
         assert pinned in loaded_paths(client)
         assert client.status()["total_lru_evictions"] == 2
+        with pytest.raises(DeviceError) as info:
+            client.unload_model(pinned, "generic")
+        assert info.value.code == p.FORBIDDEN and "pinned" in info.value.message
 
 
 def test_everything_pinned_means_resource_exhausted(start_daemon, model_dir):

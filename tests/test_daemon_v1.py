@@ -216,6 +216,8 @@ def test_bad_requests_get_clear_errors_and_connection_stays_usable(daemon, model
         response = read_frame(sock)
         assert response["code"] == code, response
         assert text.format(**names) in response["error"]
+        if "tensor must include" in text:  # the v1 text exactly, the field beside it
+            assert response["error"] == text and response["field"] == "input_data.inputs.input_layer1"
         assert "status" not in response or response["status"] != "ok"
         # Same connection, next request works.
         sock.sendall(p.encode_frame({"action": "ping", "request_id": "after"}))

@@ -64,14 +64,22 @@ def _build(action: str, request_id: int, fields: dict) -> dict:
 
 
 def _check(message: dict, response: dict, decode: bool) -> dict:
+    # Errors about the frame itself (too_large) carry no request_id.
+    if "error" in response and response.get("request_id") in (None, message["request_id"]):
+        raise DeviceError(str(response["error"]), response.get("code"), response)
     if response.get("request_id") != message["request_id"]:
         raise DeviceError(f"answer for request {response.get('request_id')!r} received for "
                           f"{message['request_id']!r}", p.INTERNAL_ERROR, response)
-    if "error" in response:
-        raise DeviceError(str(response["error"]), response.get("code"), response)
     if decode and "result" in response:
         response = dict(response, result=decode_results(response["result"]))
     return response
+
+
+def _answer_length(header: bytes, limit: int) -> int:
+    try:
+        return p.parse_length(header, limit)
+    except p.RequestError as exc:
+        raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE) from None
 
 
 def _model_fields(model_path, model_type, model_params, input_data=None) -> dict:
@@ -149,10 +157,13 @@ class AsyncClient(_Methods):
             self._writer.write(p.encode_frame(message))
             await self._writer.drain()
             header = await self._reader.readexactly(p.HEADER_SIZE)
-            body = await self._reader.readexactly(p.parse_length(header, self.max_message_bytes))
+            body = await self._reader.readexactly(_answer_length(header, self.max_message_bytes))
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self.close()
             raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+        except DeviceError:
+            await self.close()  # the unread answer leaves the stream unusable
+            raise
         return p.decode_body(body)
 
 
@@ -194,10 +205,13 @@ class Client(_Methods):
         try:
             self._sock.sendall(p.encode_frame(message))
             header = self._recv_exactly(p.HEADER_SIZE)
-            body = self._recv_exactly(p.parse_length(header, self.max_message_bytes))
+            body = self._recv_exactly(_answer_length(header, self.max_message_bytes))
         except OSError as exc:
             self.close()
             raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+        except DeviceError:
+            self.close()  # the unread answer leaves the stream unusable
+            raise
         return _check(message, p.decode_body(body), _decode)
 
     def _recv_exactly(self, size: int) -> bytes:

@@ -83,12 +83,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         listener = self._listener()
         self.server = Server(self.config, self.device, self.runtime, self.registry,
-                             self._bound_path or self.config.socket_path)
-        await self.server.start(listener)
-        await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
+                             self.config.socket_path)
+        # Handlers first: a SIGTERM while the device opens still stops cleanly.
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        await self.server.start(listener)
+        await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
         self.notifier.ready(self.server.summary())
         log.info("hailo-device-manager %s ready on %s (backend %s)", __version__,
                  self.server.socket_path, self.config.backend)
@@ -152,7 +153,8 @@ class Daemon:
         self.notifier.ready(self.server.summary())
 
     def _apply(self, new) -> None:
-        needs_restart = [key for key in ("backend", "socket_path", "socket_mode", "simulated", "device")
+        needs_restart = [key for key in ("backend", "socket_path", "socket_mode", "socket_dir_mode",
+                                         "simulated", "device")
                          if getattr(new, key) != getattr(self.config, key)]
         if needs_restart:
             log.warning("configuration reloaded; %s change only after a restart", ", ".join(needs_restart))
@@ -162,13 +164,14 @@ class Daemon:
         self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new)),
                            label="apply configuration", budget_s=new.watchdog.other_budget_s)
         self.config = new
+        self.prewarm()  # pins added by the new file (loaded ones answer "already loaded")
         log.info("configuration reloaded")
 
     async def shutdown(self) -> int:
         log.info("stopping: refusing new work")
         self.notifier.stopping()
         self.server.shutting_down = True
-        await self.server.stop_accepting()
+        self.server.stop_accepting()
         loop = asyncio.get_running_loop()
         log.info("stopping: answering queued work, finishing the running operation")
         stopped = await loop.run_in_executor(None, self.device.stop, SHUTDOWN_DRAIN_S)

@@ -21,14 +21,16 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def resolve_model_path(path: str, model_dirs: tuple[str, ...]) -> str:
-    """The real path of an allowed, existing model file; raises RequestError."""
+def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "model_path") -> str:
+    """The real path of an allowed, existing model file; raises RequestError.
+
+    ``field`` names the request field in error messages."""
     if not isinstance(path, str) or not path:
-        raise RequestError(BAD_REQUEST, "model_path must be a non-empty string")
+        raise RequestError(BAD_REQUEST, f"{field} must be a non-empty string")
     if len(path) > MAX_PATH_CHARS or "\0" in path:
-        raise RequestError(BAD_REQUEST, "model_path is not a valid path")
+        raise RequestError(BAD_REQUEST, f"{field} is not a valid path")
     if not os.path.isabs(path):
-        raise RequestError(BAD_REQUEST, f"model_path must be absolute, got {path}")
+        raise RequestError(BAD_REQUEST, f"{field} must be absolute, got {path}")
     real = os.path.realpath(path)
     allowed = [os.path.realpath(folder) for folder in model_dirs]
     if not any(_inside(real, folder) for folder in allowed):
@@ -39,8 +41,8 @@ def resolve_model_path(path: str, model_dirs: tuple[str, ...]) -> str:
         mode = os.stat(real).st_mode
     except FileNotFoundError:
         raise RequestError(MODEL_NOT_FOUND, f"Model file not found: {path}") from None
-    except OSError as exc:
-        raise RequestError(MODEL_NOT_FOUND, f"Model file not found: {path} ({exc.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise RequestError(MODEL_NOT_FOUND, f"Model file not found: {path} (not a regular file)")
+    except OSError:
+        raise RequestError(MODEL_NOT_FOUND, f"Model file not found: {path}") from None
+    if not stat.S_ISREG(mode):  # a folder or a device is no model file (v1 text, exactly)
+        raise RequestError(MODEL_NOT_FOUND, f"Model file not found: {path}")
     return real

@@ -56,16 +56,18 @@ class RequestError(Exception):
 
     ``message`` is what the client reads in ``error``; ``code`` is one of the
     constants above. ``fatal`` means the connection must be closed after the
-    answer because the framing can no longer be trusted.
+    answer because the framing can no longer be trusted. ``field`` names the
+    request field at fault where the v1 text itself cannot.
     """
 
     def __init__(self, code: str, message: str, *, retry_after_ms: int | None = None,
-                 fatal: bool = False):
+                 fatal: bool = False, field: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_ms = retry_after_ms
         self.fatal = fatal
+        self.field = field
 
 
 # ---------------------------------------------------------------- framing
@@ -175,6 +177,8 @@ def error_response(request: Request | None, error: RequestError) -> dict:
     response: dict[str, Any] = {"error": error.message, "code": error.code}
     if error.retry_after_ms is not None:
         response["retry_after_ms"] = int(error.retry_after_ms)
+    if error.field is not None:
+        response["field"] = error.field
     return _with_request_id(request, response)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from . import hailort_status as hs
 from .handlers import Handler
-from .protocol import (DEVICE_UNAVAILABLE, INFERENCE_FAILED, LOAD_FAILED, RESOURCE_EXHAUSTED,
-                       RequestError)
+from .protocol import (DEVICE_UNAVAILABLE, FORBIDDEN, INFERENCE_FAILED, LOAD_FAILED,
+                       RESOURCE_EXHAUSTED, RequestError)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,11 @@ class ModelRegistry:
         return result, (time.perf_counter() - started) * 1000
 
     def unload(self, model_type: str, model_path: str, log_fields: dict | None = None) -> bool:
-        model = self._models.pop(f"{model_type}:{model_path}", None)
+        key = f"{model_type}:{model_path}"
+        if key in self.pins:
+            raise RequestError(FORBIDDEN, f"Model {model_path} is pinned by the configuration (pin:) "
+                                          "and cannot be unloaded")
+        model = self._models.pop(key, None)
         if model is None:
             return False
         self._release(model)

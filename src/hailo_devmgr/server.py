@@ -13,6 +13,7 @@ frames, so no response can reach the wrong client.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -144,12 +145,17 @@ class Server:
         self.budget.limit = config.max_pending_bytes
 
     async def start(self, listener: socket.socket) -> None:
+        # Report the path we really listen on (systemd's, when activated).
+        bound = listener.getsockname()
+        if isinstance(bound, str) and bound:
+            self.socket_path = bound
         self._server = await asyncio.start_unix_server(self._connection, sock=listener)
 
-    async def stop_accepting(self) -> None:
+    def stop_accepting(self) -> None:
+        # Not wait_closed(): from Python 3.12 it also waits for every open
+        # connection, and those are answered and closed later in shutdown.
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
 
     async def close_connections(self, grace_s: float) -> None:
         """Let answers already on their way go out, then cut the rest."""
@@ -158,6 +164,8 @@ class Server:
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     # -- connections ----------------------------------------------------------
 
@@ -286,7 +294,8 @@ class Server:
             raise RequestError(p.BAD_REQUEST, f"model_path must be a string, got {p.json_type(model_path)}")
         model_type = body.get("model_type", p.DEFAULT_MODEL_TYPE)
         if not isinstance(model_type, str) or model_type not in HANDLERS:
-            raise RequestError(p.UNSUPPORTED_MODEL_TYPE, f"Unsupported model_type: {model_type}")
+            shown = model_type if isinstance(model_type, str) else json.dumps(model_type)
+            raise RequestError(p.UNSUPPORTED_MODEL_TYPE, f"Unsupported model_type: {shown}")
         if action == "unload_model":
             return {"model_type": model_type, "model_path": model_path}
         handler_cls = HANDLERS[model_type]
@@ -296,7 +305,8 @@ class Server:
                  for key in SIMULATION_PARAMS if key in params}
         model_dirs = self.config.model_dirs
         real_path = resolve_model_path(model_path, model_dirs)
-        checked = handler_cls.check_params(params, lambda path: resolve_model_path(path, model_dirs))
+        checked = handler_cls.check_params(
+            params, lambda path, name: resolve_model_path(path, model_dirs, f"model_params.{name}"))
         spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
         prepared = {"spec": spec, "scope": scope}
         if action == "infer":

@@ -62,6 +62,21 @@ def adopt_listener(fds: list[int]) -> socket.socket:
 
 # ------------------------------------------------------------ sd_notify
 
+def _notifier():
+    """sdnotify's notifier; python3-systemd's notify() if sdnotify is absent."""
+    try:
+        import sdnotify
+        return sdnotify.SystemdNotifier()
+    except ImportError:
+        from systemd import daemon
+
+        class _Systemd:
+            @staticmethod
+            def notify(text: str) -> None:
+                daemon.notify(text)
+        return _Systemd()
+
+
 class Notifier:
     """sd_notify through sdnotify; silent when NOTIFY_SOCKET is not set."""
 
@@ -70,8 +85,7 @@ class Notifier:
         self.enabled = bool(environ.get("NOTIFY_SOCKET"))
         self._notifier = None
         if self.enabled:
-            import sdnotify
-            self._notifier = sdnotify.SystemdNotifier()
+            self._notifier = _notifier()
         self._last_status: str | None = None
         usec = environ.get("WATCHDOG_USEC")
         pid = environ.get("WATCHDOG_PID")

@@ -55,8 +55,8 @@ def decode_v1(value: Any, where: str = "tensor", max_elements: int = DEFAULT_MAX
     """A v1 tensor dict → read-only ndarray. Every defect is a ``bad_request``."""
     prefix = f"{where}: " if where else ""
     if not isinstance(value, dict) or not all(k in value for k in ("dtype", "shape", "data_b64")):
-        # The v1 text comes first so clients matching on it keep working.
-        raise RequestError(BAD_REQUEST, f"{MISSING_TENSOR_FIELDS} ({where or 'tensor'})")
+        # Exactly the v1 text (clients match on it); the field goes beside it.
+        raise RequestError(BAD_REQUEST, MISSING_TENSOR_FIELDS, field=where or "tensor")
     dtype = check_dtype(value["dtype"], prefix)
     shape = check_shape(value["shape"], prefix, max_elements)
     data = value["data_b64"]

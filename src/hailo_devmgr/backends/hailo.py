@@ -8,7 +8,7 @@ module is kept in ``platform`` from then on, and a failed import is retried
 on the next ``open_vdevice()``. Nothing of HailoRT is imported anywhere else,
 so the daemon starts, and reports why, on a host without HailoRT.
 
-Facts from docs/HAILORT.md that this relies on but that are **uncertain**:
+Facts about HailoRT (public sources, field reports) that this relies on but that are **uncertain**:
 
 - Device node names. Drivers up to 5.2 and Hailo-8 create ``/dev/hailo0``,
   ...; the 5.3 driver may create ``/dev/h1x-0`` instead. Both globs are in

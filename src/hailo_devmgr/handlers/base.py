@@ -51,15 +51,18 @@ class Handler:
     # -- before the device (worker thread) --------------------------------
 
     @classmethod
-    def check_params(cls, params: dict, resolve_path: Callable[[str], str]) -> dict:
-        """Validate ``model_params``; returns them with file paths resolved."""
+    def check_params(cls, params: dict, resolve_path: Callable[[str, str], str]) -> dict:
+        """Validate ``model_params``; returns them with file paths resolved.
+
+        ``resolve_path(path, key)`` applies the model-file rules to a path
+        given in ``model_params[key]``."""
         checked = dict(params)
         for key in cls.path_params:
             if checked.get(key) is not None:
                 value = checked[key]
                 if not isinstance(value, str) or not value:
                     raise RequestError(BAD_REQUEST, f"model_params.{key} must be a path string")
-                checked[key] = resolve_path(value)
+                checked[key] = resolve_path(value, key)
         return checked
 
     @classmethod

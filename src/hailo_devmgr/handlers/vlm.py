@@ -17,7 +17,6 @@ from ..protocol import optional_number
 from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, prompt_field, require_object,
                    tensor_field, tensor_list_field)
 
-GENERATE_TIMEOUT_MS = 600_000
 MAX_GENERATED_TOKENS = 8192
 
 
@@ -64,7 +63,8 @@ class VlmChatHandler(Handler):
             # Keywords only: HailoRT 5.2 inserted a positional parameter.
             return self.vlm.generate_all(
                 prompt=chat_prompt(inputs["prompt"], len(frames)), frames=frames,
-                timeout_ms=min(inputs["timeout_ms"] or GENERATE_TIMEOUT_MS, GENERATE_TIMEOUT_MS),
+                # Never past the daemon's infer budget, or the watchdog fires.
+                timeout_ms=min(inputs["timeout_ms"] or timeout_ms, timeout_ms),
                 **options)
         finally:
             self.vlm.clear_context()
