@@ -88,7 +88,14 @@ def _model_fields(model_path, model_type, model_params, input_data=None) -> dict
 
 
 class _Methods:
-    """The actions, written once; ``request`` is sync or async per client."""
+    """Settings and actions, written once; ``request`` is sync or async per client."""
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
+        self.socket_path = socket_path or default_socket_path()
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._ids = itertools.count(1)
 
     def ping(self):
         return self.request("ping")
@@ -114,12 +121,8 @@ class _Methods:
 
 
 class AsyncClient(_Methods):
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
-                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
-        self.socket_path = socket_path or default_socket_path()
-        self.timeout = timeout
-        self.max_message_bytes = max_message_bytes
-        self._ids = itertools.count(1)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._lock = asyncio.Lock()  # v1: one request in flight per connection
         self._reader = self._writer = None
 
@@ -168,12 +171,8 @@ class AsyncClient(_Methods):
 
 
 class Client(_Methods):
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
-                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
-        self.socket_path = socket_path or default_socket_path()
-        self.timeout = timeout
-        self.max_message_bytes = max_message_bytes
-        self._ids = itertools.count(1)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._sock: socket.socket | None = None
 
     def connect(self) -> "Client":

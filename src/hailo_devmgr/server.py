@@ -3,8 +3,8 @@
 A thin asyncio wrapper around protocol.py. Control-plane actions (ping,
 status, device_status) are answered here at once from snapshots, never
 behind device work. Device actions are validated and their tensors
-decoded in a worker thread, then handed to the device thread; the event
-loop only waits.
+decoded in a worker thread (actions.py), then handed to the device
+thread; the event loop only waits.
 
 One request at a time per connection, in order (v1 clients send one and
 wait); many connections at once, each reading and writing only its own
@@ -13,7 +13,6 @@ frames, so no response can reach the wrong client.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -22,21 +21,16 @@ import struct
 import time
 from dataclasses import dataclass
 
+from . import actions
 from . import protocol as p
 from ._version import __version__
-from .handlers import HANDLERS, InputLimits
-from .model_files import resolve_model_path
 from .protocol import RequestError
-from .registry import ModelSpec
 from .tensors import encode_results
 
 log = logging.getLogger(__name__)
 
 # Bodies larger than this are parsed in a worker thread, not on the loop.
 INLINE_PARSE_BYTES = 256 * 1024
-# Per-request knobs of the simulated backend (the real one ignores them).
-SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
-MAX_SIMULATE_MS = 600_000
 
 
 @dataclass(frozen=True)
@@ -259,9 +253,9 @@ class Server:
             return self.device_status_payload()
         if self.shutting_down:
             raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down")
-        prepared = await asyncio.to_thread(self._prepare, request)
-        prepared["log_fields"] = self._log_fields(request, peer)
-        job, label, budget_s = self._device_job(request.action, prepared)
+        prepared = await asyncio.to_thread(actions.prepare, request, self.config)
+        prepared.log_fields = self._log_fields(request, peer)
+        job, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
         future = self.device.submit(job, label=label, budget_s=budget_s)
         result = await asyncio.wrap_future(future)
         if request.action == "infer":
@@ -279,67 +273,6 @@ class Server:
         result, run_ms = outcome
         encoded = await asyncio.to_thread(encode_results, result)
         return {"result": encoded, "inference_time_ms": round(run_ms, 3)}
-
-    # -- validation (worker thread) -------------------------------------------
-
-    def _prepare(self, request: p.Request) -> dict:
-        """Check every field and decode tensors before the device sees anything."""
-        body, action = request.body, request.action
-        if action == "infer" and (not body.get("model_path") or "input_data" not in body):
-            raise RequestError(p.BAD_REQUEST, "model_path and input_data required")
-        if not body.get("model_path"):
-            raise RequestError(p.BAD_REQUEST, "model_path required")
-        model_path = body["model_path"]
-        if not isinstance(model_path, str):
-            raise RequestError(p.BAD_REQUEST, f"model_path must be a string, got {p.json_type(model_path)}")
-        model_type = body.get("model_type", p.DEFAULT_MODEL_TYPE)
-        if not isinstance(model_type, str) or model_type not in HANDLERS:
-            shown = model_type if isinstance(model_type, str) else json.dumps(model_type)
-            raise RequestError(p.UNSUPPORTED_MODEL_TYPE, f"Unsupported model_type: {shown}")
-        if action == "unload_model":
-            return {"model_type": model_type, "model_path": model_path}
-        handler_cls = HANDLERS[model_type]
-        params = p.optional_object(body, "model_params")
-        scope = {key: p.optional_number(params, key, None, minimum=0, maximum=MAX_SIMULATE_MS,
-                                        integer=True, where="model_params.")
-                 for key in SIMULATION_PARAMS if key in params}
-        model_dirs = self.config.model_dirs
-        real_path = resolve_model_path(model_path, model_dirs)
-        checked = handler_cls.check_params(
-            params, lambda path, name: resolve_model_path(path, model_dirs, f"model_params.{name}"))
-        spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
-        prepared = {"spec": spec, "scope": scope}
-        if action == "infer":
-            limits = InputLimits(max_tensor_elements=self.config.max_tensor_elements)
-            prepared["inputs"] = handler_cls.parse_input(body["input_data"], limits)
-        return prepared
-
-    def _device_job(self, action: str, prepared: dict):
-        registry, budgets = self.registry, self.config.watchdog
-        if action == "unload_model":
-            model_type, model_path = prepared["model_type"], prepared["model_path"]
-
-            def unload():
-                unloaded = registry.unload(model_type, model_path, prepared["log_fields"])
-                return {"model_path": model_path, "model_type": model_type,
-                        "message": "Model unloaded" if unloaded else "Model was not loaded"}
-            return unload, f"unload {model_type}:{model_path}", budgets.other_budget_s
-
-        spec = prepared["spec"]
-        if action == "load_model":
-            def load():
-                _, already = registry.load(spec, prepared["log_fields"])
-                return {"model_path": spec.model_path, "model_type": spec.model_type,
-                        "message": "Model already loaded" if already else "Model loaded"}
-            return load, f"load {spec.key}", budgets.load_budget_s
-
-        timeout_ms = int(budgets.infer_budget_s * 1000)
-
-        def infer():
-            return registry.infer(spec, prepared["inputs"], timeout_ms, prepared["scope"],
-                                  prepared["log_fields"])
-        # A load on demand may come first, so allow for both.
-        return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s
 
     # -- control plane (event loop, snapshots only) ----------------------------
 

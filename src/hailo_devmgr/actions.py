@@ -1,0 +1,101 @@
+"""Device actions (load_model, infer, unload_model): from a request to a device job.
+
+``prepare`` validates every field, applies the model-file rules and
+decodes tensors; it runs in a worker thread, before the device sees
+anything. ``device_job`` turns the result into the callable the device
+thread runs, with its label and time budget (for the watchdog).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import protocol as p
+from .handlers import HANDLERS, InputLimits
+from .model_files import resolve_model_path
+from .protocol import RequestError
+from .registry import ModelSpec
+
+# Per-request knobs of the simulated backend (the real one ignores them).
+SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
+MAX_SIMULATE_MS = 600_000
+
+
+@dataclass
+class DeviceRequest:
+    action: str
+    model_type: str
+    model_path: str
+    spec: ModelSpec | None = None       # None for unload_model (no file is opened)
+    inputs: Any = None                  # decoded input_data, for infer
+    scope: dict = field(default_factory=dict)
+    log_fields: dict = field(default_factory=dict)
+
+
+def _model_type(body: dict) -> str:
+    model_type = body.get("model_type", p.DEFAULT_MODEL_TYPE)
+    if not isinstance(model_type, str) or model_type not in HANDLERS:
+        shown = model_type if isinstance(model_type, str) else json.dumps(model_type)
+        raise RequestError(p.UNSUPPORTED_MODEL_TYPE, f"Unsupported model_type: {shown}")
+    return model_type
+
+
+def _model_path(body: dict, action: str) -> str:
+    if action == "infer" and (not body.get("model_path") or "input_data" not in body):
+        raise RequestError(p.BAD_REQUEST, "model_path and input_data required")  # v1 text
+    if not body.get("model_path"):
+        raise RequestError(p.BAD_REQUEST, "model_path required")  # v1 text
+    model_path = body["model_path"]
+    if not isinstance(model_path, str):
+        raise RequestError(p.BAD_REQUEST, f"model_path must be a string, got {p.json_type(model_path)}")
+    return model_path
+
+
+def prepare(request: p.Request, config) -> DeviceRequest:
+    """Check every field and decode tensors (worker thread)."""
+    body, action = request.body, request.action
+    model_path = _model_path(body, action)
+    model_type = _model_type(body)
+    prepared = DeviceRequest(action, model_type, model_path)
+    if action == "unload_model":
+        return prepared
+    handler_cls = HANDLERS[model_type]
+    params = p.optional_object(body, "model_params")
+    prepared.scope = {key: p.optional_number(params, key, None, minimum=0, maximum=MAX_SIMULATE_MS,
+                                             integer=True, where="model_params.")
+                      for key in SIMULATION_PARAMS if key in params}
+    dirs = config.model_dirs
+    real_path = resolve_model_path(model_path, dirs)
+    checked = handler_cls.check_params(
+        params, lambda path, name: resolve_model_path(path, dirs, f"model_params.{name}"))
+    prepared.spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
+    if action == "infer":
+        limits = InputLimits(max_tensor_elements=config.max_tensor_elements)
+        prepared.inputs = handler_cls.parse_input(body["input_data"], limits)
+    return prepared
+
+
+def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], Any], str, float]:
+    """(callable for the device thread, label, budget in seconds)."""
+    model_type, model_path, spec = request.model_type, request.model_path, request.spec
+    if request.action == "unload_model":
+        def unload():
+            unloaded = registry.unload(model_type, model_path, request.log_fields)
+            return {"model_path": model_path, "model_type": model_type,
+                    "message": "Model unloaded" if unloaded else "Model was not loaded"}
+        return unload, f"unload {model_type}:{model_path}", budgets.other_budget_s
+
+    if request.action == "load_model":
+        def load():
+            _, already = registry.load(spec, request.log_fields)
+            return {"model_path": model_path, "model_type": model_type,
+                    "message": "Model already loaded" if already else "Model loaded"}
+        return load, f"load {spec.key}", budgets.load_budget_s
+
+    timeout_ms = int(budgets.infer_budget_s * 1000)
+
+    def infer():
+        return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields)
+    # A load on demand may come first, so allow for both.
+    return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s
