@@ -54,6 +54,10 @@ def model_dir(tmp_path) -> Path:
     (folder / "two.hef").write_text(yaml.safe_dump(TWO_INPUT_NET))
     (folder / "empty.hef").write_bytes(b"")
     (folder / "subdir").mkdir()
+    secret = tmp_path / "outside" / "secret.hef"
+    secret.parent.mkdir()
+    secret.write_text("not for socket users")
+    (folder / "escape.hef").symlink_to(secret)
     return folder
 
 
