@@ -35,6 +35,13 @@ TWO_INPUT_NET = {
 }
 
 
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when pytest dies, so no daemon outlives a killed run."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def env_with_src(extra: dict | None = None) -> dict:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("HAILO_DEVICE_", "LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))}
@@ -103,7 +110,7 @@ class DaemonProcess:
         self._log = open(self.log_path, "wb")
         argv = [*(argv_prefix or []), sys.executable, "-m", "hailo_devmgr", "--config", str(config_path)]
         self.process = subprocess.Popen(argv, env=env_with_src(env), stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     def wait_ready(self) -> "DaemonProcess":
         try:
@@ -159,3 +166,17 @@ def client(daemon):
     from hailo_devmgr.client import Client
     with Client(daemon.socket_path, timeout=30) as connection:
         yield connection
+
+
+@pytest.fixture(scope="session")
+def debs(tmp_path_factory):
+    """The packages built from this tree (once per test session)."""
+    from packages import ROOT, build
+    return build(ROOT, tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="session")
+def older_debs(tmp_path_factory):
+    """The same tree built as an older version, to upgrade from."""
+    from packages import build_older
+    return build_older(tmp_path_factory.mktemp("old-tree"), tmp_path_factory.mktemp("old-deb"))

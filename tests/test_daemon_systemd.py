@@ -16,7 +16,7 @@ import yaml
 
 from conftest import DaemonProcess, env_with_src, wait_for_socket, write_config
 from hailo_devmgr import protocol as p
-from hailo_devmgr.client import Client, tensor
+from hailo_devmgr.client import Client, DeviceError, tensor
 
 
 class NotifyListener:
@@ -97,6 +97,30 @@ def test_socket_activation_hands_over_the_listening_fd(tmp_path, model_dir):
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
         log.close()
+
+
+def test_socket_activated_with_broken_config_answers_waiting_clients_then_exits_1(tmp_path):
+    socket_path = str(tmp_path / "activated.sock")
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_loaded_models: lots\n")
+    process = subprocess.Popen(
+        [shutil.which("systemd-socket-activate"), "-l", socket_path, "-E", "PYTHONPATH", sys.executable,
+         "-m", "hailo_devmgr", "--config", str(config)],
+        env=env_with_src(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(socket_path, process)
+        with Client(socket_path, timeout=30) as client:
+            with pytest.raises(DeviceError) as info:
+                client.request("status")
+        # The client gets the reason instead of waiting on a queued connection
+        # (which would make systemd restart us until the socket unit fails).
+        assert info.value.code == p.DEVICE_UNAVAILABLE
+        assert "configuration error" in info.value.message and "max_loaded_models" in info.value.message
+        assert process.wait(15) == 1
+        assert "max_loaded_models: must be an integer, got 'lots'" in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_notify_ready_status_watchdog_and_stopping(tmp_path, model_dir, notify):

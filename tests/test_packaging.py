@@ -9,7 +9,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
 import signal
 import stat
 import subprocess
@@ -18,43 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-PACKAGES = ("hailo-device-manager", "python3-hailo-devmgr")
-
-
-def run(*argv, check=True, env=None, **kwargs):
-    result = subprocess.run(argv, capture_output=True, text=True, env=env or SYSTEM_ENV, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, argv))} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def build(tree: Path, out: Path) -> dict[str, Path]:
-    run("make", "-C", str(tree), "deb", f"DEB_DIR={out}", env={**SYSTEM_ENV, "HOME": str(out)}, timeout=900)
-    debs = {path.name.split("_")[0]: path for path in out.glob("*.deb")}
-    assert set(debs) == set(PACKAGES), debs
-    return debs
-
-
-@pytest.fixture(scope="session")
-def debs(tmp_path_factory) -> dict[str, Path]:
-    return build(ROOT, tmp_path_factory.mktemp("deb"))
-
-
-@pytest.fixture(scope="session")
-def older_debs(tmp_path_factory) -> dict[str, Path]:
-    """The same tree built as version 0.0.9, to upgrade from."""
-    tree = tmp_path_factory.mktemp("old-tree")
-    shutil.copytree(ROOT, tree, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("build", "run", ".git", "__pycache__"))
-    changelog = tree / "debian" / "changelog"
-    text = changelog.read_text()
-    changelog.write_text(text.replace("hailo-device-manager (0.1.0)", "hailo-device-manager (0.0.9)", 1))
-    return build(tree, tmp_path_factory.mktemp("old-deb"))
-
-
+from packages import OLD_VERSION, PACKAGES, ROOT, SYSTEM_ENV, run
 def contents(deb: Path) -> str:
     return run("dpkg-deb", "-c", str(deb)).stdout
 
@@ -228,7 +191,7 @@ def test_broken_conffile_is_one_clear_line_and_fixing_it_recovers(debs, clean_sy
 @needs_root
 def test_upgrade_keeps_conffile_edits_and_purge_cleans_up(debs, older_debs, clean_system):
     dpkg_install(older_debs["python3-hailo-devmgr"], older_debs["hailo-device-manager"])
-    assert installed_version("hailo-device-manager") == "0.0.9"
+    assert installed_version("hailo-device-manager") == OLD_VERSION
     conffile = Path("/etc/hailo/device-manager.yaml")
     conffile.write_text(conffile.read_text().replace("#log_level: info", "log_level: debug"))
 

@@ -8,6 +8,7 @@ thread runs, with its label and time budget (for the watchdog).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +21,9 @@ from .registry import ModelSpec
 # Per-request knobs of the simulated backend (the real one ignores them).
 SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
 MAX_SIMULATE_MS = 600_000
+# keep_alive as Ollama takes it: seconds, or a duration such as "10m", "1h", "-1".
+_DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 @dataclass
@@ -31,6 +35,7 @@ class DeviceRequest:
     inputs: Any = None                  # decoded input_data, for infer
     scope: dict = field(default_factory=dict)
     log_fields: dict = field(default_factory=dict)
+    keep_alive: float | None = None     # seconds (negative = forever); None = configured
 
 
 def _model_type(body: dict) -> str:
@@ -52,6 +57,21 @@ def _model_path(body: dict, action: str) -> str:
     return model_path
 
 
+def keep_alive_seconds(body: dict) -> float | None:
+    """The request's ``keep_alive``: None when absent, else seconds (negative = forever)."""
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match:
+            return float(match.group(1)) * _UNIT_S[match.group(2)]
+    raise RequestError(p.BAD_REQUEST, f"keep_alive must be a number of seconds (-1 = forever, 0 = unload "
+                                      f"after this request) or a duration like \"10m\", got {value!r}")
+
+
 def prepare(request: p.Request, config) -> DeviceRequest:
     """Check every field and decode tensors (worker thread)."""
     body, action = request.body, request.action
@@ -61,6 +81,7 @@ def prepare(request: p.Request, config) -> DeviceRequest:
     if action == "unload_model":
         return prepared
     handler_cls = HANDLERS[model_type]
+    prepared.keep_alive = keep_alive_seconds(body)
     params = p.optional_object(body, "model_params")
     prepared.scope = {key: p.optional_number(params, key, None, minimum=0, maximum=MAX_SIMULATE_MS,
                                              integer=True, where="model_params.")
@@ -79,6 +100,14 @@ def prepare(request: p.Request, config) -> DeviceRequest:
 def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], Any], str, float]:
     """(callable for the device thread, label, budget in seconds)."""
     model_type, model_path, spec = request.model_type, request.model_path, request.spec
+    runtime = registry.runtime
+
+    def check_thermal():
+        # Again on the device thread: the chip may have heated while queued.
+        refusal = runtime.thermal_refusal()
+        if refusal is not None:
+            raise refusal
+
     if request.action == "unload_model":
         def unload():
             unloaded = registry.unload(model_type, model_path, request.log_fields)
@@ -88,14 +117,18 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
 
     if request.action == "load_model":
         def load():
-            _, already = registry.load(spec, request.log_fields)
+            check_thermal()
+            model, already = registry.load(spec, request.log_fields, request.keep_alive)
             return {"model_path": model_path, "model_type": model_type,
-                    "message": "Model already loaded" if already else "Model loaded"}
+                    "message": "Model already loaded" if already else "Model loaded",
+                    **model.handler.load_info()}
         return load, f"load {spec.key}", budgets.load_budget_s
 
     timeout_ms = int(budgets.infer_budget_s * 1000)
 
     def infer():
-        return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields)
+        check_thermal()
+        return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
+                              request.keep_alive)
     # A load on demand may come first, so allow for both.
     return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s

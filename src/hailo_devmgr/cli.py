@@ -76,12 +76,19 @@ def _print_status(response: dict) -> None:
     print(f"device:      {response.get('device_id') or 'none'}")
     if response.get("runtime_broken_reason"):
         print(f"unavailable: {response['runtime_broken_reason']}")
+    if response.get("throttled"):
+        print("thermal:     overheated: new work is refused until the chip cools")
+    if response.get("runtime_faults"):
+        print(f"faults:      {response['runtime_faults']} runtime fault(s), "
+              f"{response.get('runtime_recoveries', 0)} recovered by rebuilding the device")
     print(f"uptime:      {response.get('uptime_seconds', 0):.0f} s   queue: {response.get('queue_depth')}   "
           f"evictions: {response.get('total_lru_evictions')}")
     models = response.get("loaded_models") or []
     print(f"models:      {len(models)} loaded")
     for model in models:
         pinned = " (pinned)" if model.get("pinned") else ""
+        if not pinned and model.get("keep_alive_s") is not None:
+            pinned = f" (unloaded after {model['keep_alive_s']:g} s idle)"
         print(f"  {model['model_type']:<9} {model['model_path']}{pinned}")
 
 

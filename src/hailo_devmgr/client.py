@@ -106,17 +106,22 @@ class _Methods:
     def device_status(self):
         return self.request("device_status")
 
-    def load_model(self, model_path: str, model_type: str = "vlm", model_params: dict | None = None):
-        return self.request("load_model", **_model_fields(model_path, model_type, model_params))
+    def load_model(self, model_path: str, model_type: str = "vlm", model_params: dict | None = None,
+                   keep_alive: float | str | None = None):
+        """``keep_alive``: seconds the model may stay idle (-1 forever, 0 unload
+        after this request) or a duration like "10m"; None: the daemon's setting."""
+        return self.request("load_model", keep_alive=keep_alive,
+                            **_model_fields(model_path, model_type, model_params))
 
     def unload_model(self, model_path: str, model_type: str = "vlm"):
         return self.request("unload_model", model_path=model_path, model_type=model_type)
 
     def infer(self, model_path: str, input_data: Any, model_type: str = "vlm",
-              model_params: dict | None = None, decode: bool = True):
+              model_params: dict | None = None, decode: bool = True,
+              keep_alive: float | str | None = None):
         """Returns the response; ``result`` has ndarrays in place of tensors
-        unless ``decode`` is False."""
-        return self.request("infer", _decode=decode,
+        unless ``decode`` is False. ``keep_alive`` as for :meth:`load_model`."""
+        return self.request("infer", _decode=decode, keep_alive=keep_alive,
                             **_model_fields(model_path, model_type, model_params, input_data))
 
 

@@ -18,6 +18,9 @@ DEFAULT_CONFIG_PATH = "/etc/hailo/device-manager.yaml"
 DEFAULT_SOCKET_PATH = "/run/hailo/device.sock"
 DEFAULT_MODEL_DIRS = ("/usr/share/hailo-models", "/var/lib/hailo/models")
 BACKENDS = ("hailo", "simulated")
+SCHEDULING_ALGORITHMS = ("round_robin", "none")
+# The model types handlers/ implements (a test keeps the two lists equal).
+MODEL_TYPES = ("generic", "clip", "vlm", "vlm_chat", "whisper", "ocr", "depth", "pose")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
 
@@ -116,6 +119,22 @@ def _pin_list(value):
     return tuple(pins)
 
 
+def _keep_alive_map(value):
+    """``{default: seconds, <model_type>: seconds}``; a negative number means forever."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of model type (or default) to seconds, got {value!r}")
+    checked = {"default": -1.0}
+    for name, seconds in value.items():
+        if name != "default" and name not in MODEL_TYPES:
+            raise ValueError(f"keys are 'default' or a model type ({', '.join(MODEL_TYPES)}), "
+                             f"got {name!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ValueError(f"{name}: must be a number of seconds (-1 = forever, 0 = unload "
+                             f"right after use), got {seconds!r}")
+        checked[name] = float(seconds)
+    return checked
+
+
 def _key(check, default, env: str | None = None):
     return field(default=default, metadata={"check": check, "env": env})
 
@@ -142,8 +161,26 @@ class DeviceConfig:
     retry_s: float = _key(_number(0.0), 5.0)
     # HailoRT VDevice group: UNIQUE = exclusive owner.
     group_id: str = _key(_path, "UNIQUE")
+    # HailoRT's model scheduler: round_robin (HailoRT's default) or none.
+    scheduling_algorithm: str = _key(_choice(*SCHEDULING_ALGORITHMS), "round_robin")
     # Extra folders to import hailo_platform from (a wheel outside Debian).
     python_path: tuple = _key(lambda v: () if v == [] else _path_list(v), ())
+    # After a runtime fault (device lost, context broken): how many times the
+    # device thread rebuilds the VDevice on its own, and the waits between
+    # attempts (the first attempt is immediate; the wait doubles up to the max).
+    rebuild_attempts: int = _key(_integer(0, 1000), 5)
+    rebuild_backoff_s: float = _key(_number(0.0, 3600.0), 1.0)
+    rebuild_backoff_max_s: float = _key(_number(0.0, 3600.0), 30.0)
+
+
+@dataclass(frozen=True)
+class ThermalConfig:
+    # At or above limit_c new device work is refused (code overheated) until
+    # the chip is below resume_c again. interval_s: how often the device
+    # thread reads the temperature, idle or busy.
+    limit_c: float = _key(_number(0.0, 200.0), 80.0)
+    resume_c: float = _key(_number(0.0, 200.0), 75.0)
+    interval_s: float = _key(_number(0.05, 3600.0), 5.0)
 
 
 @dataclass(frozen=True)
@@ -172,9 +209,14 @@ class Config:
     max_tensor_elements: int = _key(_integer(1), 64 * MiB)
     max_loaded_models: int = _key(_integer(1, 64), 8, "HAILO_DEVICE_MAX_LOADED_MODELS")
     pin: tuple = _key(_pin_list, ())
+    # Seconds an idle model stays loaded, per model type: -1 forever, 0 unload
+    # right after use. A request's own keep_alive wins. Pinned models stay.
+    keep_alive: dict = field(default_factory=lambda: {"default": -1.0},
+                             metadata={"check": _keep_alive_map, "env": None})
     log_level: str = _key(_choice(*LOG_LEVELS), "info", "HAILO_DEVICE_LOG_LEVEL")
     device: DeviceConfig = field(default_factory=DeviceConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    thermal: ThermalConfig = field(default_factory=ThermalConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
 
 
@@ -253,6 +295,9 @@ def load(path: str | os.PathLike | None = None, environ=None, *, required: bool 
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{source}: {at}YAML error: {problem}") from None
     config = _env_overrides(_build(Config, raw if raw is not None else {}, source), environ)
+    if config.thermal.resume_c >= config.thermal.limit_c:
+        raise ConfigError(f"{source}: thermal.resume_c: must be below thermal.limit_c "
+                          f"({config.thermal.limit_c}), got {config.thermal.resume_c}")
     if config.max_pending_bytes < config.max_message_bytes:
         raise ConfigError(f"{source}: max_pending_bytes: must be at least max_message_bytes "
                           f"({config.max_message_bytes}), got {config.max_pending_bytes}")

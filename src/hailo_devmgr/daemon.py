@@ -21,9 +21,9 @@ from . import config as config_mod
 from . import systemd
 from ._version import __version__
 from .backends import create_backend
-from .device import DeviceRuntime, DeviceThread
+from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
-from .server import Server, bind_unix_socket
+from .server import Server, bind_unix_socket, refuse_connections
 
 log = logging.getLogger("hailo_devmgr")
 
@@ -33,6 +33,7 @@ EXIT_STARTUP = 2     # could not listen, or the device thread did not stop
 EXIT_SOFTWARE = 70   # unexpected internal error (EX_SOFTWARE; systemd restarts)
 SHUTDOWN_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 1.0
+CONFIG_ERROR_LINGER_S = 1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,9 +72,16 @@ class Daemon:
         self.args = args
         self.notifier = systemd.Notifier()
         backend = create_backend(config)
-        self.runtime = DeviceRuntime(backend, config.device.retry_s, config.watchdog)
-        self.device = DeviceThread(self.runtime)
-        self.registry = ModelRegistry(self.runtime, config.max_loaded_models, pin_keys(config))
+        self.runtime = DeviceRuntime(backend, config.device, config.watchdog, config.thermal)
+        self.registry = ModelRegistry(self.runtime, config.max_loaded_models, pin_keys(config),
+                                      config.keep_alive)
+        budgets = lambda: self.runtime.budgets  # noqa: E731 - replaced on reload
+        self.device = DeviceThread(self.runtime, chores=[
+            Chore("unload idle models", self.registry.idle_due, self.registry.unload_idle,
+                  lambda: budgets().other_budget_s),
+            Chore("reload pinned model", self.registry.restore_due, self.registry.restore_next_pin,
+                  lambda: budgets().load_budget_s),
+        ])
         self.server: Server | None = None
         self._stop = asyncio.Event()
         self._bound_path: str | None = None
@@ -88,8 +96,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-        await self.server.start(listener)
+        # The first device open comes before the server answers anything, so
+        # no status ever shows the device as fine before it was opened (or
+        # without the reason it could not be). Meanwhile clients wait in the
+        # listen backlog, as they do under socket activation before READY.
         await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
+        await self.server.start(listener)
         self.notifier.ready(self.server.summary())
         log.info("hailo-device-manager %s ready on %s (backend %s)", __version__,
                  self.server.socket_path, self.config.backend)
@@ -161,7 +173,9 @@ class Daemon:
         systemd.set_level(new.log_level)
         self.server.apply_config(new)
         self.runtime.budgets = new.watchdog
-        self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new)),
+        self.runtime.thermal = new.thermal  # used from the next temperature reading
+        self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new),
+                                                            new.keep_alive),
                            label="apply configuration", budget_s=new.watchdog.other_budget_s)
         self.config = new
         self.prewarm()  # pins added by the new file (loaded ones answer "already loaded")
@@ -189,12 +203,28 @@ class Daemon:
         return EXIT_OK
 
 
+def refuse_while_misconfigured(listener, message: str) -> None:
+    """Socket-activated with a broken config: answer the waiting clients.
+
+    Exiting at once would leave their connections queued on the socket, so
+    systemd would start us again and again until its start limit fails the
+    socket unit for good. Answering them (for a second, which also spaces
+    out restarts) gives each client the reason instead of a hang, and keeps
+    the socket usable once the file is fixed.
+    """
+    refuse_connections(listener, message.removeprefix("hailo-device-manager: "), CONFIG_ERROR_LINGER_S)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args)
     except config_mod.ConfigError as exc:
-        print(f"hailo-device-manager: configuration error: {exc}", file=sys.stderr)
+        message = f"hailo-device-manager: configuration error: {exc}"
+        print(message, file=sys.stderr)
+        fds = [] if args.check_config else systemd.inherited_sockets()
+        if fds:
+            refuse_while_misconfigured(systemd.adopt_listener(fds), message)
         return EXIT_CONFIG
     if args.check_config:
         print(json.dumps(config_mod.describe(config), indent=2))

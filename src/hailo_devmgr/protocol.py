@@ -46,7 +46,9 @@ INTERNAL_ERROR = "internal_error"
 CONTROL_ACTIONS = frozenset({"ping", "status", "device_status"})
 # Actions that need the device thread.
 DEVICE_ACTIONS = frozenset({"load_model", "infer", "unload_model"})
-ACTIONS = CONTROL_ACTIONS | DEVICE_ACTIONS
+# Test hooks of the simulated backend (root or the daemon's user only; see simulate.py).
+DEBUG_ACTIONS = frozenset({"simulate"})
+ACTIONS = CONTROL_ACTIONS | DEVICE_ACTIONS | DEBUG_ACTIONS
 
 DEFAULT_MODEL_TYPE = "vlm"  # v1 default for load_model/infer/unload_model
 

@@ -1,4 +1,4 @@
-"""Loaded models: cache, load on demand, LRU eviction, pins.
+"""Loaded models: cache, load on demand, LRU eviction, pins, keep-alive.
 
 Runs on the device thread only (it creates and releases HailoRT objects).
 The event loop reads ``snapshot`` and the counters, which are replaced
@@ -7,6 +7,12 @@ whole after every change (atomic reference assignment), never mutated.
 Cache key ``model_type:model_path`` with the path as the client gave it
 (v1 services see their own path in ``status``); the file opened is the
 resolved one (see model_files.py).
+
+Keep-alive (as Ollama's): every load_model or infer sets how long the model
+may stay idle afterwards, from the request's ``keep_alive`` or else the
+configured one for its type; the device thread's chore ``unload_idle``
+unloads models past it. Pinned models are never unloaded, and after a
+VDevice rebuild ``restore_next_pin`` loads them again.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ from .protocol import (DEVICE_UNAVAILABLE, FORBIDDEN, INFERENCE_FAILED, LOAD_FAI
                        RESOURCE_EXHAUSTED, RequestError)
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_FAULT_MS = 1000
+FOREVER = -1.0
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,18 @@ class LoadedModel:
     load_ms: float
     uses: int = 0
     pinned: bool = False
+    keep_alive_s: float | None = None   # idle seconds allowed; None = forever
+    idle_since: float = 0.0             # Unix time of the last request that touched it
+    idle_since_mono: float = 0.0
+
+    def expires_mono(self) -> float | None:
+        """When keep-alive unloads it (monotonic), or None for never."""
+        if self.pinned or self.keep_alive_s is None:
+            return None
+        return self.idle_since_mono + self.keep_alive_s
 
     def info(self) -> dict:
+        forever = self.pinned or self.keep_alive_s is None
         return {
             "model_type": self.spec.model_type,
             "model_path": self.spec.model_path,
@@ -58,6 +77,8 @@ class LoadedModel:
             "uses": self.uses,
             "load_time_ms": round(self.load_ms, 1),
             "pinned": self.pinned,
+            "keep_alive_s": None if forever else self.keep_alive_s,
+            "expires_at": None if forever else round(self.idle_since + self.keep_alive_s, 3),
         }
 
 
@@ -75,31 +96,47 @@ def _failure(prefix: str, exc: Exception, default_code: str) -> RequestError:
         reason += ("; the daemon's user (hailo-device-mgr) cannot read the file: make it readable "
                    "by group hailo, e.g. put it under /var/lib/hailo/models")
     code = {hs.RESOURCE_EXHAUSTED: RESOURCE_EXHAUSTED}.get(status, default_code)
+    retry_after_ms = None
     if status in hs.RUNTIME_BROKEN:
         code = DEVICE_UNAVAILABLE
-    return RequestError(code, f"{prefix}{reason}")
+        retry_after_ms = RETRY_AFTER_FAULT_MS  # the device thread rebuilds the device first
+    return RequestError(code, f"{prefix}{reason}", retry_after_ms=retry_after_ms)
 
 
 class ModelRegistry:
-    def __init__(self, runtime, max_loaded_models: int, pins: frozenset[str] = frozenset()):
+    def __init__(self, runtime, max_loaded_models: int, pins: frozenset[str] = frozenset(),
+                 keep_alive: dict | None = None):
         self.runtime = runtime
         self.max_loaded_models = max_loaded_models
         self.pins = pins
+        self.keep_alive = dict(keep_alive or {"default": FOREVER})  # model type → seconds
         self._models: dict[str, LoadedModel] = {}
+        # Pinned models as requests named them (to reload them after a rebuild),
+        # and the ones still to reload.
+        self._pin_specs: dict[str, ModelSpec] = {}
+        self._restore: list[str] = []
         # Read by the event loop; replaced whole, never mutated.
         self.snapshot: tuple[dict, ...] = ()
         self.total_evictions = 0
         self.last_capacity_event: tuple[str | None, str | None, float | None] = (None, None, None)
         runtime.on_close.append(self.release_all)
+        runtime.on_open.append(self._schedule_restore)
 
     # -- requests -------------------------------------------------------------
 
-    def load(self, spec: ModelSpec, log_fields: dict | None = None) -> tuple[LoadedModel, bool]:
+    def load(self, spec: ModelSpec, log_fields: dict | None = None,
+             keep_alive: float | None = None) -> tuple[LoadedModel, bool]:
         """The loaded model for ``spec``; True if it was loaded already.
 
-        ``log_fields`` (client pid/uid, request id) go into the log line."""
+        ``log_fields`` (client pid/uid, request id) go into the log line;
+        ``keep_alive`` is the request's (seconds, negative = forever; None =
+        the configured one)."""
+        if spec.key in self.pins:
+            self._pin_specs[spec.key] = spec
         model = self._models.get(spec.key)
         if model is not None:
+            self._keep(model, keep_alive)
+            self._publish()
             return model, True
         vdevice = self.runtime.require()
         while len(self._models) >= self.max_loaded_models:
@@ -108,6 +145,7 @@ class ModelRegistry:
                 raise RequestError(RESOURCE_EXHAUSTED, f"Failed to load model: max_loaded_models "
                                    f"({self.max_loaded_models}) reached and every loaded model is pinned")
         model = self._load_evicting(spec, vdevice, log_fields)
+        self._keep(model, keep_alive)
         self._models[spec.key] = model
         self._publish()
         log.info("loaded %s in %.0f ms", spec.key, model.load_ms,
@@ -116,9 +154,9 @@ class ModelRegistry:
         return model, False
 
     def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, scope_params: dict,
-              log_fields: dict | None = None) -> tuple[Any, float]:
+              log_fields: dict | None = None, keep_alive: float | None = None) -> tuple[Any, float]:
         """Run one inference (loading first if needed); returns (result, run ms)."""
-        model, _ = self.load(spec, log_fields)
+        model, _ = self.load(spec, log_fields, keep_alive)
         started = time.perf_counter()
         try:
             with self.runtime.backend.request_scope(scope_params):
@@ -132,8 +170,8 @@ class ModelRegistry:
             raise error from exc
         finally:
             model.uses += 1
-            model.last_used = time.time()
-            model.last_used_mono = time.monotonic()
+            model.last_used = model.idle_since = time.time()
+            model.last_used_mono = model.idle_since_mono = time.monotonic()
             self._publish()
         return result, (time.perf_counter() - started) * 1000
 
@@ -156,13 +194,62 @@ class ModelRegistry:
             self._release(self._models.pop(key))
         self._publish()
 
-    def set_limits(self, max_loaded_models: int, pins: frozenset[str]) -> None:
-        """Apply a reloaded config (takes effect at the next load)."""
+    def set_limits(self, max_loaded_models: int, pins: frozenset[str], keep_alive: dict | None = None) -> None:
+        """Apply a reloaded config (takes effect at the next load; keep-alive
+        at each model's next use)."""
         self.max_loaded_models = max_loaded_models
         self.pins = pins
+        if keep_alive is not None:
+            self.keep_alive = dict(keep_alive)
         for key, model in self._models.items():
             model.pinned = key in pins
         self._publish()
+
+    # -- chores (the device thread runs them between jobs) ---------------------
+
+    def idle_due(self) -> float | None:
+        """When the next model's keep-alive runs out (monotonic), or None."""
+        times = [t for t in (model.expires_mono() for model in self._models.values()) if t is not None]
+        return min(times) if times else None
+
+    def unload_idle(self) -> None:
+        """Unload every unpinned model idle past its keep-alive; one log line each."""
+        now = time.monotonic()
+        for key, model in list(self._models.items()):
+            expires = model.expires_mono()
+            if expires is None or expires > now:
+                continue
+            del self._models[key]
+            self._release(model)
+            log.info("unloaded %s: idle for %.1f s (keep_alive %g s)", key, now - model.idle_since_mono,
+                     model.keep_alive_s,
+                     extra={"MODEL": model.spec.model_path, "MODEL_TYPE": model.spec.model_type})
+        self._publish()
+
+    def restore_due(self) -> float | None:
+        """Now, while pinned models wait to be reloaded on an open device."""
+        if self._restore and self.runtime.vdevice is not None and not self.runtime.throttled:
+            return 0.0
+        return None
+
+    def restore_next_pin(self) -> None:
+        """Reload one pinned model dropped by a device rebuild."""
+        key = self._restore.pop(0)
+        spec = self._pin_specs.get(key)
+        if spec is None or key not in self.pins or key in self._models:
+            return
+        try:
+            self.load(spec)
+        except RequestError as error:
+            log.error("pinned model %s could not be reloaded: %s", key, error.message,
+                      extra={"MODEL": spec.model_path, "MODEL_TYPE": spec.model_type, "CODE": error.code})
+        else:
+            log.info("reloaded pinned model %s", key,
+                     extra={"MODEL": spec.model_path, "MODEL_TYPE": spec.model_type})
+
+    def _schedule_restore(self) -> None:
+        """After the device (re)opened: every pinned model we know of that is not loaded."""
+        self._restore = [key for key in self._pin_specs if key in self.pins and key not in self._models]
 
     # -- internals ------------------------------------------------------------
 
@@ -191,6 +278,15 @@ class ModelRegistry:
                                last_used_mono=time.monotonic(),
                                load_ms=(time.perf_counter() - started) * 1000,
                                pinned=spec.key in self.pins)
+
+    def _keep(self, model: LoadedModel, requested: float | None) -> None:
+        """Start the model's idle time now, with the request's keep-alive or the configured one."""
+        seconds = requested
+        if seconds is None:
+            seconds = self.keep_alive.get(model.spec.model_type, self.keep_alive.get("default", FOREVER))
+        model.keep_alive_s = None if seconds < 0 else float(seconds)
+        model.idle_since = time.time()
+        model.idle_since_mono = time.monotonic()
 
     def _evict_one(self, reason: str, wanted: str, log_fields: dict | None = None) -> bool:
         order = eviction_order(list(self._models.values()))

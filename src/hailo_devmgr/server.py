@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import actions
+from . import actions, simulate
 from . import protocol as p
 from ._version import __version__
 from .protocol import RequestError
@@ -115,6 +115,38 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise OSError(f"another daemon is already listening on {path}")
+
+
+def refuse_connections(listener: socket.socket, reason: str, seconds: float) -> None:
+    """For ``seconds``, answer every request on ``listener`` with ``reason``.
+
+    Blocking and minimal on purpose: it runs when the daemon cannot start
+    (no config, no event loop), only to tell waiting clients why.
+    """
+    error = RequestError(p.DEVICE_UNAVAILABLE, f"The device manager cannot start: {reason}")
+    deadline = time.monotonic() + seconds
+    listener.setblocking(True)
+    while (left := deadline - time.monotonic()) > 0:
+        listener.settimeout(left)
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # timeout: nobody else is waiting
+            return
+        with conn:
+            conn.settimeout(0.2)
+            request = None
+            try:
+                header = conn.recv(p.HEADER_SIZE, socket.MSG_WAITALL)
+                length = p.parse_length(header, 64 * 1024)
+                message = p.decode_body(conn.recv(length, socket.MSG_WAITALL))
+                request_id, has_id = p.request_id_of(message)
+                request = p.Request("", message, request_id, has_id)
+            except (OSError, RequestError, struct.error):
+                pass  # answer anyway, without a request_id
+            try:
+                conn.sendall(p.encode_frame(p.error_response(request, error)))
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------ server
@@ -251,9 +283,17 @@ class Server:
             return self.status_payload()
         if request.action == "device_status":
             return self.device_status_payload()
+        if request.action == "simulate":
+            return simulate.apply(request.body, self.runtime.backend, peer.uid)
         if self.shutting_down:
             raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down")
         prepared = await asyncio.to_thread(actions.prepare, request, self.config)
+        if request.action != "unload_model":
+            # The thermal guard, from the device thread's latest reading
+            # (checked again when the job starts on the device thread).
+            refusal = self.runtime.thermal_refusal()
+            if refusal is not None:
+                raise refusal
         prepared.log_fields = self._log_fields(request, peer)
         job, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
         future = self.device.submit(job, label=label, budget_s=budget_s)
@@ -297,6 +337,9 @@ class Server:
             "backend": self.runtime.backend.name,
             "device_busy_with": self.device.busy_with,
             "last_error": self.last_error,
+            "throttled": self.runtime.throttled,
+            "runtime_faults": self.runtime.runtime_faults,
+            "runtime_recoveries": self.runtime.runtime_recoveries,
         }
 
     def device_status_payload(self) -> dict:
@@ -322,6 +365,15 @@ class Server:
             "queue_depth": self.device.queue_depth,
             "backend": self.runtime.backend.name,
             "runtime_broken_reason": self.runtime.broken_reason,
+            "runtime_faults": self.runtime.runtime_faults,
+            "runtime_recoveries": self.runtime.runtime_recoveries,
+            "thermal": {
+                "throttled": self.runtime.throttled,
+                "limit_c": self.runtime.thermal.limit_c,
+                "resume_c": self.runtime.thermal.resume_c,
+                "temperature_celsius": self.runtime.temperature_c,
+                "read_at": self.runtime.temperature_read_at,
+            },
         }
 
     def summary(self) -> str:
@@ -329,6 +381,10 @@ class Server:
         parts = [f"{len(self.registry.snapshot)} model(s) loaded", f"queue {self.device.queue_depth}"]
         if self.runtime.broken_reason:
             parts.append(f"device unavailable: {self.runtime.broken_reason}")
+        elif self.runtime.throttled:
+            celsius = self.runtime.temperature_c
+            parts.append(f"overheated ({celsius:g} °C): refusing new work" if celsius is not None
+                         else "overheated: refusing new work")
         elif self.last_error:
             parts.append(f"last error: {self.last_error}")
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)

@@ -141,13 +141,18 @@ class HailoBackend:
 
     def _create_vdevice(self, platform: Any) -> Any:
         group_id = self._config.group_id
+        scheduling = self._config.scheduling_algorithm
         try:
             params = platform.VDevice.create_params()
             params.group_id = group_id
+            # HailoRT's default is ROUND_ROBIN: set it only to turn the
+            # scheduler off (genai models may need it on: uncertain).
+            if scheduling == "none":
+                params.scheduling_algorithm = platform.HailoSchedulingAlgorithm.NONE
             vdevice = platform.VDevice(params)
         except Exception as exc:
             raise BackendUnavailable(_open_failure_reason(exc, group_id)) from exc
-        log.info("opened Hailo VDevice (group_id %s)", group_id)
+        log.info("opened Hailo VDevice (group_id %s, scheduler %s)", group_id, scheduling)
         return vdevice
 
     # -- identity and temperature -------------------------------------------

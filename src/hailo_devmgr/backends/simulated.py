@@ -4,9 +4,10 @@
 daemon uses (docs: /work/shared/HAILORT.md, "Checklist for the simulated
 backend"): ``VDevice`` and its params, ``FormatType``,
 ``HailoSchedulingAlgorithm``, infer models (``InferModel`` ->
-``ConfiguredInferModel`` -> bindings, ``run`` / ``run_async``), ``genai.VLM``
-and ``genai.LLM``, and the exception classes with HailoRT's names, texts and
-status numbers. Handlers therefore run unchanged on this and on real hardware.
+``ConfiguredInferModel`` -> bindings, ``run`` / ``run_async``), ``genai.VLM``,
+``genai.LLM``, ``genai.Speech2Text``, and the exception classes with HailoRT's
+names, texts and status numbers. Handlers therefore run unchanged on this and
+on real hardware.
 
 What a simulated model file ("HEF") holds:
 
@@ -76,6 +77,9 @@ DEFAULT_CONTEXT_CAPACITY = 4096
 ECHO_WORDS = 12
 END_TOKEN = "<|im_end|>"
 HANG_LIMIT_S = 3600.0
+# Speech2Text: the audio rate HailoRT expects, and the simulated segment length.
+SPEECH_SAMPLE_RATE = 16000
+SPEECH_SEGMENT_S = 5.0
 # Larger files are taken for real (binary) HEFs without trying YAML.
 YAML_SNIFF_BYTES = 1024 * 1024
 
@@ -366,6 +370,10 @@ class _SimulatedChip:
         self.record("fault", kind)
         if kind == "hang":
             self.faults.wait_for_release()
+            # The device may have been lost while the call hung.
+            if generation is not None and self.is_lost(generation):
+                raise raw_status_error(COMMUNICATION_CLOSED) if raw else status_error(
+                    COMMUNICATION_CLOSED, "the device was lost during the call (injected fault)")
             return
         raise raw_status_error(number) if raw else status_error(number, "injected fault")
 
@@ -991,8 +999,8 @@ class LLMGeneratorCompletion:
         chip.sleep_ms(milliseconds)
 
 
-class _GenAIModel:
-    """What LLM and VLM share: loading, generation, context, release."""
+class _GenAIBase:
+    """What every genai model shares: loading (a raw status on failure), release."""
 
     kind = "genai"
 
@@ -1014,14 +1022,10 @@ class _GenAIModel:
         if self._token is None:
             raise raw_status_error(RESOURCE_EXHAUSTED)
         chip.sleep_ms(chip.settings.load_ms)
-        self._context_used = 0
-        self._stop_tokens: list = []
-        self._active: LLMGeneratorCompletion | None = None
         chip.record(f"{self.kind}_load", self._file.label)
 
     def _configure_from(self, description: dict) -> None:
-        capacity = description.get("context_capacity", DEFAULT_CONTEXT_CAPACITY)
-        self._context_capacity = _positive_int(capacity, "context_capacity")
+        """Read the model's own keys of a YAML description (ValueError if malformed)."""
 
     def __enter__(self):
         return self
@@ -1039,6 +1043,20 @@ class _GenAIModel:
         self._vdevice.ensure_usable()
         if self._token is None:
             raise status_error(INVALID_OPERATION, f"{self._file.label} was released")
+
+
+class _GenAIModel(_GenAIBase):
+    """What LLM and VLM share: generation and context."""
+
+    def __init__(self, vdevice, model_path):
+        self._context_used = 0
+        self._stop_tokens: list = []
+        self._active: LLMGeneratorCompletion | None = None
+        super().__init__(vdevice, model_path)
+
+    def _configure_from(self, description: dict) -> None:
+        capacity = description.get("context_capacity", DEFAULT_CONTEXT_CAPACITY)
+        self._context_capacity = _positive_int(capacity, "context_capacity")
 
     def _start(self, prompt, frames, seed, max_generated_tokens) -> LLMGeneratorCompletion:
         """Begin a generation (a device operation); tokens come from a digest of the inputs."""
@@ -1191,6 +1209,81 @@ class LLM(_GenAIModel):
             return completion.read_all(timeout_ms)
 
 
+class Speech2TextTask(enum.IntEnum):
+    # Names from HAILORT.md; the numbers are a guess (uncertain). Compare names.
+    TRANSCRIBE = 0
+    TRANSLATE = 1
+
+
+@dataclass(frozen=True)
+class Speech2TextSegment:
+    """One transcribed stretch of audio, as ``generate_all_segments`` returns it."""
+    start_sec: float
+    end_sec: float
+    text: str
+
+
+class Speech2Text(_GenAIBase):
+    """``genai.Speech2Text(vdevice, model_path)`` (HailoRT 5.1+, Hailo-10H).
+
+    Audio: float32 PCM, mono, 16 kHz, one-dimensional numpy array. The
+    simulated transcript has one segment per started ``SPEECH_SEGMENT_S``
+    seconds of audio; each text is derived from the model file, the task,
+    the language and that stretch's samples. The whole call takes
+    ``infer_ms``. Uncertain: how the real binding reports malformed audio
+    (here status 2, INVALID_ARGUMENT) and whether ``language=None``
+    auto-detects on 5.1 (HAILORT.md: 5.1.1 defaults to "en", 5.2 detects).
+    """
+
+    kind = "speech2text"
+
+    def generate_all_segments(self, audio_data, task=Speech2TextTask.TRANSCRIBE, language=None,
+                              repetition_penalty=1.0, timeout_ms=10000) -> list:
+        self._ensure_usable()
+        self._check_call(audio_data, task, language)
+        self._chip.device_operation(self._vdevice.generation)
+        self._chip.record(f"{self.kind}_generate", self._file.label)
+        duration_ms = self._chip.infer_ms()
+        if duration_ms > timeout_ms:
+            self._chip.sleep_ms(timeout_ms)
+            raise status_error(TIMEOUT, f"transcription needs {duration_ms} ms, timeout {timeout_ms} ms")
+        self._chip.sleep_ms(duration_ms)
+        return self._segments(audio_data, Speech2TextTask(task), language)
+
+    def generate_all_text(self, audio_data, task=Speech2TextTask.TRANSCRIBE, language=None,
+                          repetition_penalty=1.0, timeout_ms=10000) -> str:
+        segments = self.generate_all_segments(audio_data, task=task, language=language,
+                                              repetition_penalty=repetition_penalty,
+                                              timeout_ms=timeout_ms)
+        return "".join(segment.text for segment in segments)
+
+    @staticmethod
+    def _check_call(audio_data, task, language) -> None:
+        if not isinstance(audio_data, np.ndarray):
+            raise status_error(INVALID_ARGUMENT, "audio_data must be a numpy array")
+        if audio_data.dtype != np.float32 or audio_data.ndim != 1:
+            raise status_error(INVALID_ARGUMENT, f"audio_data must be 1-D float32 PCM, got "
+                                                 f"{list(audio_data.shape)} {audio_data.dtype}")
+        if not isinstance(task, Speech2TextTask):
+            raise TypeError(f"task must be a Speech2TextTask, got {type(task).__name__}")
+        if language is not None and not isinstance(language, str):
+            raise TypeError(f"language must be a str or None, got {type(language).__name__}")
+
+    def _segments(self, audio: np.ndarray, task: Speech2TextTask, language) -> list:
+        step = int(SPEECH_SAMPLE_RATE * SPEECH_SEGMENT_S)
+        segments = []
+        for start in range(0, len(audio), step):
+            chunk = audio[start:start + step]
+            hasher = hashlib.blake2b(self._file.digest, digest_size=4)
+            hasher.update(f"{task.name}:{language}".encode())
+            hasher.update(chunk.tobytes())
+            verb = "transcript" if task == Speech2TextTask.TRANSCRIBE else "translation"
+            text = f" Simulated {verb} ({language or 'auto'}) {hasher.hexdigest()}."
+            segments.append(Speech2TextSegment(start / SPEECH_SAMPLE_RATE,
+                                               (start + len(chunk)) / SPEECH_SAMPLE_RATE, text))
+        return segments
+
+
 # ------------------------------------------------------------------ backend
 
 _EXCEPTIONS = (HailoRTException, HailoRTTimeout, HailoRTInvalidArgumentException,
@@ -1202,7 +1295,8 @@ _EXCEPTIONS = (HailoRTException, HailoRTTimeout, HailoRTInvalidArgumentException
 def _build_platform(chip: _SimulatedChip) -> types.SimpleNamespace:
     """A ``hailo_platform``-shaped namespace whose VDevice class talks to ``chip``."""
     vdevice_class = type("VDevice", (VDevice,), {"_chip": chip, "__module__": __name__})
-    genai = types.SimpleNamespace(VDevice=vdevice_class, VLM=VLM, LLM=LLM,
+    genai = types.SimpleNamespace(VDevice=vdevice_class, VLM=VLM, LLM=LLM, Speech2Text=Speech2Text,
+                                  Speech2TextTask=Speech2TextTask,
                                   LLMGeneratorCompletionStatus=LLMGeneratorCompletionStatus)
     platform = types.SimpleNamespace(
         __version__=HAILORT_VERSION, VDevice=vdevice_class, FormatType=FormatType,
@@ -1217,7 +1311,11 @@ class SimulatedBackend:
 
     Test hooks: ``calls`` (operation log), ``sleep`` (replaceable clock),
     ``memory_used_mb()``, ``set_temperature(c)``, ``inject_fault(...)``,
-    ``release_hang()``, ``clear_faults()``.
+    ``release_hang()``, ``clear_faults()``. The last four change the
+    simulated chip (what would be physics on hardware), never a HailoRT
+    object, so any thread may call them: the daemon's ``simulate`` action
+    calls them from the event loop, and ``release_hang`` has to come from
+    outside the hung device thread anyway.
     """
 
     name = "simulated"
@@ -1234,6 +1332,8 @@ class SimulatedBackend:
     def open_vdevice(self):
         params = self.platform.VDevice.create_params()
         params.group_id = self.device.group_id
+        if self.device.scheduling_algorithm == "none":
+            params.scheduling_algorithm = HailoSchedulingAlgorithm.NONE
         try:
             return self.platform.VDevice(params)
         except HailoRTException as exc:

@@ -7,7 +7,8 @@ A handler class has two halves that run in different places:
   field and decode tensors, raising ``bad_request`` errors that name the
   field;
 - an instance owns the HailoRT objects of one loaded model and lives on
-  the device thread only: ``load``, ``run``, ``release``.
+  the device thread only: ``load``, ``run``, ``release``, and
+  ``load_info`` (extra fields of the ``load_model`` answer).
 
 Handlers use ``platform`` (the hailo_platform-like namespace of the
 backend) and nothing else of the backend, so they run unchanged on the
@@ -78,6 +79,12 @@ class Handler:
     def run(self, inputs: Any, timeout_ms: int) -> Any:
         """Run one inference; returns JSON-able data with ndarrays inside."""
         raise NotImplementedError
+
+    def load_info(self) -> dict:
+        """Extra fields for the ``load_model`` answer (loaded or already
+        loaded), e.g. ocr's ``model_info``. Reads what the loaded objects
+        already know; must not call the device."""
+        return {}
 
     def release(self) -> None:
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """One HEF network run through HailoRT's InferModel API.
 
-Shared by the handlers of image and tensor models (generic, clip, and the
-ones to come: depth, pose, ocr). Device thread only.
+Shared by the handlers of image and tensor models (generic, clip, ocr,
+depth, pose); ``SingleInputHandler`` is the common half of depth and pose.
+Device thread only, except the class methods that parse input.
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol import BAD_REQUEST, RequestError
-from .base import match_stream
+from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, optional_number
+from .base import MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, require_object, tensor_field
 
 # FormatType values (HailoRT: AUTO=0, UINT8=1, UINT16=2, FLOAT32=3) by name,
 # so this module needs no import of the platform to map them.
@@ -29,11 +30,13 @@ def stream_dtype(stream: Any) -> np.dtype:
 
 
 class Network:
-    def __init__(self, platform: Any, vdevice: Any, path: str, *, output_format: str | None = None):
+    def __init__(self, platform: Any, vdevice: Any, path: str, *, output_format: str | None = None,
+                 batch_size: int | None = None):
         self.platform = platform
         self.vdevice = vdevice
         self.path = path
         self.output_format = output_format
+        self.batch_size = batch_size  # None: HailoRT chooses
         self.model = None
         self.configured = None
 
@@ -43,6 +46,8 @@ class Network:
             wanted = getattr(self.platform.FormatType, self.output_format)
             for stream in self.model.outputs:
                 stream.set_format_type(wanted)
+        if self.batch_size is not None:
+            self.model.set_batch_size(self.batch_size)
         self.configured = self.model.configure()
 
     @property
@@ -57,6 +62,15 @@ class Network:
         stream = self.model.input(name)
         return list(stream.shape), stream_dtype(stream)
 
+    def only_input(self, kind: str) -> str:
+        """The name of the network's one input; a load failure if it has several."""
+        names = self.input_names
+        if len(names) != 1:
+            raise RequestError(LOAD_FAILED, f"Failed to load model: the {kind} HEF {self.path} has "
+                                            f"{len(names)} inputs {names}; {kind} takes one "
+                                            "(use model_type generic for this HEF)")
+        return names[0]
+
     def run(self, inputs: dict[str, np.ndarray], timeout_ms: int, where: str = "input_data") -> dict:
         """Bind inputs by name, run once, return outputs by name."""
         expected = set(self.input_names)
@@ -67,19 +81,84 @@ class Network:
         for name, array in inputs.items():
             shape, dtype = self.input_spec(name)
             buffers[name] = match_stream(array, shape, dtype, f"{where} {name!r}")
-        bindings = self.configured.create_bindings()
-        for name, buffer in buffers.items():
-            bindings.input(name).set_buffer(buffer)
-        outputs = {}
-        for name in self.output_names:
-            stream = self.model.output(name)
-            outputs[name] = np.empty(list(stream.shape), dtype=stream_dtype(stream))
-            bindings.output(name).set_buffer(outputs[name])
-        self.configured.run([bindings], timeout_ms)
-        return outputs
+        return self._run_frames([buffers], timeout_ms)[0]
+
+    def run_single(self, frames: list[np.ndarray], timeout_ms: int, where: list[str],
+                   chunk: int | None = None) -> list[dict]:
+        """Run a one-input network on several frames (a batch per ``chunk``).
+
+        Every frame is checked against the input before anything runs;
+        ``where[i]`` names frame i in errors. Returns outputs by name per frame.
+        """
+        name = self.input_names[0]
+        shape, dtype = self.input_spec(name)
+        buffers = [{name: match_stream(frame, shape, dtype, label)} for frame, label in zip(frames, where)]
+        step = chunk or len(buffers) or 1
+        results: list[dict] = []
+        for start in range(0, len(buffers), step):
+            results.extend(self._run_frames(buffers[start:start + step], timeout_ms))
+        return results
+
+    def _run_frames(self, frames: list[dict[str, np.ndarray]], timeout_ms: int) -> list[dict]:
+        """One ``run`` call over a list of bindings (one per frame)."""
+        bindings_list, results = [], []
+        for buffers in frames:
+            bindings = self.configured.create_bindings()
+            for name, buffer in buffers.items():
+                bindings.input(name).set_buffer(buffer)
+            outputs = {}
+            for name in self.output_names:
+                stream = self.model.output(name)
+                outputs[name] = np.empty(list(stream.shape), dtype=stream_dtype(stream))
+                bindings.output(name).set_buffer(outputs[name])
+            bindings_list.append(bindings)
+            results.append(outputs)
+        self.configured.run(bindings_list, timeout_ms)
+        return results
 
     def release(self) -> None:
         if self.configured is not None:
             self.configured.shutdown()
         self.configured = None
         self.model = None
+
+
+class SingleInputHandler(Handler):
+    """A one-input image model: ``{"input": tensor, "timeout_ms"?}``.
+
+    Outputs come back as FLOAT32 (HailoRT dequantizes them); subclasses
+    shape the result in ``result``.
+    """
+
+    @classmethod
+    def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
+        data = require_object(input_data, "input_data")
+        return {
+            "input": tensor_field(data, "input", limits),
+            "timeout_ms": optional_number(data, "timeout_ms", None, minimum=1, maximum=MAX_TIMEOUT_MS,
+                                          integer=True, where="input_data."),
+        }
+
+    def load(self) -> None:
+        self.network = Network(self.platform, self.vdevice, self.model_path, output_format="FLOAT32")
+        self.network.load()
+        try:
+            self.network.only_input(self.model_type)
+            self.check_outputs(self.network.output_names)
+        except BaseException:
+            self.network.release()
+            raise
+
+    def check_outputs(self, names: list[str]) -> None:
+        """Raise a load failure if the HEF's outputs do not suit the type."""
+
+    def run(self, inputs: dict, timeout_ms: int) -> Any:
+        timeout_ms = min(timeout_ms, inputs["timeout_ms"] or timeout_ms)
+        [outputs] = self.network.run_single([inputs["input"]], timeout_ms, ["input_data.input"])
+        return self.result(outputs)
+
+    def result(self, outputs: dict[str, np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self.network.release()

@@ -1,0 +1,123 @@
+"""whisper: speech to text through hailo_platform.genai.Speech2Text.
+
+input_data: ``{"audio": [float, ...] | tensor, "language"?: "en",
+"task"?: "transcribe"|"translate", "timeout_ms"?}``. Audio is 16 kHz mono
+float32 PCM in [-1, 1], at most 30 s (480000 samples); a tensor may be
+``[n]`` or ``[1, n]``. ``language`` null asks HailoRT to detect it (HailoRT
+5.2 and later; 5.1 wants a language). Result:
+``{"segments": [{"id", "start", "end", "text"}, ...]}`` with times in
+seconds.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from .. import tensors
+from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, json_type, optional_number
+from .base import MAX_TIMEOUT_MS, Handler, InputLimits, require_object
+
+SAMPLE_RATE = 16_000
+MAX_AUDIO_S = 30
+MAX_SAMPLES = SAMPLE_RATE * MAX_AUDIO_S
+DEFAULT_LANGUAGE = "en"
+TASKS = ("transcribe", "translate")
+# Whisper's language codes are two or three lowercase letters ("en", "haw").
+_LANGUAGE = re.compile(r"[a-z]{2,3}")
+
+
+def _audio(data: dict, limits: InputLimits) -> np.ndarray:
+    if "audio" not in data:
+        raise RequestError(BAD_REQUEST, "input_data.audio is required (a list of float samples or a "
+                                        "float32 tensor, 16 kHz mono)")
+    value = data["audio"]
+    if isinstance(value, list):
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise RequestError(BAD_REQUEST, "input_data.audio must be a list of numbers (float samples)")
+        if len(value) > MAX_SAMPLES:
+            raise RequestError(BAD_REQUEST, _too_long(len(value)))
+        audio = np.asarray(value, dtype=np.float32)
+    elif isinstance(value, dict):
+        audio = tensors.decode_v1(value, where="input_data.audio", max_elements=limits.max_tensor_elements)
+        if audio.dtype != np.float32:
+            raise RequestError(BAD_REQUEST, f"input_data.audio must be float32 samples, got a "
+                                            f"{audio.dtype.name} tensor")
+        if audio.ndim == 2 and audio.shape[0] == 1:
+            audio = audio.reshape(-1)
+        if audio.ndim != 1:
+            raise RequestError(BAD_REQUEST, f"input_data.audio must be mono: shape [n] or [1, n], "
+                                            f"got {list(audio.shape)}")
+    else:
+        raise RequestError(BAD_REQUEST, f"input_data.audio must be a list of float samples or a "
+                                        f"float32 tensor, got {json_type(value)}")
+    if audio.size == 0:
+        raise RequestError(BAD_REQUEST, "input_data.audio is empty")
+    if audio.size > MAX_SAMPLES:
+        raise RequestError(BAD_REQUEST, _too_long(audio.size))
+    if not np.all(np.isfinite(audio)):
+        raise RequestError(BAD_REQUEST, "input_data.audio holds NaN or infinite samples")
+    peak = float(np.max(np.abs(audio)))
+    if peak > 1.0:
+        raise RequestError(BAD_REQUEST, f"input_data.audio samples must lie in [-1, 1] (float PCM), "
+                                        f"got a peak of {peak:g}: scale 16-bit samples by 1/32768")
+    return np.ascontiguousarray(audio)
+
+
+def _too_long(samples: int) -> str:
+    return (f"input_data.audio has {samples} samples ({samples / SAMPLE_RATE:.1f} s), over the limit "
+            f"of {MAX_SAMPLES} ({MAX_AUDIO_S} s at {SAMPLE_RATE} Hz)")
+
+
+class WhisperHandler(Handler):
+    model_type = "whisper"
+
+    @classmethod
+    def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
+        data = require_object(input_data, "input_data")
+        language = data.get("language", DEFAULT_LANGUAGE)
+        if language is not None and (not isinstance(language, str) or not _LANGUAGE.fullmatch(language)):
+            raise RequestError(BAD_REQUEST, f"input_data.language must be a language code like \"en\" "
+                                            f"(or null to detect it), got {language!r}")
+        task = data.get("task", "transcribe")
+        if task not in TASKS:
+            raise RequestError(BAD_REQUEST, f"input_data.task must be \"transcribe\" or \"translate\", "
+                                            f"got {task!r}")
+        return {
+            "audio": _audio(data, limits),
+            "language": language,
+            "task": task,
+            "timeout_ms": optional_number(data, "timeout_ms", None, minimum=1, maximum=MAX_TIMEOUT_MS,
+                                          integer=True, where="input_data."),
+        }
+
+    def load(self) -> None:
+        genai = self.platform.genai
+        # HAILORT.md places Speech2TextTask beside Speech2Text in genai
+        # (uncertain: older wheels may export it at the top level only).
+        self.tasks = getattr(genai, "Speech2TextTask", None) or getattr(self.platform, "Speech2TextTask", None)
+        if self.tasks is None or not hasattr(genai, "Speech2Text"):
+            version = getattr(self.platform, "__version__", "?")
+            raise RequestError(LOAD_FAILED, f"Failed to load model: this HailoRT ({version}) has no "
+                                            "genai.Speech2Text (needs HailoRT 5.1 or later on a Hailo-10H)")
+        self.model = genai.Speech2Text(self.vdevice, self.model_path)
+
+    def run(self, inputs: dict, timeout_ms: int) -> dict:
+        task = getattr(self.tasks, inputs["task"].upper())
+        # Audio positional (its name differs between sources), the rest by keyword.
+        segments = self.model.generate_all_segments(
+            inputs["audio"], task=task, language=inputs["language"],
+            timeout_ms=min(timeout_ms, inputs["timeout_ms"] or timeout_ms))
+        return {"segments": [
+            {"id": index, "start": round(float(segment.start_sec), 3),
+             "end": round(float(segment.end_sec), 3), "text": str(segment.text)}
+            for index, segment in enumerate(segments)]}
+
+    def release(self) -> None:
+        # VLM and LLM have release(); HAILORT.md does not say it for
+        # Speech2Text (uncertain), so fall back on dropping the reference.
+        release = getattr(self.model, "release", None)
+        if release is not None:
+            release()
+        self.model = None
