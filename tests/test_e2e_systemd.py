@@ -166,6 +166,8 @@ def test_6b_hung_device_call_stops_watchdog_pings_and_systemd_restarts(box):
     before = service_state(box)
     box.sh(f"nohup hailo-devmgr infer {MODELS}/tiny.hef --type generic --params '{{\"simulate_hang_ms\": 60000}}' "
            f"--input '{TINY_INPUT}' >/dev/null 2>&1 &", user="alice")
+    # Killed by the watchdog: Result=watchdog until the restart 2 s later.
+    wait_for(lambda: service_state(box)["Result"] == "watchdog", "Result=watchdog", timeout=60)
     wait_for(lambda: int(service_state(box)["NRestarts"]) > int(before["NRestarts"]), "the watchdog restart",
              timeout=60)
     assert re.search(r"[Ww]atchdog timeout", journal(box)), journal(box)[-2000:]
