@@ -194,7 +194,7 @@ def test_device_thread_runs_due_chores_between_jobs():
     device.start(5.0)
     try:
         assert ran.wait(10)
-        assert device.submit(lambda: 42, label="job", budget_s=5).result(10) == 42
+        assert device.submit(lambda: 42, label="job", budget_s=5).future.result(10) == 42
         assert state["runs"] == 1
     finally:
         assert device.stop(10)
@@ -208,7 +208,7 @@ def test_a_failing_chore_check_is_logged_not_fatal(caplog):
     device = DeviceThread(runtime, chores=[Chore("broken", broken_due, lambda: None, lambda: 1.0)])
     device.start(5.0)
     try:
-        assert device.submit(lambda: "ok", label="job", budget_s=5).result(10) == "ok"
+        assert device.submit(lambda: "ok", label="job", budget_s=5).future.result(10) == "ok"
         assert device.health() is None
     finally:
         assert device.stop(10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,10 +18,12 @@ from .handlers import HANDLERS, InputLimits
 from .model_files import resolve_model_path
 from .protocol import RequestError
 from .registry import ModelSpec
+from .scheduler import PRIORITIES
 
 # Per-request knobs of the simulated backend (the real one ignores them).
 SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
 MAX_SIMULATE_MS = 600_000
+MAX_TIMEOUT_MS = 3_600_000
 # keep_alive as Ollama takes it: seconds, or a duration such as "10m", "1h", "-1".
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -36,6 +39,8 @@ class DeviceRequest:
     scope: dict = field(default_factory=dict)
     log_fields: dict = field(default_factory=dict)
     keep_alive: float | None = None     # seconds (negative = forever); None = configured
+    priority: str | None = None         # scheduling class; None = the client's default
+    deadline: float | None = None       # monotonic; not started by then -> timeout
 
 
 def _model_type(body: dict) -> str:
@@ -72,12 +77,30 @@ def keep_alive_seconds(body: dict) -> float | None:
                                       f"after this request) or a duration like \"10m\", got {value!r}")
 
 
+def scheduling_fields(body: dict) -> tuple[str | None, float | None]:
+    """``priority`` (a class name) and ``timeout_ms`` (-> a monotonic deadline)."""
+    priority = body.get("priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise RequestError(p.BAD_REQUEST, f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+    timeout_ms = p.optional_number(body, "timeout_ms", None, minimum=1, maximum=MAX_TIMEOUT_MS, integer=True)
+    deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms is not None else None
+    return priority, deadline
+
+
+def hailort_timeout_ms(budget_ms: int, deadline: float | None) -> int:
+    """The timeout a HailoRT call gets: its budget, capped by what is left of the deadline."""
+    if deadline is None:
+        return budget_ms
+    return max(1, min(budget_ms, int((deadline - time.monotonic()) * 1000)))
+
+
 def prepare(request: p.Request, config) -> DeviceRequest:
     """Check every field and decode tensors (worker thread)."""
     body, action = request.body, request.action
     model_path = _model_path(body, action)
     model_type = _model_type(body)
     prepared = DeviceRequest(action, model_type, model_path)
+    prepared.priority, prepared.deadline = scheduling_fields(body)
     if action == "unload_model":
         return prepared
     handler_cls = HANDLERS[model_type]
@@ -124,10 +147,11 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
                     **model.handler.load_info()}
         return load, f"load {spec.key}", budgets.load_budget_s
 
-    timeout_ms = int(budgets.infer_budget_s * 1000)
+    budget_ms = int(budgets.infer_budget_s * 1000)
 
     def infer():
         check_thermal()
+        timeout_ms = hailort_timeout_ms(budget_ms, request.deadline)
         return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
                               request.keep_alive)
     # A load on demand may come first, so allow for both.

@@ -183,6 +183,43 @@ class ThermalConfig:
     interval_s: float = _key(_number(0.05, 3600.0), 5.0)
 
 
+PRIORITY_NAMES = ("interactive", "normal", "batch")
+
+
+def _client_priorities(value):
+    """[{uid: 1001, priority: interactive}, {unit: clip.service, priority: batch}, ...]"""
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of {{uid or unit, priority}} mappings, got {value!r}")
+    rules = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"uid", "unit", "priority"} or len(item) != 2:
+            raise ValueError(f"[{index}] must have priority and exactly one of uid, unit")
+        if item.get("priority") not in PRIORITY_NAMES:
+            raise ValueError(f"[{index}].priority must be one of {', '.join(PRIORITY_NAMES)}")
+        if "uid" in item and (isinstance(item["uid"], bool) or not isinstance(item["uid"], int)):
+            raise ValueError(f"[{index}].uid must be an integer")
+        if "unit" in item and (not isinstance(item["unit"], str) or not item["unit"]):
+            raise ValueError(f"[{index}].unit must be a unit name such as clip-search.service")
+        rules.append(dict(item))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    # fair: priorities, aging, round robin, affinity; fifo: first come first served.
+    policy: str = _key(_choice("fair", "fifo"), "fair")
+    max_queue: int = _key(_integer(1, 100_000), 256)
+    max_queue_per_client: int = _key(_integer(1, 100_000), 128)
+    # A waiting job moves up one priority class per aging_s (0: never).
+    aging_s: float = _key(_number(0.0, 86400.0), 10.0)
+    affinity_max_skips: int = _key(_integer(0, 1000), 4)
+    # Requests a v2 connection may have in flight at once.
+    max_inflight_per_connection: int = _key(_integer(1, 10_000), 64)
+    # Default priority of a client by uid or systemd unit (a request's own
+    # `priority` field wins).
+    client_priorities: tuple = _key(_client_priorities, ())
+
+
 @dataclass(frozen=True)
 class SimulatedConfig:
     load_ms: int = _key(_integer(0, 600_000), 200)
@@ -217,6 +254,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     thermal: ThermalConfig = field(default_factory=ThermalConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
 
 

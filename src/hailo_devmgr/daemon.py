@@ -23,6 +23,7 @@ from ._version import __version__
 from .backends import create_backend
 from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
+from .scheduler import QueueLimits, create_queue
 from .server import Server, bind_unix_socket, refuse_connections
 
 log = logging.getLogger("hailo_devmgr")
@@ -66,6 +67,17 @@ def pin_keys(config) -> frozenset[str]:
     return frozenset(f"{pin.model_type}:{pin.model_path}" for pin in config.pin)
 
 
+def queue_limits(config) -> QueueLimits:
+    settings = config.scheduling
+    return QueueLimits(settings.max_queue, settings.max_queue_per_client, settings.aging_s,
+                       settings.affinity_max_skips)
+
+
+def loaded_keys(registry) -> frozenset:
+    """Cache keys of the loaded models (the scheduler's affinity asks)."""
+    return frozenset(f"{model['model_type']}:{model['model_path']}" for model in registry.snapshot)
+
+
 class Daemon:
     def __init__(self, config, args):
         self.config = config
@@ -76,7 +88,9 @@ class Daemon:
         self.registry = ModelRegistry(self.runtime, config.max_loaded_models, pin_keys(config),
                                       config.keep_alive)
         budgets = lambda: self.runtime.budgets  # noqa: E731 - replaced on reload
-        self.device = DeviceThread(self.runtime, chores=[
+        queue = create_queue(config.scheduling.policy, queue_limits(config),
+                             lambda: loaded_keys(self.registry))
+        self.device = DeviceThread(self.runtime, queue=queue, chores=[
             Chore("unload idle models", self.registry.idle_due, self.registry.unload_idle,
                   lambda: budgets().other_budget_s),
             Chore("reload pinned model", self.registry.restore_due, self.registry.restore_next_pin,
@@ -168,11 +182,14 @@ class Daemon:
         needs_restart = [key for key in ("backend", "socket_path", "socket_mode", "socket_dir_mode",
                                          "simulated", "device")
                          if getattr(new, key) != getattr(self.config, key)]
+        if new.scheduling.policy != self.config.scheduling.policy:
+            needs_restart.append("scheduling.policy")
         if needs_restart:
             log.warning("configuration reloaded; %s change only after a restart", ", ".join(needs_restart))
         systemd.set_level(new.log_level)
         self.server.apply_config(new)
         self.runtime.budgets = new.watchdog
+        self.device.queue.limits = queue_limits(new)  # the policy itself needs a restart
         self.runtime.thermal = new.thermal  # used from the next temperature reading
         self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new),
                                                             new.keep_alive),

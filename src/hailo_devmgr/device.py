@@ -23,16 +23,15 @@ by the device thread only and read by the event loop, each assigned whole.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .backends import Backend, BackendUnavailable, DeviceIdentity
 from .protocol import DEVICE_UNAVAILABLE, OVERHEATED, SHUTTING_DOWN, RequestError
+from .scheduler import FairScheduler, Job, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -58,59 +57,11 @@ class Chore:
     budget_s: Callable[[], float]
 
 
-@dataclass
-class Job:
-    fn: Callable[[], Any]
-    label: str
-    budget_s: float
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-
-class FifoQueue:
-    """First come, first served. The scheduler replaces it (same methods)."""
-
-    def __init__(self):
-        self._jobs: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def put(self, job: Job) -> None:
-        with self._cond:
-            if self._closed:
-                raise RequestError(SHUTTING_DOWN, "The device manager is shutting down")
-            self._jobs.append(job)
-            self._cond.notify()
-
-    def get(self, timeout: float) -> Job | None:
-        """The next job, or None after ``timeout`` seconds or once closed and empty."""
-        with self._cond:
-            if not self._jobs and not self._closed:
-                self._cond.wait(timeout)
-            return self._jobs.popleft() if self._jobs else None
-
-    def close(self) -> list[Job]:
-        """Refuse new jobs; return the ones still waiting."""
-        with self._cond:
-            self._closed = True
-            waiting = list(self._jobs)
-            self._jobs.clear()
-            self._cond.notify_all()
-            return waiting
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-
 class DeviceThread:
-    def __init__(self, runtime: "DeviceRuntime", queue: FifoQueue | None = None,
+    def __init__(self, runtime: "DeviceRuntime", queue: JobQueue | None = None,
                  chores: list[Chore] | None = None):
         self.runtime = runtime
-        self.queue = queue or FifoQueue()
+        self.queue = queue or FairScheduler()
         other = lambda: runtime.budgets.other_budget_s  # noqa: E731 - read at run time (reload)
         # The runtime's own chores first: a rebuilt device before anything else.
         self.chores: list[Chore] = [
@@ -130,10 +81,13 @@ class DeviceThread:
         # from the first request; it is bounded like any other operation.
         self._started.wait(open_budget_s)
 
-    def submit(self, fn: Callable[[], Any], *, label: str, budget_s: float) -> concurrent.futures.Future:
-        job = Job(fn, label, budget_s)
+    def submit(self, fn: Callable[[], Any], *, label: str, budget_s: float, **fields) -> Job:
+        """Queue ``fn`` for the device thread; ``fields`` are the scheduling
+        ones of :class:`~hailo_devmgr.scheduler.Job` (priority, client, ...).
+        Raises ``busy`` when the queue is full."""
+        job = Job(fn, label, budget_s, **fields)
         self.queue.put(job)
-        return job.future
+        return job
 
     @property
     def queue_depth(self) -> int:
@@ -206,8 +160,9 @@ class DeviceThread:
 
     def _run_job(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
-            return
-        self._current = (job.label, time.monotonic(), job.budget_s)
+            return  # its client went away while it waited
+        job.started_at = time.monotonic()
+        self._current = (job.label, job.started_at, job.budget_s)
         try:
             result = job.fn()
         except BaseException as exc:  # handed to the waiting request, never lost
@@ -216,6 +171,8 @@ class DeviceThread:
             job.future.set_result(result)
         finally:
             self._current = None
+            job.finished_at = time.monotonic()
+            self.queue.record_run(job.finished_at - job.started_at)
 
     def _run_guarded(self, label: str, budget_s: float, fn: Callable[[], Any]) -> None:
         self._current = (label, time.monotonic(), budget_s)

@@ -19,61 +19,17 @@ import socket
 import stat
 import struct
 import time
-from dataclasses import dataclass
 
-from . import actions, simulate
+from . import actions, scheduler, simulate
 from . import protocol as p
 from ._version import __version__
+from .connection import ByteBudget, Connection, Peer
+from .metrics import Metrics
 from .protocol import RequestError
 from .tensors import encode_results
 
 log = logging.getLogger(__name__)
 
-# Bodies larger than this are parsed in a worker thread, not on the loop.
-INLINE_PARSE_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end of a connection (SO_PEERCRED)."""
-
-    pid: int | None
-    uid: int | None
-    gid: int | None
-
-    @classmethod
-    def of(cls, sock: socket.socket | None) -> "Peer":
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return cls(*struct.unpack("3i", creds))
-        except (OSError, AttributeError):
-            return cls(None, None, None)
-
-    def log_fields(self) -> dict:
-        return {"CLIENT_PID": self.pid, "CLIENT_UID": self.uid}
-
-
-class ByteBudget:
-    """Bounds the request bytes held in memory across all connections.
-
-    A reader waits for room before reading a body, so many large messages
-    slow their senders down instead of exhausting the unit's MemoryMax.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self._cond = asyncio.Condition()
-
-    async def acquire(self, size: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used + size <= self.limit or self.used == 0)
-            self.used += size
-
-    async def release(self, size: int) -> None:
-        async with self._cond:
-            self.used -= size
-            self._cond.notify_all()
 
 
 # ------------------------------------------------------------ listener
@@ -161,6 +117,7 @@ class Server:
         self.started_mono = time.monotonic()
         self.budget = ByteBudget(config.max_pending_bytes)
         self.last_error: str | None = None
+        self.metrics = Metrics()
         self.shutting_down = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
@@ -196,97 +153,86 @@ class Server:
     # -- connections ----------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = Connection(self, reader, writer)
+        connection.default_priority = self._configured_priority(connection.peer)
         task = asyncio.current_task()
         self._connections.add(task)
-        peer = Peer.of(writer.get_extra_info("socket"))
         try:
-            while await self._serve_one(reader, writer, peer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away; nothing of theirs is left to answer
+            await connection.run()
         except asyncio.CancelledError:
             pass
         finally:
             self._connections.discard(task)
-            writer.close()
 
-    async def _serve_one(self, reader, writer, peer: Peer) -> bool:
-        """Read one frame, answer it. False when the connection must end."""
-        try:
-            header = await reader.readexactly(p.HEADER_SIZE)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                log.warning("client sent a truncated frame header and closed", extra=peer.log_fields())
-            return False
-        try:
-            length = p.parse_length(header, self.config.max_message_bytes)
-        except RequestError as error:
-            log.warning("refused a frame: %s", error.message, extra={**peer.log_fields(), "CODE": error.code})
-            await self._send(writer, p.error_response(None, error))
-            return False
-        await self.budget.acquire(length)
-        try:
-            try:
-                body = await reader.readexactly(length)
-            except asyncio.IncompleteReadError:
-                log.warning("client closed in the middle of a %d-byte frame", length, extra=peer.log_fields())
-                return False
-            response = await self._answer(body, peer)
-            await self._send(writer, response)
-        finally:
-            await self.budget.release(length)
-        return True
+    def client_gone(self, connection: Connection) -> None:
+        """Drop the queued work of a connection that closed (it never runs)."""
+        dropped = self.device.queue.drop_owner(connection.id)
+        if dropped:
+            log.info("client closed the connection: %d queued request(s) dropped", dropped,
+                     extra=connection.peer.log_fields())
 
-    async def _send(self, writer: asyncio.StreamWriter, response: dict) -> None:
-        frame = p.encode_frame(response)
-        writer.write(frame)
-        await writer.drain()
+    def _configured_priority(self, peer: Peer) -> str | None:
+        rules = self.config.scheduling.client_priorities
+        if not rules:
+            return None
+        unit = peer.unit() if any("unit" in rule for rule in rules) else None
+        for rule in rules:
+            if rule.get("uid") == peer.uid or (unit is not None and rule.get("unit") == unit):
+                return rule["priority"]
+        return None
 
     # -- requests -------------------------------------------------------------
 
-    async def _answer(self, body: bytes, peer: Peer) -> dict:
+    async def answer(self, body: bytes, connection: Connection) -> dict:
         try:
-            if len(body) > INLINE_PARSE_BYTES:
-                message = await asyncio.to_thread(p.decode_body, body)
-            else:
-                message = p.decode_body(body)
+            message = await connection.decode(body)
         except RequestError as error:
-            return self._error(None, None, error, peer)
-        return await self.handle_message(message, peer)
+            return self.error_answer(None, None, error, connection)
+        return await self.handle_message(message, connection)
 
-    async def handle_message(self, message: dict, peer: Peer = Peer(None, None, None)) -> dict:
-        """Answer one decoded request (also used for pre-warming pins)."""
+    async def handle_message(self, message: dict, connection: Connection | None = None) -> dict:
+        """Answer one decoded request (also used, without a connection, to pre-warm pins)."""
         request = None
         try:
             request = p.parse_request(message)
-            payload = await self._dispatch(request, peer)
+            payload = await self._dispatch(request, connection)
             return p.ok_response(request, payload)
         except RequestError as error:
-            return self._error(request, message, error, peer)
+            return self.error_answer(request, message, error, connection)
         except Exception:
-            log.exception("internal error answering a request", extra=peer.log_fields())
+            log.exception("internal error answering a request", extra=_peer(connection).log_fields())
             error = RequestError(p.INTERNAL_ERROR, "Internal error in the device manager (see its log)")
-            return self._error(request, message, error, peer)
+            return self.error_answer(request, message, error, connection)
 
-    def _error(self, request, message, error: RequestError, peer: Peer) -> dict:
+    def error_answer(self, request, message, error: RequestError, connection: Connection | None) -> dict:
         if request is None:
             request_id, has_id = p.request_id_of(message)
             request = p.Request(action="", body={}, request_id=request_id, has_request_id=has_id)
-        fields = {**self._log_fields(request, peer), "CODE": error.code}
-        if error.code not in (p.BAD_REQUEST, p.UNKNOWN_ACTION):
+        fields = {**self._log_fields(request, connection), "CODE": error.code}
+        if error.code not in (p.BAD_REQUEST, p.UNKNOWN_ACTION, p.CANCELLED):
             self.last_error = error.message
         log.info("%s refused: %s", request.action or "request", error.message, extra=fields)
         return p.error_response(request, error)
 
-    async def _dispatch(self, request: p.Request, peer: Peer) -> dict:
-        if request.action in ("ping", "status"):
+    async def _dispatch(self, request: p.Request, connection: Connection | None) -> dict:
+        action = request.action
+        if action in ("ping", "status"):
             return self.status_payload()
-        if request.action == "device_status":
+        if action == "device_status":
             return self.device_status_payload()
-        if request.action == "simulate":
-            return simulate.apply(request.body, self.runtime.backend, peer.uid)
+        if action == "metrics":
+            return {"metrics": self.metrics.snapshot()}
+        if action == "hello":
+            return self._hello(request, connection)
+        if action == "cancel":
+            return self._cancel(request, connection)
+        if action == "simulate":
+            return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
             raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down")
+        return await self._device_action(request, connection)
+
+    async def _device_action(self, request: p.Request, connection: Connection | None) -> dict:
         prepared = await asyncio.to_thread(actions.prepare, request, self.config)
         if request.action != "unload_model":
             # The thermal guard, from the device thread's latest reading
@@ -294,19 +240,101 @@ class Server:
             refusal = self.runtime.thermal_refusal()
             if refusal is not None:
                 raise refusal
-        prepared.log_fields = self._log_fields(request, peer)
-        job, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
-        future = self.device.submit(job, label=label, budget_s=budget_s)
-        result = await asyncio.wrap_future(future)
+        prepared.log_fields = self._log_fields(request, connection)
+        fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
+        job = self.device.submit(fn, label=label, budget_s=budget_s,
+                                 **self._job_fields(request, prepared, connection))
+        tracked = connection is not None and request.has_request_id
+        if tracked:
+            connection.inflight[request.request_id] = job
+        try:
+            result = await self._await_job(job)
+        except RequestError as error:
+            self.metrics.observe(request.action, prepared.model_type, job, error.code)
+            raise
+        finally:
+            if tracked:
+                connection.inflight.pop(request.request_id, None)
+        self.metrics.observe(request.action, prepared.model_type, job, None)
         if request.action == "infer":
             result = await self._infer_payload(result)
         return result
 
+    def _job_fields(self, request: p.Request, prepared, connection: Connection | None) -> dict:
+        priority = prepared.priority or (connection.default_priority if connection else None) \
+            or scheduler.DEFAULT_PRIORITY
+        return {
+            "priority": scheduler.PRIORITIES.index(priority),
+            "client": connection.client_key if connection else "daemon",
+            "owner": connection.id if connection else None,
+            "request_id": request.request_id if request.has_request_id else None,
+            "deadline": prepared.deadline,
+            "model_key": prepared.spec.key if prepared.spec else None,
+        }
+
+    async def _await_job(self, job):
+        """The job's result; past its deadline, a job that has not started is
+        answered ``timeout`` and never runs (one that has started finishes)."""
+        waiting = asyncio.wrap_future(job.future)
+        if job.deadline is None:
+            return await waiting
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), max(0.0, job.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.device.queue.remove(job, RequestError(p.TIMEOUT, "Timed out before the device could start it"))
+            return await waiting
+
+    def _hello(self, request: p.Request, connection: Connection | None) -> dict:
+        wanted = p.optional_number(request.body, "protocol", 1, minimum=1, integer=True)
+        label = p.optional_str(request.body, "client", None)
+        if label is not None and len(label) > 128:
+            raise RequestError(p.BAD_REQUEST, "client must be at most 128 characters")
+        agreed = min(wanted, p.PROTOCOL_MAX)
+        if connection is not None:
+            connection.protocol = agreed
+            connection.client_label = label
+        limits = self.config.scheduling
+        return {
+            "protocol": agreed,
+            "version": __version__,
+            "features": list(p.FEATURES_V2) if agreed >= 2 else [],
+            "priorities": list(scheduler.PRIORITIES),
+            "limits": {
+                "max_message_bytes": self.config.max_message_bytes,
+                "max_tensor_elements": self.config.max_tensor_elements,
+                "max_queue": limits.max_queue,
+                "max_queue_per_client": limits.max_queue_per_client,
+                "max_inflight_per_connection": limits.max_inflight_per_connection,
+            },
+        }
+
+    def _cancel(self, request: p.Request, connection: Connection | None) -> dict:
+        """Cancel a request of this same connection, by its request_id."""
+        body = request.body
+        if "target" in body:
+            target, valid = p.request_id_of({"request_id": body["target"]})
+            if not valid:
+                raise RequestError(p.BAD_REQUEST, "target must be the request_id (string or number) to cancel")
+        elif request.has_request_id:
+            target = request.request_id
+        else:
+            raise RequestError(p.BAD_REQUEST, "cancel needs target: the request_id to cancel")
+        job = self.device.queue.find(connection.id, target) if connection else None
+        if job is not None and self.device.queue.remove(job, scheduler.cancelled_error()):
+            state = "cancelled"
+        elif connection is not None and target in connection.inflight:
+            state = "running" if connection.inflight[target].started_at else "finishing"
+        else:
+            state = "unknown"
+        return {"action": "cancel", "target": target, "cancelled": state == "cancelled", "state": state}
+
     @staticmethod
-    def _log_fields(request: p.Request, peer: Peer) -> dict:
-        fields = peer.log_fields()
+    def _log_fields(request: p.Request, connection: Connection | None) -> dict:
+        fields = _peer(connection).log_fields()
         if request.has_request_id:
             fields["REQUEST_ID"] = request.request_id
+        if connection is not None and connection.client_label:
+            fields["CLIENT"] = connection.client_label
         return fields
 
     async def _infer_payload(self, outcome) -> dict:
@@ -328,6 +356,9 @@ class Server:
             "socket_path": self.socket_path,
             "queue_depth": self.device.queue_depth,
             "total_lru_evictions": self.registry.total_evictions,
+            "queue_by_class": self.device.queue.depth_by_class(),
+            "queue_by_client": self.device.queue.depth_by_client(),
+            "connections": len(self._connections),
             "runtime_broken_reason": self.runtime.broken_reason,
             "last_capacity_event_reason": reason,
             "last_capacity_event_model": model,
@@ -388,3 +419,7 @@ class Server:
         elif self.last_error:
             parts.append(f"last error: {self.last_error}")
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)
+
+
+def _peer(connection: Connection | None) -> Peer:
+    return connection.peer if connection is not None else Peer(None, None, None)
