@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol as p
+from ._version import __version__
 from .tensors import decode_results, encode_v1
 
 DEFAULT_SOCKET = "/run/hailo/device.sock"
@@ -107,10 +108,12 @@ class _Methods:
         return self.request("device_status")
 
     def load_model(self, model_path: str, model_type: str = "vlm", model_params: dict | None = None,
-                   keep_alive: float | str | None = None):
+                   keep_alive: float | str | None = None, **scheduling):
         """``keep_alive``: seconds the model may stay idle (-1 forever, 0 unload
-        after this request) or a duration like "10m"; None: the daemon's setting."""
-        return self.request("load_model", keep_alive=keep_alive,
+        after this request) or a duration like "10m"; None: the daemon's setting.
+        ``scheduling``: ``priority`` ("interactive", "normal", "batch") and
+        ``timeout_ms`` (not started by then: a ``timeout`` error)."""
+        return self.request("load_model", keep_alive=keep_alive, **scheduling,
                             **_model_fields(model_path, model_type, model_params))
 
     def unload_model(self, model_path: str, model_type: str = "vlm"):
@@ -118,17 +121,29 @@ class _Methods:
 
     def infer(self, model_path: str, input_data: Any, model_type: str = "vlm",
               model_params: dict | None = None, decode: bool = True,
-              keep_alive: float | str | None = None):
+              keep_alive: float | str | None = None, **scheduling):
         """Returns the response; ``result`` has ndarrays in place of tensors
-        unless ``decode`` is False. ``keep_alive`` as for :meth:`load_model`."""
-        return self.request("infer", _decode=decode, keep_alive=keep_alive,
+        unless ``decode`` is False. ``keep_alive`` and ``scheduling``
+        (``priority``, ``timeout_ms``) as for :meth:`load_model`."""
+        return self.request("infer", _decode=decode, keep_alive=keep_alive, **scheduling,
                             **_model_fields(model_path, model_type, model_params, input_data))
 
 
 class AsyncClient(_Methods):
-    def __init__(self, *args, **kwargs):
+    """asyncio client. With ``pipelining`` (the default) it says ``hello`` and,
+    if the daemon speaks protocol 2, keeps many requests in flight on one
+    connection; against an older daemon it falls back to v1, one at a time.
+    Cancelling a task that awaits a request cancels the request in the daemon."""
+
+    def __init__(self, *args, pipelining: bool = True, client_name: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._lock = asyncio.Lock()  # v1: one request in flight per connection
+        self.pipelining = pipelining
+        self.client_name = client_name or f"hailo_devmgr.client/{__version__}"
+        self.protocol = 1
+        self._lock = asyncio.Lock()         # v1: one request in flight per connection
+        self._write_lock = asyncio.Lock()   # v2: whole frames only
+        self._pending: dict[int, asyncio.Future] = {}
+        self._answers: asyncio.Task | None = None
         self._reader = self._writer = None
 
     async def connect(self) -> "AsyncClient":
@@ -136,9 +151,27 @@ class AsyncClient(_Methods):
             self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
         except OSError as exc:
             raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+        if self.pipelining:
+            await self._negotiate()
         return self
 
+    async def _negotiate(self) -> None:
+        hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name})
+        try:
+            answer = _check(hello, await asyncio.wait_for(self._exchange(hello), self.timeout), False)
+        except DeviceError as exc:
+            if exc.code != p.UNKNOWN_ACTION:
+                raise
+            return  # an older daemon: stay on v1
+        self.protocol = int(answer.get("protocol", 1))
+        if self.protocol >= 2:
+            self._answers = asyncio.ensure_future(self._read_answers())
+
     async def close(self) -> None:
+        if self._answers is not None:
+            self._answers.cancel()
+            await asyncio.gather(self._answers, return_exceptions=True)
+            self._answers = None
         if self._writer is not None:
             self._writer.close()
             try:
@@ -146,6 +179,7 @@ class AsyncClient(_Methods):
             except OSError:
                 pass
             self._writer = self._reader = None
+        self.protocol = 1
 
     async def __aenter__(self):
         return await self.connect()
@@ -153,12 +187,67 @@ class AsyncClient(_Methods):
     async def __aexit__(self, *exc_info):
         await self.close()
 
+    async def metrics(self) -> dict:
+        return await self.request("metrics")
+
     async def request(self, action: str, _decode: bool = True, **fields) -> dict:
         if self._writer is None:
             await self.connect()
+        message = _build(action, next(self._ids), fields)
+        if self.protocol >= 2:
+            return _check(message, await self._pipelined(message), _decode)
         async with self._lock:
-            message = _build(action, next(self._ids), fields)
             return _check(message, await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
+
+    async def _pipelined(self, message: dict) -> dict:
+        answer = asyncio.get_running_loop().create_future()
+        self._pending[message["request_id"]] = answer
+        try:
+            await self._send(message)
+            return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            if self._writer is not None and not answer.done():  # tell the daemon not to bother
+                asyncio.ensure_future(self._send_quietly(
+                    _build("cancel", next(self._ids), {"target": message["request_id"]})))
+            raise
+        finally:
+            self._pending.pop(message["request_id"], None)
+
+    async def _send(self, message: dict) -> None:
+        try:
+            async with self._write_lock:
+                self._writer.write(p.encode_frame(message))
+                await self._writer.drain()
+        except OSError as exc:
+            raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+
+    async def _send_quietly(self, message: dict) -> None:
+        try:
+            await self._send(message)
+        except DaemonUnreachable:
+            pass
+
+    async def _read_answers(self) -> None:
+        """v2: hand each answer to the request waiting for its request_id."""
+        error: Exception = DaemonUnreachable(f"connection to {self.socket_path} closed by the daemon")
+        try:
+            while True:
+                header = await self._reader.readexactly(p.HEADER_SIZE)
+                body = await self._reader.readexactly(_answer_length(header, self.max_message_bytes))
+                answer = p.decode_body(body)
+                waiting = self._pending.get(answer.get("request_id"))
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(answer)
+                elif "request_id" not in answer and "error" in answer:
+                    error = DeviceError(str(answer["error"]), answer.get("code"), answer)
+                    break  # about the stream itself (too_large): the daemon closes it
+        except (OSError, asyncio.IncompleteReadError, DeviceError, p.RequestError) as exc:
+            if isinstance(exc, DeviceError):
+                error = exc
+        finally:
+            for waiting in self._pending.values():
+                if not waiting.done():
+                    waiting.set_exception(error)
 
     async def _exchange(self, message: dict) -> dict:
         try:

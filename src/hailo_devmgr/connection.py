@@ -102,7 +102,8 @@ class Connection:
         self.protocol = 1
         self.client_label: str | None = None
         self.default_priority: str | None = None
-        self.inflight: dict = {}        # request_id -> Job, for cancel
+        self.inflight: dict = {}        # request_id -> Job (None while validated), for cancel
+        self.cancel_requested: set = set()
         self._reader, self._writer = reader, writer
         self._write_lock = asyncio.Lock()
         self._inbox: asyncio.Queue = asyncio.Queue()

@@ -61,7 +61,7 @@ class DeviceThread:
     def __init__(self, runtime: "DeviceRuntime", queue: JobQueue | None = None,
                  chores: list[Chore] | None = None):
         self.runtime = runtime
-        self.queue = queue or FairScheduler()
+        self.queue = queue if queue is not None else FairScheduler()  # (an empty queue is falsy)
         other = lambda: runtime.budgets.other_budget_s  # noqa: E731 - read at run time (reload)
         # The runtime's own chores first: a rebuilt device before anything else.
         self.chores: list[Chore] = [
@@ -163,16 +163,20 @@ class DeviceThread:
             return  # its client went away while it waited
         job.started_at = time.monotonic()
         self._current = (job.label, job.started_at, job.budget_s)
+        result = error = None
         try:
             result = job.fn()
         except BaseException as exc:  # handed to the waiting request, never lost
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(result)
+            error = exc
         finally:
             self._current = None
+            # Timestamps first: whoever the future wakes reads them.
             job.finished_at = time.monotonic()
             self.queue.record_run(job.finished_at - job.started_at)
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
 
     def _run_guarded(self, label: str, budget_s: float, fn: Callable[[], Any]) -> None:
         self._current = (label, time.monotonic(), budget_s)

@@ -193,7 +193,7 @@ class FifoQueue(JobQueue):
     """First come, first served: the core's order, kept for comparison."""
 
     def _select(self, now: float) -> Job:
-        return self._jobs[0]
+        return min(self._jobs, key=lambda job: job.enqueued_at)
 
 
 class FairScheduler(JobQueue):
@@ -211,10 +211,11 @@ class FairScheduler(JobQueue):
     def _select(self, now: float) -> Job:
         best = min(self.effective_class(job, now) for job in self._jobs)
         in_class = [job for job in self._jobs if self.effective_class(job, now) == best]
-        # _jobs keeps arrival order, so the first job of a client is its oldest.
         oldest_of: dict[Hashable, Job] = {}
         for job in in_class:
-            oldest_of.setdefault(job.client, job)
+            known = oldest_of.get(job.client)
+            if known is None or job.enqueued_at < known.enqueued_at:
+                oldest_of[job.client] = job
         client = min(oldest_of, key=lambda c: (self._last_turn.get(c, 0), oldest_of[c].enqueued_at))
         pick = self._with_affinity(oldest_of[client], in_class)
         self._last_turn[pick.client] = next(self._turns)
@@ -226,7 +227,8 @@ class FairScheduler(JobQueue):
         loaded = self._loaded_keys()
         if pick.model_key in loaded:
             return pick
-        warm = next((job for job in in_class if job.model_key in loaded), None)
+        warm = min((job for job in in_class if job.model_key in loaded), key=lambda job: job.enqueued_at,
+                   default=None)
         if warm is None:
             return pick
         pick.skips += 1

@@ -233,6 +233,18 @@ class Server:
         return await self._device_action(request, connection)
 
     async def _device_action(self, request: p.Request, connection: Connection | None) -> dict:
+        received = time.monotonic()  # queue order is arrival order, whatever validation takes
+        tracked = connection is not None and request.has_request_id
+        if tracked:
+            connection.inflight[request.request_id] = None  # known, not queued yet (for cancel)
+        try:
+            return await self._run_device_action(request, connection, received, tracked)
+        finally:
+            if tracked:
+                connection.inflight.pop(request.request_id, None)
+                connection.cancel_requested.discard(request.request_id)
+
+    async def _run_device_action(self, request, connection, received: float, tracked: bool) -> dict:
         prepared = await asyncio.to_thread(actions.prepare, request, self.config)
         if request.action != "unload_model":
             # The thermal guard, from the device thread's latest reading
@@ -242,9 +254,10 @@ class Server:
                 raise refusal
         prepared.log_fields = self._log_fields(request, connection)
         fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
-        job = self.device.submit(fn, label=label, budget_s=budget_s,
+        if tracked and request.request_id in connection.cancel_requested:
+            raise scheduler.cancelled_error()  # cancelled while it was being validated
+        job = self.device.submit(fn, label=label, budget_s=budget_s, enqueued_at=received,
                                  **self._job_fields(request, prepared, connection))
-        tracked = connection is not None and request.has_request_id
         if tracked:
             connection.inflight[request.request_id] = job
         try:
@@ -252,9 +265,6 @@ class Server:
         except RequestError as error:
             self.metrics.observe(request.action, prepared.model_type, job, error.code)
             raise
-        finally:
-            if tracked:
-                connection.inflight.pop(request.request_id, None)
         self.metrics.observe(request.action, prepared.model_type, job, None)
         if request.action == "infer":
             result = await self._infer_payload(result)
@@ -319,11 +329,15 @@ class Server:
             target = request.request_id
         else:
             raise RequestError(p.BAD_REQUEST, "cancel needs target: the request_id to cancel")
-        job = self.device.queue.find(connection.id, target) if connection else None
-        if job is not None and self.device.queue.remove(job, scheduler.cancelled_error()):
+        known = connection is not None and target in connection.inflight
+        job = connection.inflight.get(target) if known else None
+        if known and job is None:
+            connection.cancel_requested.add(target)  # still being validated: it will not be queued
             state = "cancelled"
-        elif connection is not None and target in connection.inflight:
-            state = "running" if connection.inflight[target].started_at else "finishing"
+        elif job is not None and self.device.queue.remove(job, scheduler.cancelled_error()):
+            state = "cancelled"
+        elif job is not None:
+            state = "running" if job.started_at else "finishing"
         else:
             state = "unknown"
         return {"action": "cancel", "target": target, "cancelled": state == "cancelled", "state": state}

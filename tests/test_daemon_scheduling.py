@@ -1,0 +1,230 @@
+"""Scheduling through the socket: v2 pipelining, priorities, deadlines, cancel,
+back-pressure and metrics, on the simulated backend with fixed latencies.
+
+A "blocker" is an inference made slow with model_params.simulate_ms; what
+queues behind it shows the scheduler's choices. Whether a queued request
+ever ran is read from the model cache: an inference on a model nobody
+loaded would have loaded it.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from hailo_devmgr import protocol as p
+from hailo_devmgr.client import Client, tensor
+
+IMAGE = tensor(np.zeros((224, 224, 3), np.uint8))
+
+
+class Raw:
+    """A raw socket speaking frames, for exact control of what is in flight."""
+
+    def __init__(self, path: str, hello: bool = True):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+        if hello:
+            self.send({"action": "hello", "protocol": 2, "client": "test", "request_id": "hello"})
+            answer = self.read()
+            assert answer["protocol"] == 2 and "pipelining" in answer["features"]
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall(p.encode_frame(message))
+
+    def read(self) -> dict:
+        header = self._exactly(4)
+        return json.loads(self._exactly(struct.unpack(">I", header)[0]))
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def infer(model_dir, name="net.hef", request_id=None, simulate_ms=None, **fields) -> dict:
+    message = {"action": "infer", "model_type": "generic", "model_path": str(model_dir / name),
+               "input_data": {"inputs": {"input_layer1": IMAGE}}, **fields}
+    if request_id is not None:
+        message["request_id"] = request_id
+    if simulate_ms is not None:
+        message["model_params"] = {"simulate_ms": simulate_ms}
+    return message
+
+
+def loaded(daemon) -> list[str]:
+    with Client(daemon.socket_path, timeout=10) as client:
+        return [model["model_path"].rsplit("/", 1)[-1] for model in client.status()["loaded_models"]]
+
+
+def wait_busy(daemon):
+    deadline = time.monotonic() + 10
+    with Client(daemon.socket_path, timeout=10) as client:
+        while not (client.status()["device_busy_with"] or "").startswith("infer"):
+            assert time.monotonic() < deadline, "the blocker never started"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def sched_daemon(start_daemon):
+    return start_daemon(simulated={"load_ms": 1, "infer_ms": 1})
+
+
+def test_hello_negotiates_and_v1_stays_in_order(sched_daemon, model_dir):
+    v1 = Raw(sched_daemon.socket_path, hello=False)
+    v1.send(infer(model_dir, request_id="first", simulate_ms=300))
+    v1.send({"action": "ping", "request_id": "second"})
+    assert [v1.read()["request_id"], v1.read()["request_id"]] == ["first", "second"]
+    v1.send({"action": "hello", "protocol": 9, "request_id": "h"})
+    assert v1.read()["protocol"] == 2  # the newest both speak
+    v1.close()
+
+
+def test_pipelined_answers_come_as_they_finish_matched_by_request_id(sched_daemon, model_dir):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id="slow", simulate_ms=400))
+    v2.send({"action": "ping", "request_id": "quick"})
+    v2.send(infer(model_dir, "two.hef", request_id=7) | {"input_data": {"inputs": {
+        "a": tensor(np.ones((4, 4, 3), np.uint8)), "b": tensor(np.ones(8, np.float32))}}})
+    answers = [v2.read() for _ in range(3)]
+    assert answers[0]["request_id"] == "quick"  # not behind the slow inference
+    by_id = {answer["request_id"]: answer for answer in answers}
+    assert "output_layer1" in by_id["slow"]["result"]["outputs"]
+    assert "sum" in by_id[7]["result"]["outputs"]  # each answer matched to its own request
+    v2.close()
+
+
+def test_interactive_overtakes_queued_batch_work(sched_daemon, model_dir):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=400))
+    wait_busy(sched_daemon)
+    for index in range(3):
+        v2.send(infer(model_dir, request_id=f"batch{index}", priority="batch"))
+    v2.send(infer(model_dir, request_id="urgent", priority="interactive"))
+    order = [v2.read()["request_id"] for _ in range(5)]
+    assert order[0] == "blocker" and order[1] == "urgent"
+    assert order[2:] == ["batch0", "batch1", "batch2"]
+    v2.close()
+
+
+def test_deadline_passes_in_queue_answered_timeout_and_never_runs(sched_daemon, model_dir):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=800))
+    wait_busy(sched_daemon)
+    v2.send(infer(model_dir, "other.hef", request_id="late", timeout_ms=100))
+    first = v2.read()
+    assert first["request_id"] == "late" and first["code"] == p.TIMEOUT  # at its deadline, not after the blocker
+    assert v2.read()["request_id"] == "blocker"
+    assert "other.hef" not in loaded(sched_daemon)
+    v2.close()
+
+
+def test_cancel_by_request_id(sched_daemon, model_dir):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=500))
+    wait_busy(sched_daemon)
+    v2.send(infer(model_dir, "other.hef", request_id="unwanted"))
+    v2.send({"action": "cancel", "target": "unwanted", "request_id": "c1"})
+    v2.send({"action": "cancel", "target": "blocker", "request_id": "c2"})
+    v2.send({"action": "cancel", "target": "nobody", "request_id": "c3"})
+    answers = {answer["request_id"]: answer for answer in (v2.read() for _ in range(5))}
+    assert answers["unwanted"]["code"] == p.CANCELLED
+    assert answers["c1"]["cancelled"] is True
+    assert answers["c2"]["cancelled"] is False and answers["c2"]["state"] == "running"
+    assert answers["c3"]["state"] == "unknown"
+    assert answers["blocker"]["status"] == "ok"  # a running inference cannot be pre-empted
+    assert "other.hef" not in loaded(sched_daemon)
+    v2.close()
+
+
+def test_a_client_that_disconnects_has_its_queued_work_dropped(sched_daemon, model_dir):
+    blocker = Raw(sched_daemon.socket_path)
+    blocker.send(infer(model_dir, request_id="blocker", simulate_ms=500))
+    wait_busy(sched_daemon)
+    leaver = Raw(sched_daemon.socket_path, hello=False)  # v1 too
+    leaver.send(infer(model_dir, "other.hef", request_id="never"))
+    time.sleep(0.1)
+    leaver.close()
+    assert blocker.read()["request_id"] == "blocker"
+    with Client(sched_daemon.socket_path, timeout=10) as client:
+        client.ping()  # the device has moved past the dropped request
+    assert "other.hef" not in loaded(sched_daemon)
+    assert "queued request(s) dropped" in sched_daemon.log()
+    blocker.close()
+
+
+def test_full_queue_answers_busy_at_once_with_retry_after(start_daemon, model_dir):
+    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 1},
+                          scheduling={"max_queue": 2, "max_queue_per_client": 2})
+    v2 = Raw(daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=600))
+    wait_busy(daemon)
+    for index in range(3):
+        v2.send(infer(model_dir, request_id=f"q{index}"))
+    first = v2.read()  # the one over the limit (validation order decides which), at once
+    assert first["code"] == p.BUSY and first["retry_after_ms"] > 0
+    rest = [v2.read() for _ in range(3)]
+    assert all(answer["status"] == "ok" for answer in rest)  # everything else answered; nothing lost
+    assert {answer["request_id"] for answer in [first, *rest]} == {"blocker", "q0", "q1", "q2"}
+    v2.close()
+
+
+def test_status_shows_queues_and_metrics_count_per_model_type(sched_daemon, model_dir):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=500))
+    wait_busy(sched_daemon)
+    v2.send(infer(model_dir, request_id="b", priority="batch"))
+    time.sleep(0.1)
+    with Client(sched_daemon.socket_path, timeout=10) as client:
+        status = client.status()
+        assert status["queue_by_class"] == {"interactive": 0, "normal": 0, "batch": 1}
+        assert sum(status["queue_by_client"].values()) == 1
+        assert v2.read()["request_id"] == "blocker" and v2.read()["request_id"] == "b"
+        metrics = client.request("metrics")["metrics"]["model_types"]["generic"]
+    assert metrics["requests"]["infer"] == 2
+    assert metrics["queue_wait_ms"]["count"] == 2 and metrics["run_time_ms"]["count"] == 2
+    # The batch request waited behind the ~500 ms blocker: its wait lands in a high bucket.
+    assert metrics["queue_wait_ms"]["buckets_le_ms"]["+Inf"] == 2
+    assert metrics["run_time_ms"]["sum_ms"] > 0
+    v2.close()
+
+
+def test_configured_priority_by_uid_applies_to_v1_clients(start_daemon, model_dir):
+    import os
+    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 1},
+                          scheduling={"client_priorities": [{"uid": os.getuid(), "priority": "batch"}]})
+    v2 = Raw(daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=400))
+    wait_busy(daemon)
+    v2.send(infer(model_dir, request_id="mine"))  # no priority field: the uid's default
+    time.sleep(0.1)
+    with Client(daemon.socket_path, timeout=10) as client:
+        assert client.status()["queue_by_class"]["batch"] == 1
+    assert {v2.read()["request_id"], v2.read()["request_id"]} == {"blocker", "mine"}
+    v2.close()
+
+
+@pytest.mark.parametrize("field, value, text", [
+    ("priority", "urgent", "priority must be one of interactive, normal, batch"),
+    ("timeout_ms", 0, "timeout_ms must be >= 1"),
+    ("timeout_ms", "soon", "timeout_ms must be an integer"),
+])
+def test_bad_scheduling_fields_are_bad_requests(sched_daemon, model_dir, field, value, text):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id=1, **{field: value}))
+    answer = v2.read()
+    assert answer["code"] == p.BAD_REQUEST and text in answer["error"]
+    v2.send({"action": "cancel", "request_id": 2})  # no target: the id names what to cancel
+    assert v2.read()["state"] == "unknown"
+    v2.close()

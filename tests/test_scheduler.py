@@ -1,0 +1,139 @@
+"""The scheduler on its own: order, aging, deadlines, cancel, limits, affinity.
+
+Deterministic: no device thread; jobs are put, then taken with get(0) one
+by one, and times are set on the jobs directly.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hailo_devmgr.protocol import BUSY, CANCELLED, TIMEOUT, RequestError
+from hailo_devmgr.scheduler import PRIORITIES, FairScheduler, FifoQueue, Job, QueueLimits
+
+INTERACTIVE, NORMAL, BATCH = (PRIORITIES.index(name) for name in ("interactive", "normal", "batch"))
+
+
+def job(name, client="a", priority=NORMAL, **fields) -> Job:
+    return Job(fn=lambda: name, label=name, budget_s=1, priority=priority, client=client, owner=client,
+               request_id=name, **fields)
+
+
+def drain(queue) -> list[str]:
+    order = []
+    while (taken := queue.get(0)) is not None:
+        order.append(taken.label)
+    return order
+
+
+def test_higher_class_runs_first_and_fifo_within_a_client():
+    queue = FairScheduler()
+    for item in (job("b1", priority=BATCH), job("n1"), job("i1", priority=INTERACTIVE), job("n2")):
+        queue.put(item)
+    assert drain(queue) == ["i1", "n1", "n2", "b1"]
+
+
+def test_round_robin_across_clients_within_a_class():
+    queue = FairScheduler()
+    for index in range(5):
+        queue.put(job(f"greedy{index}", client="greedy"))
+    queue.put(job("polite0", client="polite"))
+    queue.put(job("polite1", client="polite"))
+    order = drain(queue)
+    # The polite client waits behind one greedy job, not five.
+    assert order[:4] == ["greedy0", "polite0", "greedy1", "polite1"]
+    assert order[4:] == ["greedy2", "greedy3", "greedy4"]
+
+
+def test_aging_promotes_a_waiting_batch_job_within_the_documented_bound():
+    queue = FairScheduler(QueueLimits(aging_s=1.0))
+    old_batch = job("old-batch", client="b", priority=BATCH)
+    old_batch.enqueued_at = time.monotonic() - 2.01  # waited 2 x aging_s: now counts as interactive
+    queue.put(old_batch)
+    queue.put(job("fresh-interactive", client="i", priority=INTERACTIVE))
+    queue.put(job("fresh-normal", client="n"))
+    order = drain(queue)
+    assert order.index("old-batch") < order.index("fresh-normal")
+    assert queue.effective_class(old_batch, time.monotonic()) == INTERACTIVE
+
+    young = job("young-batch", priority=BATCH)
+    young.enqueued_at = time.monotonic() - 0.5
+    assert queue.effective_class(young, time.monotonic()) == BATCH  # not yet
+
+
+def test_a_job_past_its_deadline_is_answered_timeout_and_never_taken():
+    queue = FairScheduler()
+    late = job("late", deadline=time.monotonic() - 0.001)
+    queue.put(late)
+    queue.put(job("on-time", client="b"))
+    assert drain(queue) == ["on-time"]
+    with pytest.raises(RequestError) as info:
+        late.future.result(0)
+    assert info.value.code == TIMEOUT
+
+
+def test_remove_answers_the_job_and_it_never_runs():
+    queue = FairScheduler()
+    doomed, kept = job("doomed"), job("kept")
+    queue.put(doomed)
+    queue.put(kept)
+    assert queue.find("a", "doomed") is doomed
+    assert queue.remove(doomed, RequestError(CANCELLED, "Cancelled by the client"))
+    assert not queue.remove(doomed, RequestError(CANCELLED, "again"))  # no longer waiting
+    assert drain(queue) == ["kept"]
+    assert doomed.future.exception(0).code == CANCELLED
+
+
+def test_dropping_an_owner_cancels_only_its_waiting_jobs():
+    queue = FairScheduler()
+    mine = [job(f"gone{index}", client="gone") for index in range(3)]
+    for item in (*mine, job("stays", client="other")):
+        queue.put(item)
+    assert queue.drop_owner("gone") == 3
+    assert drain(queue) == ["stays"]
+    assert all(item.future.cancelled() for item in mine)
+
+
+def test_queue_limits_answer_busy_with_a_retry_estimate():
+    queue = FairScheduler(QueueLimits(max_queue=3, max_queue_per_client=2))
+    queue.record_run(0.1)
+    queue.put(job("a1"))
+    queue.put(job("a2"))
+    with pytest.raises(RequestError) as per_client:
+        queue.put(job("a3"))
+    assert per_client.value.code == BUSY and per_client.value.retry_after_ms > 0
+    queue.put(job("b1", client="b"))
+    with pytest.raises(RequestError) as total:
+        queue.put(job("c1", client="c"))
+    assert total.value.code == BUSY and "queue is full" in total.value.message
+    assert len(queue) == 3  # nothing was silently dropped or added
+
+
+def test_affinity_prefers_loaded_models_within_its_bound():
+    loaded = frozenset({"generic:/warm.hef"})
+    queue = FairScheduler(QueueLimits(affinity_max_skips=2), loaded_keys=lambda: loaded)
+    cold = job("cold", client="a", model_key="generic:/cold.hef")
+    queue.put(cold)
+    for index in range(4):
+        queue.put(job(f"warm{index}", client="b", model_key="generic:/warm.hef"))
+    order = drain(queue)
+    # The cold job is passed over twice (the bound), then runs.
+    assert order[:3] == ["warm0", "warm1", "cold"]
+    assert cold.skips == 2
+
+
+def test_depth_by_class_and_client():
+    queue = FairScheduler()
+    queue.put(job("x", client=11, priority=BATCH))
+    queue.put(job("y", client=11))
+    queue.put(job("z", client=12, priority=INTERACTIVE))
+    assert queue.depth_by_class() == {"interactive": 1, "normal": 1, "batch": 1}
+    assert queue.depth_by_client() == {"11": 2, "12": 1}
+
+
+def test_fifo_keeps_arrival_order_whatever_the_priority():
+    queue = FifoQueue()
+    for item in (job("b", priority=BATCH), job("i", client="z", priority=INTERACTIVE), job("n")):
+        queue.put(item)
+    assert drain(queue) == ["b", "i", "n"]
