@@ -54,6 +54,7 @@ e2e: deps-test
 
 bench: deps-test
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/scheduling.py
 
 # Build from a copy of the tree, so dpkg-buildpackage's output (written to
 # the parent folder) and build files stay under build/.
