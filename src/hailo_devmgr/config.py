@@ -244,6 +244,14 @@ class Config:
                                   "HAILO_DEVICE_MAX_MESSAGE_BYTES")
     max_pending_bytes: int = _key(_integer(1024, 4096 * MiB), 256 * MiB)
     max_tensor_elements: int = _key(_integer(1), 64 * MiB)
+    # Connections at once, in all and per client uid; more are refused.
+    max_connections: int = _key(_integer(1, 100_000), 256)
+    max_connections_per_uid: int = _key(_integer(1, 100_000), 64)
+    # A frame whose first byte has come must be complete within this time,
+    # or the connection is closed (a stalled half-sent frame holds nothing).
+    frame_timeout_s: float = _key(_number(0.1, 3600.0), 30.0)
+    # Close connections idle this long (0: never; services may keep one open).
+    idle_timeout_s: float = _key(_number(0.0, 86400.0), 0.0)
     max_loaded_models: int = _key(_integer(1, 64), 8, "HAILO_DEVICE_MAX_LOADED_MODELS")
     pin: tuple = _key(_pin_list, ())
     # Seconds an idle model stays loaded, per model type: -1 forever, 0 unload

@@ -102,6 +102,7 @@ class Connection:
         self.protocol = 1
         self.client_label: str | None = None
         self.default_priority: str | None = None
+        self.unit = self.peer.unit()      # systemd unit of the peer, read once
         self.inflight: dict = {}        # request_id -> Job (None while validated), for cancel
         self.cancel_requested: set = set()
         self._reader, self._writer = reader, writer
@@ -137,13 +138,27 @@ class Connection:
             self._writer.close()
 
     async def _read_frame(self) -> tuple[bytes, int] | None:
-        """(body, length) of the next frame; None when the connection must end."""
+        """(body, length) of the next frame; None when the connection must end.
+
+        Once a frame's first byte has come, all of it must follow within
+        ``frame_timeout_s``: a client that stalls mid-frame is cut off and
+        the memory reserved for its body is given back."""
+        config = self.server.config
         try:
-            header = await self._reader.readexactly(p.HEADER_SIZE)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                log.warning("client sent a truncated frame header and closed", extra=self.peer.log_fields())
+            first = await asyncio.wait_for(self._reader.readexactly(1), config.idle_timeout_s or None)
+        except asyncio.IncompleteReadError:
+            return None  # closed between frames: the normal end
+        except asyncio.TimeoutError:
+            log.info("closing a connection idle for %g s", config.idle_timeout_s, extra=self.peer.log_fields())
             return None
+        frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
+        try:
+            header = first + await self._within(frame_deadline, self._reader.readexactly(p.HEADER_SIZE - 1))
+        except asyncio.IncompleteReadError:
+            log.warning("client sent a truncated frame header and closed", extra=self.peer.log_fields())
+            return None
+        except asyncio.TimeoutError:
+            return self._stalled()
         try:
             length = p.parse_length(header, self.server.config.max_message_bytes)
         except RequestError as error:
@@ -151,15 +166,34 @@ class Connection:
             await self.send(p.error_response(None, error))
             return None
         await self.server.budget.acquire(length)
+        # Waiting for memory is our doing, not the client's: the clock restarts.
+        frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
         try:
-            return await self._reader.readexactly(length), length
+            return await self._within(frame_deadline, self._reader.readexactly(length)), length
         except asyncio.IncompleteReadError:
             log.warning("client closed in the middle of a %d-byte frame", length, extra=self.peer.log_fields())
             self.server.budget.release(length)
             return None
+        except asyncio.TimeoutError:
+            self.server.budget.release(length)
+            return self._stalled()
         except BaseException:
             self.server.budget.release(length)
             raise
+
+    @staticmethod
+    async def _within(deadline: float, reading):
+        return await asyncio.wait_for(reading, max(0.0, deadline - asyncio.get_running_loop().time()))
+
+    def _stalled(self) -> None:
+        log.warning("closing a connection that stalled mid-frame for %g s (frame_timeout_s)",
+                    self.server.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
+        return None
+
+    def describe(self) -> dict:
+        """This client, for `status`."""
+        return {"pid": self.peer.pid, "uid": self.peer.uid, "unit": self.unit, "client": self.client_label,
+                "protocol": self.protocol, "in_flight": len(self.inflight)}
 
     def _spawn(self, frame: tuple[bytes, int]) -> None:
         if len(self._tasks) >= self.server.config.scheduling.max_inflight_per_connection:
@@ -194,6 +228,9 @@ class Connection:
             await self.send(self.server.error_answer(None, message, error, self))
         finally:
             self.server.budget.release(length)
+
+    def close(self) -> None:
+        self._writer.close()
 
     async def send(self, response: dict) -> None:
         frame = p.encode_frame(response)

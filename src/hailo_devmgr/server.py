@@ -121,6 +121,7 @@ class Server:
         self.shutting_down = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
+        self.clients: dict[int, Connection] = {}   # by connection id, for status and limits
 
     def apply_config(self, config) -> None:
         """Take the reloadable parts of a new config (SIGHUP)."""
@@ -154,15 +155,42 @@ class Server:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = Connection(self, reader, writer)
-        connection.default_priority = self._configured_priority(connection.peer)
+        refusal = self._over_connection_limit(connection)
+        if refusal is not None:
+            log.warning("refused a connection: %s", refusal.message,
+                        extra={**connection.peer.log_fields(), "CODE": refusal.code})
+            await self._refuse(connection, refusal)
+            return
+        connection.default_priority = self._configured_priority(connection)
         task = asyncio.current_task()
         self._connections.add(task)
+        self.clients[connection.id] = connection
         try:
             await connection.run()
         except asyncio.CancelledError:
             pass
         finally:
             self._connections.discard(task)
+            self.clients.pop(connection.id, None)
+
+    def _over_connection_limit(self, connection: Connection) -> RequestError | None:
+        config = self.config
+        same_uid = sum(1 for other in self.clients.values() if other.peer.uid == connection.peer.uid)
+        if len(self.clients) >= config.max_connections:
+            what = f"the daemon has {len(self.clients)} connections (max_connections)"
+        elif same_uid >= config.max_connections_per_uid:
+            what = f"uid {connection.peer.uid} has {same_uid} connections (max_connections_per_uid)"
+        else:
+            return None
+        return RequestError(p.BUSY, f"Too many connections: {what}", retry_after_ms=1000)
+
+    @staticmethod
+    async def _refuse(connection: Connection, error: RequestError) -> None:
+        try:
+            await asyncio.wait_for(connection.send(p.error_response(None, error)), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        connection.close()
 
     def client_gone(self, connection: Connection) -> None:
         """Drop the queued work of a connection that closed (it never runs)."""
@@ -171,13 +199,10 @@ class Server:
             log.info("client closed the connection: %d queued request(s) dropped", dropped,
                      extra=connection.peer.log_fields())
 
-    def _configured_priority(self, peer: Peer) -> str | None:
-        rules = self.config.scheduling.client_priorities
-        if not rules:
-            return None
-        unit = peer.unit() if any("unit" in rule for rule in rules) else None
-        for rule in rules:
-            if rule.get("uid") == peer.uid or (unit is not None and rule.get("unit") == unit):
+    def _configured_priority(self, connection: Connection) -> str | None:
+        for rule in self.config.scheduling.client_priorities:
+            if rule.get("uid") == connection.peer.uid or (
+                    connection.unit is not None and rule.get("unit") == connection.unit):
                 return rule["priority"]
         return None
 
@@ -372,7 +397,8 @@ class Server:
             "total_lru_evictions": self.registry.total_evictions,
             "queue_by_class": self.device.queue.depth_by_class(),
             "queue_by_client": self.device.queue.depth_by_client(),
-            "connections": len(self._connections),
+            "connections": len(self.clients),
+            "clients": [client.describe() for client in self.clients.values()],
             "runtime_broken_reason": self.runtime.broken_reason,
             "last_capacity_event_reason": reason,
             "last_capacity_event_model": model,

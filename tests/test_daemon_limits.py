@@ -1,0 +1,73 @@
+"""Limits a client controls: connections per uid and in all, stalled and idle connections."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+from hailo_devmgr import protocol as p
+from hailo_devmgr.client import Client
+from test_daemon_scheduling import Raw
+
+
+def closed_by_daemon(sock: socket.socket, within: float = 10.0) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+
+
+def connections_seen(raw: Raw) -> dict:
+    raw.send({"action": "status"})
+    return raw.read()
+
+
+def test_connections_per_uid_are_limited_and_refused_with_busy(start_daemon):
+    daemon = start_daemon(max_connections_per_uid=2)
+    first = Raw(daemon.socket_path, hello=False)
+    deadline = time.monotonic() + 10
+    while connections_seen(first)["connections"] != 1:  # the start-up probe has gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = Raw(daemon.socket_path, hello=False)
+    assert connections_seen(second)["connections"] == 2
+    third = Raw(daemon.socket_path, hello=False)
+    answer = third.read()
+    assert answer["code"] == p.BUSY and "max_connections_per_uid" in answer["error"]
+    assert closed_by_daemon(third.sock)
+    status = connections_seen(first)
+    me = [entry for entry in status["clients"] if entry["pid"] == os.getpid()]
+    assert len(me) == 2 and all(entry["uid"] == os.getuid() and entry["protocol"] == 1 for entry in me)
+    first.close()
+    deadline = time.monotonic() + 10
+    while connections_seen(second)["connections"] != 1:  # room again
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with Client(daemon.socket_path, timeout=10) as client:
+        assert client.ping()["status"] == "ok"
+    second.close()
+
+
+def test_a_stalled_half_frame_is_cut_off_and_frees_its_memory(start_daemon):
+    daemon = start_daemon(frame_timeout_s=0.5, max_message_bytes=4096, max_pending_bytes=4096)
+    staller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staller.connect(daemon.socket_path)
+    staller.sendall(struct.pack(">I", 4000) + b'{"action": "pi')  # 4000 bytes announced, 14 sent
+    # Another client's large request must wait for that reservation, then go through.
+    with Client(daemon.socket_path, timeout=30) as client:
+        padded = client.request("ping", padding="x" * 3500)
+    assert padded["status"] == "ok"
+    assert closed_by_daemon(staller)
+    assert "stalled mid-frame" in daemon.log()
+    staller.close()
+
+
+def test_idle_connections_are_closed_when_configured(start_daemon):
+    daemon = start_daemon(idle_timeout_s=0.3)
+    idle = Raw(daemon.socket_path, hello=False)
+    idle.send({"action": "ping"})
+    idle.read()
+    assert closed_by_daemon(idle.sock)
+    idle.close()
