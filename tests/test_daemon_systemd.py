@@ -28,6 +28,7 @@ class NotifyListener:
         self.sock.bind(path)
         self.sock.settimeout(0.2)
         self.messages: list[tuple[float, str]] = []
+        self.daemons: list = []   # started against this listener; stopped by the fixture
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
@@ -66,13 +67,17 @@ class NotifyListener:
 def notify(tmp_path):
     listener = NotifyListener(str(tmp_path / "notify.sock"))
     yield listener
+    for daemon in listener.daemons:  # whatever the test did, no daemon outlives it
+        daemon.stop()
     listener.close()
 
 
 def start_notified(tmp_path, model_dir, notify, watchdog_usec=200_000, **overrides) -> DaemonProcess:
     config = write_config(tmp_path, model_dir, **overrides)
     env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec)}
-    return DaemonProcess(tmp_path, config, yaml.safe_load(config.read_text())["socket_path"], env).wait_ready()
+    daemon = DaemonProcess(tmp_path, config, yaml.safe_load(config.read_text())["socket_path"], env)
+    notify.daemons.append(daemon)
+    return daemon.wait_ready()
 
 
 def test_socket_activation_hands_over_the_listening_fd(tmp_path, model_dir):

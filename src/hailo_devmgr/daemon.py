@@ -193,7 +193,8 @@ class Daemon:
         self.runtime.thermal = new.thermal  # used from the next temperature reading
         self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new),
                                                             new.keep_alive),
-                           label="apply configuration", budget_s=new.watchdog.other_budget_s)
+                           label="apply configuration", budget_s=new.watchdog.other_budget_s,
+                           client="daemon", priority=0)
         self.config = new
         self.prewarm()  # pins added by the new file (loaded ones answer "already loaded")
         log.info("configuration reloaded")

@@ -39,6 +39,7 @@ from .protocol import BUSY, CANCELLED, SHUTTING_DOWN, TIMEOUT, RequestError
 PRIORITIES = ("interactive", "normal", "batch")   # index = class; lower runs first
 DEFAULT_PRIORITY = "normal"
 _EWMA_WEIGHT = 0.2
+MAX_REMEMBERED_CLIENTS = 1024
 
 
 @dataclass
@@ -57,12 +58,6 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     skips: int = 0                   # times passed over for affinity
-
-    def remaining_ms(self, budget_ms: int) -> int:
-        """The HailoRT timeout for this job: its budget, capped by the deadline."""
-        if self.deadline is None:
-            return budget_ms
-        return max(1, min(budget_ms, int((self.deadline - time.monotonic()) * 1000)))
 
 
 @dataclass(frozen=True)
@@ -219,7 +214,14 @@ class FairScheduler(JobQueue):
         client = min(oldest_of, key=lambda c: (self._last_turn.get(c, 0), oldest_of[c].enqueued_at))
         pick = self._with_affinity(oldest_of[client], in_class)
         self._last_turn[pick.client] = next(self._turns)
+        if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
+            self._forget_idle_clients()
         return pick
+
+    def _forget_idle_clients(self) -> None:
+        """Bound the per-client record: clients with nothing queued start afresh."""
+        waiting = {job.client for job in self._jobs}
+        self._last_turn = {client: turn for client, turn in self._last_turn.items() if client in waiting}
 
     def _with_affinity(self, pick: Job, in_class: list[Job]) -> Job:
         if pick.skips >= self.limits.affinity_max_skips or pick.model_key is None:
