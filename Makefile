@@ -8,11 +8,16 @@ RUN_DIR   ?= $(CURDIR)/run
 RUNTIME_DEPS = python3-systemd python3-sdnotify python3-numpy python3-yaml
 DEB_DEPS     = dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
 E2E_DEPS     = systemd-container debootstrap
-TEST_DEPS    = $(RUNTIME_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd
+TEST_DEPS    = $(RUNTIME_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd \
+               python3-hypothesis python3-venv
 DEB_DIR     ?= $(CURDIR)/build/deb
+# Fuzzing: atheris run length for `make fuzz` and for the short run in `make test`.
+FUZZ_SECONDS       ?= 300
+FUZZ_SMOKE_SECONDS ?= 25
+SOAK_SECONDS       ?= 120
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: run test e2e bench deb stdeb deps-runtime deps-test deps-deb clean
+.PHONY: run test e2e bench fuzz soak deb stdeb deps-runtime deps-test deps-deb clean
 
 # Install missing Debian packages (root), or say which are missing.
 define ensure_packages
@@ -46,6 +51,7 @@ run: deps-runtime
 
 test: deps-test
 	$(PYTHON) -m pytest
+	@FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) PYTHON=$(PYTHON) fuzz/atheris.sh --optional
 
 # The real-systemd end-to-end test alone; fails (never skips) when this
 # machine cannot boot a container (needs root, systemd-nspawn, debootstrap).
@@ -55,6 +61,20 @@ e2e: deps-test
 bench: deps-test
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/scheduling.py
+	$(PYTHON) bench/transport.py
+
+# Fuzzing, longer than `make test` does it: the hypothesis suites with the
+# long profile (failures saved in build/hypothesis), then atheris
+# (installed with pip into build/fuzz-venv) for FUZZ_SECONDS.
+fuzz: deps-test
+	HYPOTHESIS_PROFILE=long $(PYTHON) -m pytest -q --timeout=900 tests/test_fuzz_properties.py tests/test_fuzz_daemon.py \
+	    tests/test_fuzz_regressions.py tests/test_model_files_open.py
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) PYTHON=$(PYTHON) fuzz/atheris.sh
+
+# 32 clients, every action, bad input and abrupt disconnects for SOAK_SECONDS
+# (default 120); fails only on a lost, crossed or unexpected answer or an fd leak.
+soak: deps-runtime
+	$(PYTHON) bench/soak.py --seconds $(SOAK_SECONDS)
 
 # Build from a copy of the tree, so dpkg-buildpackage's output (written to
 # the parent folder) and build files stay under build/.

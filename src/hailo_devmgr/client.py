@@ -1,8 +1,12 @@
 """Client library for services that use the device manager.
 
 Two clients with the same methods: :class:`AsyncClient` (asyncio, async
-context manager) and :class:`Client` (blocking, for scripts). Both speak
-protocol v1, so they work with every version of the daemon. Errors from
+context manager) and :class:`Client` (blocking, for scripts). Both work
+with every version of the daemon. ``input_data`` may hold numpy arrays
+directly: the async client sends them the fastest way the daemon offers
+(protocol v2: a sealed memfd for large ones, binary attachments for the
+rest; v1: base64) and gets tensor results back the same way; the blocking
+client speaks v1 and sends them as base64. Errors from
 the daemon raise :class:`DeviceError` with its ``code``; a daemon that
 cannot be reached raises :class:`DaemonUnreachable`.
 
@@ -23,8 +27,12 @@ from typing import Any
 import numpy as np
 
 from . import protocol as p
+from . import transport as t
 from ._version import __version__
-from .tensors import decode_results, encode_v1
+from .tensors import decode_results, encode_results, encode_v1
+
+# How AsyncClient sends ndarrays found in a request (``transport=``).
+TRANSPORTS = ("auto", "shm", "attachments", "base64")
 
 DEFAULT_SOCKET = "/run/hailo/device.sock"
 
@@ -83,6 +91,23 @@ def _answer_length(header: bytes, limit: int) -> int:
         raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE) from None
 
 
+def _has_arrays(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    if isinstance(value, dict):
+        return any(_has_arrays(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_arrays(item) for item in value)
+    return False
+
+
+def _v1_frame(message: dict) -> bytes:
+    """A request as a v1 frame: ndarrays in it become base64 tensors."""
+    if _has_arrays(message.get("input_data")):
+        message = dict(message, input_data=encode_results(message["input_data"]))
+    return p.encode_frame(message)
+
+
 def _model_fields(model_path, model_type, model_params, input_data=None) -> dict:
     return {"model_path": model_path, "model_type": model_type,
             "model_params": model_params, "input_data": input_data}
@@ -133,30 +158,49 @@ class AsyncClient(_Methods):
     """asyncio client. With ``pipelining`` (the default) it says ``hello`` and,
     if the daemon speaks protocol 2, keeps many requests in flight on one
     connection; against an older daemon it falls back to v1, one at a time.
-    Cancelling a task that awaits a request cancels the request in the daemon."""
+    Cancelling a task that awaits a request cancels the request in the daemon.
 
-    def __init__(self, *args, pipelining: bool = True, client_name: str | None = None, **kwargs):
+    ``transport`` says how ndarrays in ``input_data`` travel: "auto" (shared
+    memory from ``shm_min_bytes`` up, attachments below, whatever the daemon
+    offers), "shm" (every array in a memfd), "attachments", or "base64" (v1
+    tensors). Tensor results come back as attachments or memfds unless
+    "base64"; either way ``result`` holds ndarrays."""
+
+    def __init__(self, *args, pipelining: bool = True, client_name: str | None = None,
+                 transport: str = "auto", shm_min_bytes: int = t.DEFAULT_SHM_MIN_BYTES, **kwargs):
         super().__init__(*args, **kwargs)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.pipelining = pipelining
         self.client_name = client_name or f"hailo_devmgr.client/{__version__}"
+        self.transport = transport
+        self.shm_min_bytes = 0 if transport == "shm" else shm_min_bytes
         self.protocol = 1
+        self.features: frozenset = frozenset()   # what the daemon offered in hello
         self._lock = asyncio.Lock()         # v1: one request in flight per connection
         self._write_lock = asyncio.Lock()   # v2: whole frames only
         self._pending: dict[int, asyncio.Future] = {}
         self._answers: asyncio.Task | None = None
-        self._reader = self._writer = None
+        self._stream: t.SocketStream | None = None
 
     async def connect(self) -> "AsyncClient":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+            await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
         except OSError as exc:
+            sock.close()
             raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+        self._stream = t.SocketStream(sock, send_buffer=t.CLIENT_SEND_BUFFER)
         if self.pipelining:
             await self._negotiate()
         return self
 
     async def _negotiate(self) -> None:
-        hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name})
+        wanted = {"auto": ["attachments", "shm"], "shm": ["attachments", "shm"],
+                  "attachments": ["attachments"], "base64": []}[self.transport]
+        hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
+                                                  "features": wanted or None})
         try:
             answer = _check(hello, await asyncio.wait_for(self._exchange(hello), self.timeout), False)
         except DeviceError as exc:
@@ -164,6 +208,7 @@ class AsyncClient(_Methods):
                 raise
             return  # an older daemon: stay on v1
         self.protocol = int(answer.get("protocol", 1))
+        self.features = frozenset(answer.get("features") or ()) & frozenset(wanted)
         if self.protocol >= 2:
             self._answers = asyncio.ensure_future(self._read_answers())
 
@@ -172,14 +217,11 @@ class AsyncClient(_Methods):
             self._answers.cancel()
             await asyncio.gather(self._answers, return_exceptions=True)
             self._answers = None
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except OSError:
-                pass
-            self._writer = self._reader = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         self.protocol = 1
+        self.features = frozenset()
 
     async def __aenter__(self):
         return await self.connect()
@@ -191,13 +233,20 @@ class AsyncClient(_Methods):
         return await self.request("metrics")
 
     async def request(self, action: str, _decode: bool = True, **fields) -> dict:
-        if self._writer is None:
+        if self._stream is None:
             await self.connect()
         message = _build(action, next(self._ids), fields)
         if self.protocol >= 2:
             return _check(message, await self._pipelined(message), _decode)
         async with self._lock:
             return _check(message, await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
+
+    def _encode(self, message: dict) -> tuple[bytes, list, list[int]]:
+        """(frame, attachments, fds) for a request: its ndarrays the fastest way agreed."""
+        if "attachments" not in self.features or not _has_arrays(message.get("input_data")):
+            return _v1_frame(message), [], []
+        shm_min = self.shm_min_bytes if "shm" in self.features else None
+        return t.pack(message, shm_min_bytes=shm_min)
 
     async def _pipelined(self, message: dict) -> dict:
         answer = asyncio.get_running_loop().create_future()
@@ -206,7 +255,7 @@ class AsyncClient(_Methods):
             await self._send(message)
             return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError):
-            if self._writer is not None and not answer.done():  # tell the daemon not to bother
+            if self._stream is not None and not answer.done():  # tell the daemon not to bother
                 asyncio.ensure_future(self._send_quietly(
                     _build("cancel", next(self._ids), {"target": message["request_id"]})))
             raise
@@ -214,27 +263,44 @@ class AsyncClient(_Methods):
             self._pending.pop(message["request_id"], None)
 
     async def _send(self, message: dict) -> None:
+        frame, buffers, fds = self._encode(message)
         try:
             async with self._write_lock:
-                self._writer.write(p.encode_frame(message))
-                await self._writer.drain()
+                # Shielded: a frame cut in the middle would break the stream for every request.
+                await asyncio.shield(self._stream.send([frame, *buffers], fds))
         except OSError as exc:
             raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+        finally:
+            t.close_fds(fds)
 
     async def _send_quietly(self, message: dict) -> None:
         try:
             await self._send(message)
-        except DaemonUnreachable:
+        except (DaemonUnreachable, AttributeError):
             pass
+
+    async def _read_message(self) -> dict:
+        """The next answer, its attachment and shm tensors as ndarrays."""
+        answer, attachments, fds = await t.read_message(self._stream, self.max_message_bytes)
+        blocks = t.Blocks(attachments, fds)
+        try:
+            if (attachments or fds) and "result" in answer:
+                answer["result"] = t.resolve(answer["result"], blocks, 2 ** 62, "result", as_array=True)
+        finally:
+            blocks.close()
+        return answer
 
     async def _read_answers(self) -> None:
         """v2: hand each answer to the request waiting for its request_id."""
         error: Exception = DaemonUnreachable(f"connection to {self.socket_path} closed by the daemon")
         try:
             while True:
-                header = await self._reader.readexactly(p.HEADER_SIZE)
-                body = await self._reader.readexactly(_answer_length(header, self.max_message_bytes))
-                answer = p.decode_body(body)
+                try:
+                    answer = await self._read_message()
+                except p.RequestError as exc:
+                    if exc.code == p.TOO_LARGE:
+                        raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE)
+                    raise
                 waiting = self._pending.get(answer.get("request_id"))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
@@ -251,17 +317,16 @@ class AsyncClient(_Methods):
 
     async def _exchange(self, message: dict) -> dict:
         try:
-            self._writer.write(p.encode_frame(message))
-            await self._writer.drain()
-            header = await self._reader.readexactly(p.HEADER_SIZE)
-            body = await self._reader.readexactly(_answer_length(header, self.max_message_bytes))
+            await self._stream.send([_v1_frame(message)])
+            return await self._read_message()
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self.close()
             raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
-        except DeviceError:
+        except p.RequestError as exc:
             await self.close()  # the unread answer leaves the stream unusable
+            if exc.code == p.TOO_LARGE:
+                raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE) from None
             raise
-        return p.decode_body(body)
 
 
 class Client(_Methods):
@@ -296,7 +361,7 @@ class Client(_Methods):
             self.connect()
         message = _build(action, next(self._ids), fields)
         try:
-            self._sock.sendall(p.encode_frame(message))
+            self._sock.sendall(_v1_frame(message))
             header = self._recv_exactly(p.HEADER_SIZE)
             body = self._recv_exactly(_answer_length(header, self.max_message_bytes))
         except OSError as exc:

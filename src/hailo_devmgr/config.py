@@ -244,6 +244,9 @@ class Config:
                                   "HAILO_DEVICE_MAX_MESSAGE_BYTES")
     max_pending_bytes: int = _key(_integer(1024, 4096 * MiB), 256 * MiB)
     max_tensor_elements: int = _key(_integer(1), 64 * MiB)
+    # Protocol v2: tensor results of at least this many bytes go back in a
+    # sealed memfd to clients that asked for shared memory in hello.
+    shm_result_min_bytes: int = _key(_integer(0), 1 * MiB)
     # Connections at once, in all and per client uid; more are refused.
     max_connections: int = _key(_integer(1, 100_000), 256)
     max_connections_per_uid: int = _key(_integer(1, 100_000), 64)

@@ -12,6 +12,16 @@ noticed at once: its queued device work is dropped and never runs.
 
 Each connection writes only its own answers, under one write lock, so
 frames never interleave and nothing reaches another client.
+
+The socket is read and written through :class:`transport.SocketStream`
+(exact reads with ``recvmsg_into``, so v2 frames can carry binary
+attachments, read straight into their buffers, and memfds passed with
+``SCM_RIGHTS``). A frame is its JSON, then the attachments its JSON lists,
+then the descriptors that came while it was read; all of it counts against
+``max_message_bytes`` (JSON and attachments) and the :class:`ByteBudget`,
+and its descriptors are closed when it has been answered, whatever happened.
+A v1 connection that sends attachments or descriptors is answered
+``bad_request`` and closed (its framing can no longer be trusted).
 """
 from __future__ import annotations
 
@@ -20,10 +30,11 @@ import itertools
 import logging
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol as p
+from . import transport
 from .protocol import RequestError
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,19 @@ class Peer:
         return None
 
 
+@dataclass(eq=False)
+class Frame:
+    """One request as read: JSON body, attachments, descriptors, bytes held."""
+
+    body: bytes = b""
+    held: int = 0                   # bytes reserved in the ByteBudget
+    message: dict | None = None     # decoded already (frames with attachments)
+    attachments: list = field(default_factory=list)
+    fds: list = field(default_factory=list)
+    fds_truncated: bool = False
+    blocks: "transport.Blocks | None" = None   # owns the fds once the request uses them
+
+
 class ByteBudget:
     """Bounds the request bytes held in memory across all connections.
 
@@ -95,20 +119,25 @@ class ByteBudget:
 
 
 class Connection:
-    def __init__(self, server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, server, sock: socket.socket):
         self.server = server
         self.id = next(_connection_ids)
-        self.peer = Peer.of(writer.get_extra_info("socket"))
+        self.peer = Peer.of(sock)
         self.protocol = 1
         self.client_label: str | None = None
         self.default_priority: str | None = None
         self.unit = self.peer.unit()      # systemd unit of the peer, read once
         self.inflight: dict = {}        # request_id -> Job (None while validated), for cancel
         self.cancel_requested: set = set()
-        self._reader, self._writer = reader, writer
+        self.binary_results = False     # v2 hello asked for attachments: ndarrays go raw
+        self.shm_results = False        # ... and for shared memory: large ones in a memfd
+        self._stream = transport.SocketStream(sock)
         self._write_lock = asyncio.Lock()
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
+        # Frames read and not yet released: a task cancelled before it ever ran
+        # never reaches its finally, so the connection's end releases them.
+        self._frames: set[Frame] = set()
 
     @property
     def client_key(self):
@@ -122,6 +151,7 @@ class Connection:
                 frame = await self._read_frame()
                 if frame is None:
                     break
+                self._frames.add(frame)
                 if self.protocol >= 2:
                     self._spawn(frame)
                 else:
@@ -135,17 +165,20 @@ class Connection:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(in_order, *self._tasks, return_exceptions=True)
-            self._writer.close()
+            for frame in list(self._frames):  # read but never answered
+                self._release(frame)
+            self._stream.close()
 
-    async def _read_frame(self) -> tuple[bytes, int] | None:
-        """(body, length) of the next frame; None when the connection must end.
+    async def _read_frame(self) -> Frame | None:
+        """The next frame; None when the connection must end.
 
         Once a frame's first byte has come, all of it must follow within
         ``frame_timeout_s``: a client that stalls mid-frame is cut off and
         the memory reserved for its body is given back."""
         config = self.server.config
+        stream = self._stream
         try:
-            first = await asyncio.wait_for(self._reader.readexactly(1), config.idle_timeout_s or None)
+            first = await asyncio.wait_for(stream.readexactly(1), config.idle_timeout_s or None)
         except asyncio.IncompleteReadError:
             return None  # closed between frames: the normal end
         except asyncio.TimeoutError:
@@ -153,33 +186,83 @@ class Connection:
             return None
         frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
         try:
-            header = first + await self._within(frame_deadline, self._reader.readexactly(p.HEADER_SIZE - 1))
+            header = bytes(first + await self._within(frame_deadline, stream.readexactly(p.HEADER_SIZE - 1)))
         except asyncio.IncompleteReadError:
             log.warning("client sent a truncated frame header and closed", extra=self.peer.log_fields())
             return None
         except asyncio.TimeoutError:
             return self._stalled()
+        frame = Frame()
         try:
-            length = p.parse_length(header, self.server.config.max_message_bytes)
+            length = p.parse_length(header, config.max_message_bytes)
+            await self.server.budget.acquire(length)
+            frame.held = length
+            # Waiting for memory is our doing, not the client's: the clock restarts.
+            frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
+            frame.body = await self._within(frame_deadline, stream.readexactly(length))
+            if transport.may_have_attachments(frame.body):
+                await self._read_attachments(frame, length)
+            frame.fds = stream.take_fds()
+            frame.fds_truncated, stream.fds_truncated = stream.fds_truncated, False
+            if (frame.fds or frame.fds_truncated) and self.protocol < 2:
+                raise RequestError(p.BAD_REQUEST, "File descriptors need protocol 2 (send hello first); "
+                                                  "closing the connection", fatal=True)
+            return frame
         except RequestError as error:
             log.warning("refused a frame: %s", error.message, extra={**self.peer.log_fields(), "CODE": error.code})
-            await self.send(p.error_response(None, error))
+            self._release(frame)
+            transport.close_fds(stream.fds)
+            await self.send(p.error_response(_request_of(frame.message), error))
             return None
-        await self.server.budget.acquire(length)
-        # Waiting for memory is our doing, not the client's: the clock restarts.
-        frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
-        try:
-            return await self._within(frame_deadline, self._reader.readexactly(length)), length
         except asyncio.IncompleteReadError:
-            log.warning("client closed in the middle of a %d-byte frame", length, extra=self.peer.log_fields())
-            self.server.budget.release(length)
+            log.warning("client closed in the middle of a frame", extra=self.peer.log_fields())
+            self._release(frame)
             return None
         except asyncio.TimeoutError:
-            self.server.budget.release(length)
+            self._release(frame)
             return self._stalled()
         except BaseException:
-            self.server.budget.release(length)
+            self._release(frame)
             raise
+
+    async def _read_attachments(self, frame: Frame, length: int) -> None:
+        """Decode the JSON now (it says how many bytes follow) and read its attachments."""
+        try:
+            message = await self.decode(frame.body)
+        except RequestError:
+            return  # answered as bad JSON later; no attachments can be trusted either
+        if "attachments" not in message:
+            frame.message = message
+            return
+        frame.message = message
+        if self.protocol < 2:
+            raise RequestError(p.BAD_REQUEST, "attachments need protocol 2 (send hello first); "
+                                              "closing the connection", fatal=True)
+        sizes = transport.attachment_sizes(message)
+        total = sum(sizes)
+        limit = self.server.config.max_message_bytes
+        if length + total > limit:
+            raise RequestError(p.TOO_LARGE, f"Message of {length + total} bytes with its attachments "
+                                            f"exceeds the limit of {limit} bytes", fatal=True)
+        await self.server.budget.acquire(total)
+        frame.held += total
+        deadline = asyncio.get_running_loop().time() + self.server.config.frame_timeout_s
+        for size in sizes:
+            block = self.server.buffers.get(size)
+            frame.attachments.append(block)
+            await self._within(deadline, self._stream.readinto(memoryview(block)))
+
+    def _release(self, frame: Frame) -> None:
+        """Give back what a frame holds: its budget and its descriptors."""
+        self.server.budget.release(frame.held)
+        frame.held = 0
+        self._frames.discard(frame)
+        if frame.blocks is not None:
+            frame.blocks.close()  # under its lock: a worker thread may be mapping them
+        transport.close_fds(frame.fds)
+        blocks, frame.attachments = frame.attachments, []
+        while blocks:
+            self.server.buffers.put(blocks.pop())
 
     @staticmethod
     async def _within(deadline: float, reading):
@@ -195,7 +278,7 @@ class Connection:
         return {"pid": self.peer.pid, "uid": self.peer.uid, "unit": self.unit, "client": self.client_label,
                 "protocol": self.protocol, "in_flight": len(self.inflight)}
 
-    def _spawn(self, frame: tuple[bytes, int]) -> None:
+    def _spawn(self, frame: Frame) -> None:
         if len(self._tasks) >= self.server.config.scheduling.max_inflight_per_connection:
             task = asyncio.ensure_future(self._refuse_busy(frame))
         else:
@@ -208,37 +291,49 @@ class Connection:
             frame = await self._inbox.get()
             await self._answer(frame)
 
-    async def _answer(self, frame: tuple[bytes, int]) -> None:
-        body, length = frame
+    async def _answer(self, frame: Frame) -> None:
         try:
-            response = await self.server.answer(body, self)
+            response = await self.server.answer(frame, self)
             await self.send(response)
         finally:
-            self.server.budget.release(length)
+            self._release(frame)
 
-    async def _refuse_busy(self, frame: tuple[bytes, int]) -> None:
-        body, length = frame
+    async def _refuse_busy(self, frame: Frame) -> None:
         try:
             error = RequestError(p.BUSY, "Too many requests in flight on this connection", retry_after_ms=50)
-            message = None
-            try:
-                message = p.decode_body(body)
-            except RequestError:
-                pass
+            message = frame.message
+            if message is None:
+                try:
+                    message = p.decode_body(frame.body)
+                except RequestError:
+                    pass
             await self.send(self.server.error_answer(None, message, error, self))
         finally:
-            self.server.budget.release(length)
+            self._release(frame)
 
     def close(self) -> None:
-        self._writer.close()
+        self._stream.close()
 
     async def send(self, response: dict) -> None:
-        frame = p.encode_frame(response)
-        async with self._write_lock:
-            self._writer.write(frame)
-            await self._writer.drain()
+        """One answer; with binary results, its ndarrays go as attachments or memfds."""
+        if not self.binary_results:
+            frame, buffers, fds = p.encode_frame(response), [], []
+        else:
+            shm_min = self.server.config.shm_result_min_bytes if self.shm_results else None
+            frame, buffers, fds = transport.pack(response, shm_min_bytes=shm_min)
+        try:
+            async with self._write_lock:
+                await self._stream.send([frame, *buffers], fds)
+        finally:
+            transport.close_fds(fds)
 
     async def decode(self, body: bytes) -> dict:
         if len(body) > INLINE_PARSE_BYTES:
             return await asyncio.to_thread(p.decode_body, body)
         return p.decode_body(body)
+
+
+def _request_of(message) -> p.Request | None:
+    """The envelope of a refused frame, so its answer echoes the request_id."""
+    request_id, has_id = p.request_id_of(message)
+    return p.Request("", {}, request_id, has_id) if has_id else None

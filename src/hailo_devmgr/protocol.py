@@ -25,7 +25,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PROTOCOL_VERSION = 1   # what a connection speaks until it says hello
 PROTOCOL_MAX = 2       # the newest this daemon speaks
 # What a v2 connection may use (listed in the hello answer).
-FEATURES_V2 = ("pipelining", "priority", "timeout", "cancel", "metrics")
+FEATURES_V2 = ("pipelining", "priority", "timeout", "cancel", "metrics", "attachments", "shm")
 
 # Error codes (the `code` field of an error response).
 BAD_REQUEST = "bad_request"

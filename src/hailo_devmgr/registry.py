@@ -6,7 +6,10 @@ whole after every change (atomic reference assignment), never mutated.
 
 Cache key ``model_type:model_path`` with the path as the client gave it
 (v1 services see their own path in ``status``); the file opened is the
-resolved one (see model_files.py).
+resolved one (see model_files.py). Every model file (the HEF and those in
+``model_params``) is opened here, on the device thread, checked once more
+as an open descriptor, and handed to HailoRT as ``/proc/self/fd/N``; a
+``LoadedModel`` owns those descriptors and closes them when it is released.
 
 Keep-alive (as Ollama's): every load_model or infer sets how long the model
 may stay idle afterwards, from the request's ``keep_alive`` or else the
@@ -17,12 +20,14 @@ VDevice rebuild ``restore_next_pin`` loads them again.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import hailort_status as hs
 from .handlers import Handler
+from .model_files import UNREADABLE_HINT, ModelFiles
 from .protocol import (DEVICE_UNAVAILABLE, FORBIDDEN, INFERENCE_FAILED, LOAD_FAILED,
                        RESOURCE_EXHAUSTED, RequestError)
 
@@ -38,8 +43,8 @@ class ModelSpec:
 
     model_type: str
     model_path: str          # as the client wrote it (the cache key uses this)
-    real_path: str           # what is opened
-    params: dict             # model_params, paths resolved
+    real_path: str           # what is opened (a model_files.AllowedPath from the request's check)
+    params: dict             # model_params, paths resolved (AllowedPaths too)
     handler_cls: type[Handler]
 
     @property
@@ -60,6 +65,7 @@ class LoadedModel:
     keep_alive_s: float | None = None   # idle seconds allowed; None = forever
     idle_since: float = 0.0             # Unix time of the last request that touched it
     idle_since_mono: float = 0.0
+    files: ModelFiles = field(default_factory=ModelFiles)  # open until the model is released
 
     def expires_mono(self) -> float | None:
         """When keep-alive unloads it (monotonic), or None for never."""
@@ -88,19 +94,27 @@ def eviction_order(models: list[LoadedModel]) -> list[LoadedModel]:
     return sorted(candidates, key=lambda model: (model.last_used_mono, model.spec.key))
 
 
-def _failure(prefix: str, exc: Exception, default_code: str) -> RequestError:
+def _failure(prefix: str, exc: Exception, default_code: str, files: ModelFiles) -> RequestError:
     """Translate a HailoRT failure into the error a client reads."""
     status = hs.status_of(exc)
-    reason = hs.describe(exc)
+    reason = files.shown(hs.describe(exc))
     if status == hs.OPEN_FILE_FAILURE:
-        reason += ("; the daemon's user (hailo-device-mgr) cannot read the file: make it readable "
-                   "by group hailo, e.g. put it under /var/lib/hailo/models")
+        reason += f"; {UNREADABLE_HINT}"
     code = {hs.RESOURCE_EXHAUSTED: RESOURCE_EXHAUSTED}.get(status, default_code)
     retry_after_ms = None
     if status in hs.RUNTIME_BROKEN:
         code = DEVICE_UNAVAILABLE
         retry_after_ms = RETRY_AFTER_FAULT_MS  # the device thread rebuilds the device first
     return RequestError(code, f"{prefix}{reason}", retry_after_ms=retry_after_ms)
+
+
+def _shown(error: RequestError, files: ModelFiles) -> RequestError:
+    """A handler's own error, naming model files by their real paths, not /proc/self/fd/N."""
+    message = files.shown(error.message)
+    if message == error.message:
+        return error
+    return RequestError(error.code, message, retry_after_ms=error.retry_after_ms, fatal=error.fatal,
+                        field=error.field)
 
 
 class ModelRegistry:
@@ -139,12 +153,18 @@ class ModelRegistry:
             self._publish()
             return model, True
         vdevice = self.runtime.require()
-        while len(self._models) >= self.max_loaded_models:
-            if not self._evict_one(f"max_loaded_models ({self.max_loaded_models}) reached", spec.key,
-                                   log_fields):
-                raise RequestError(RESOURCE_EXHAUSTED, f"Failed to load model: max_loaded_models "
-                                   f"({self.max_loaded_models}) reached and every loaded model is pinned")
-        model = self._load_evicting(spec, vdevice, log_fields)
+        # Before any eviction: a file that may not be opened costs no other model its place.
+        files, path, params = self._open_files(spec)
+        try:
+            while len(self._models) >= self.max_loaded_models:
+                if not self._evict_one(f"max_loaded_models ({self.max_loaded_models}) reached", spec.key,
+                                       log_fields):
+                    raise RequestError(RESOURCE_EXHAUSTED, f"Failed to load model: max_loaded_models "
+                                       f"({self.max_loaded_models}) reached and every loaded model is pinned")
+            model = self._load_evicting(spec, vdevice, files, path, params, log_fields)
+        except BaseException:
+            files.close()
+            raise
         self._keep(model, keep_alive)
         self._models[spec.key] = model
         self._publish()
@@ -161,10 +181,10 @@ class ModelRegistry:
         try:
             with self.runtime.backend.request_scope(scope_params):
                 result = model.handler.run(inputs, timeout_ms)
-        except RequestError:
-            raise
+        except RequestError as error:
+            raise _shown(error, model.files) from None
         except Exception as exc:
-            error = _failure("Inference failed: ", exc, INFERENCE_FAILED)
+            error = _failure("Inference failed: ", exc, INFERENCE_FAILED, model.files)
             if hs.status_of(exc) in hs.RUNTIME_BROKEN:
                 self.runtime.mark_broken(hs.describe(exc))
             raise error from exc
@@ -253,16 +273,34 @@ class ModelRegistry:
 
     # -- internals ------------------------------------------------------------
 
-    def _load_evicting(self, spec: ModelSpec, vdevice: Any, log_fields: dict | None) -> LoadedModel:
+    @staticmethod
+    def _open_files(spec: ModelSpec) -> tuple[ModelFiles, str, dict]:
+        """Open every file of ``spec`` (see model_files.open_model).
+
+        Returns the open files, the path HailoRT reads the model from and
+        the params with theirs (``/proc/self/fd/N`` each). The handler's own
+        ``check_params`` runs again, with an opener instead of a resolver,
+        so it alone says which params name files."""
+        files = ModelFiles()
+        try:
+            path = files.open(spec.real_path, shown=spec.model_path)
+            params = spec.handler_cls.check_params(spec.params, files.open)
+        except BaseException:
+            files.close()
+            raise
+        return files, path, params
+
+    def _load_evicting(self, spec: ModelSpec, vdevice: Any, files: ModelFiles, path: str, params: dict,
+                       log_fields: dict | None) -> LoadedModel:
         """Load; on RESOURCE_EXHAUSTED evict the LRU model and retry, while any is left."""
         while True:
-            handler = spec.handler_cls(self.runtime.platform, vdevice, spec.real_path, spec.params)
+            handler = spec.handler_cls(self.runtime.platform, vdevice, path, params)
             started = time.perf_counter()
             try:
                 with self.runtime.backend.request_scope({}):
                     handler.load()
-            except RequestError:
-                raise
+            except RequestError as error:
+                raise _shown(error, files) from None
             except Exception as exc:
                 status = hs.status_of(exc)
                 if status == hs.RESOURCE_EXHAUSTED:
@@ -272,19 +310,21 @@ class ModelRegistry:
                         continue
                 if status in hs.RUNTIME_BROKEN:
                     self.runtime.mark_broken(hs.describe(exc))
-                raise _failure("Failed to load model: ", exc, LOAD_FAILED) from exc
+                raise _failure("Failed to load model: ", exc, LOAD_FAILED, files) from exc
             now = time.time()
             return LoadedModel(spec, handler, loaded_at=now, last_used=now,
                                last_used_mono=time.monotonic(),
                                load_ms=(time.perf_counter() - started) * 1000,
-                               pinned=spec.key in self.pins)
+                               pinned=spec.key in self.pins, files=files)
 
     def _keep(self, model: LoadedModel, requested: float | None) -> None:
         """Start the model's idle time now, with the request's keep-alive or the configured one."""
         seconds = requested
         if seconds is None:
             seconds = self.keep_alive.get(model.spec.model_type, self.keep_alive.get("default", FOREVER))
-        model.keep_alive_s = None if seconds < 0 else float(seconds)
+        # Negative is forever; so is a non-finite one (JSON lets NaN and 1e999 through),
+        # which status could not even encode.
+        model.keep_alive_s = None if seconds < 0 or not math.isfinite(seconds) else float(seconds)
         model.idle_since = time.time()
         model.idle_since_mono = time.monotonic()
 
@@ -311,6 +351,8 @@ class ModelRegistry:
             model.handler.release()
         except Exception:
             log.exception("releasing %s failed", model.spec.key)
+        finally:
+            model.files.close()  # after HailoRT let go of the model
 
     def _publish(self) -> None:
         self.snapshot = tuple(model.info() for model in self._models.values())

@@ -19,11 +19,12 @@ import socket
 import stat
 import struct
 import time
+from dataclasses import replace
 
-from . import actions, scheduler, simulate
+from . import actions, scheduler, simulate, transport
 from . import protocol as p
 from ._version import __version__
-from .connection import ByteBudget, Connection, Peer
+from .connection import ByteBudget, Connection, Frame, Peer
 from .metrics import Metrics
 from .protocol import RequestError
 from .tensors import encode_results
@@ -116,10 +117,14 @@ class Server:
         self.socket_path = socket_path
         self.started_mono = time.monotonic()
         self.budget = ByteBudget(config.max_pending_bytes)
+        # Idle attachment buffers kept for reuse (not counted in the budget).
+        self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
         self.metrics = Metrics()
         self.shutting_down = False
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._starting: set[asyncio.Task] = set()   # every connection task, admitted or not
         self._connections: set[asyncio.Task] = set()
         self.clients: dict[int, Connection] = {}   # by connection id, for status and limits
 
@@ -133,13 +138,29 @@ class Server:
         bound = listener.getsockname()
         if isinstance(bound, str) and bound:
             self.socket_path = bound
-        self._server = await asyncio.start_unix_server(self._connection, sock=listener)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.ensure_future(self._accept_loop(listener))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections; each gets a raw socket (see transport.SocketStream)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: wait, do not spin
+                log.warning("accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._connection(sock))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
 
     def stop_accepting(self) -> None:
-        # Not wait_closed(): from Python 3.12 it also waits for every open
-        # connection, and those are answered and closed later in shutdown.
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
 
     async def close_connections(self, grace_s: float) -> None:
         """Let answers already on their way go out, then cut the rest."""
@@ -148,13 +169,13 @@ class Server:
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._accepting is not None:
+            await asyncio.gather(self._accepting, return_exceptions=True)
 
     # -- connections ----------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = Connection(self, reader, writer)
+    async def _connection(self, sock: socket.socket) -> None:
+        connection = Connection(self, sock)
         refusal = self._over_connection_limit(connection)
         if refusal is not None:
             log.warning("refused a connection: %s", refusal.message,
@@ -208,19 +229,29 @@ class Server:
 
     # -- requests -------------------------------------------------------------
 
-    async def answer(self, body: bytes, connection: Connection) -> dict:
+    async def answer(self, frame: Frame, connection: Connection) -> dict:
+        message = frame.message
         try:
-            message = await connection.decode(body)
+            if message is None:
+                message = await connection.decode(frame.body)
+            if frame.fds or frame.fds_truncated or "fds" in message:
+                transport.check_fds(message, len(frame.fds), frame.fds_truncated)
         except RequestError as error:
-            return self.error_answer(None, None, error, connection)
-        return await self.handle_message(message, connection)
+            return self.error_answer(None, message, error, connection)
+        if connection.protocol >= 2:
+            frame.blocks = transport.Blocks(frame.attachments, frame.fds)
+        return await self.handle_message(message, connection, frame.blocks)
 
-    async def handle_message(self, message: dict, connection: Connection | None = None) -> dict:
-        """Answer one decoded request (also used, without a connection, to pre-warm pins)."""
+    async def handle_message(self, message: dict, connection: Connection | None = None,
+                             blocks: transport.Blocks | None = None) -> dict:
+        """Answer one decoded request (also used, without a connection, to pre-warm pins).
+
+        ``blocks``: the attachments and descriptors of a v2 frame, which
+        tensor references in ``input_data`` point into."""
         request = None
         try:
             request = p.parse_request(message)
-            payload = await self._dispatch(request, connection)
+            payload = await self._dispatch(request, connection, blocks)
             return p.ok_response(request, payload)
         except RequestError as error:
             return self.error_answer(request, message, error, connection)
@@ -239,7 +270,8 @@ class Server:
         log.info("%s refused: %s", request.action or "request", error.message, extra=fields)
         return p.error_response(request, error)
 
-    async def _dispatch(self, request: p.Request, connection: Connection | None) -> dict:
+    async def _dispatch(self, request: p.Request, connection: Connection | None,
+                        blocks: transport.Blocks | None = None) -> dict:
         action = request.action
         if action in ("ping", "status"):
             return self.status_payload()
@@ -255,22 +287,24 @@ class Server:
             return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
             raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down")
-        return await self._device_action(request, connection)
+        return await self._device_action(request, connection, blocks)
 
-    async def _device_action(self, request: p.Request, connection: Connection | None) -> dict:
+    async def _device_action(self, request: p.Request, connection: Connection | None,
+                             blocks: transport.Blocks | None = None) -> dict:
         received = time.monotonic()  # queue order is arrival order, whatever validation takes
         tracked = connection is not None and request.has_request_id
         if tracked:
             connection.inflight[request.request_id] = None  # known, not queued yet (for cancel)
         try:
-            return await self._run_device_action(request, connection, received, tracked)
+            return await self._run_device_action(request, connection, received, tracked, blocks)
         finally:
             if tracked:
                 connection.inflight.pop(request.request_id, None)
                 connection.cancel_requested.discard(request.request_id)
 
-    async def _run_device_action(self, request, connection, received: float, tracked: bool) -> dict:
-        prepared = await asyncio.to_thread(actions.prepare, request, self.config)
+    async def _run_device_action(self, request, connection, received: float, tracked: bool,
+                                 blocks: transport.Blocks | None = None) -> dict:
+        prepared = await asyncio.to_thread(self._prepare, request, blocks)
         if request.action != "unload_model":
             # The thermal guard, from the device thread's latest reading
             # (checked again when the job starts on the device thread).
@@ -290,10 +324,30 @@ class Server:
         except RequestError as error:
             self.metrics.observe(request.action, prepared.model_type, job, error.code)
             raise
+        finally:
+            if job.future.done():
+                # The device thread keeps its last job until the next one: let go of the
+                # inputs now, so their attachment buffers can be reused (BufferPool).
+                prepared.inputs = None
         self.metrics.observe(request.action, prepared.model_type, job, None)
         if request.action == "infer":
-            result = await self._infer_payload(result)
+            result = await self._infer_payload(result, connection)
         return result
+
+    def _prepare(self, request: p.Request, blocks: transport.Blocks | None):
+        """actions.prepare, after v2 tensor references in input_data are resolved
+        (worker thread). The frame's descriptors are closed here: mappings
+        stay valid for as long as the arrays on them live."""
+        try:
+            if blocks is not None and request.action == "infer" and \
+                    transport.has_references(request.body.get("input_data")):
+                resolved = transport.resolve(request.body["input_data"], blocks,
+                                             self.config.max_tensor_elements, "input_data")
+                request = replace(request, body={**request.body, "input_data": resolved})
+            return actions.prepare(request, self.config)
+        finally:
+            if blocks is not None:
+                blocks.close()
 
     def _job_fields(self, request: p.Request, prepared, connection: Connection | None) -> dict:
         priority = prepared.priority or (connection.default_priority if connection else None) \
@@ -324,12 +378,19 @@ class Server:
         label = p.optional_str(request.body, "client", None)
         if label is not None and len(label) > 128:
             raise RequestError(p.BAD_REQUEST, "client must be at most 128 characters")
+        accepts = request.body.get("features", [])
+        if not isinstance(accepts, list) or not all(isinstance(item, str) for item in accepts):
+            raise RequestError(p.BAD_REQUEST, "features must be a list of feature names")
         agreed = min(wanted, p.PROTOCOL_MAX)
+        # Results come back as attachments (and large ones as memfds) only when asked for.
+        binary = agreed >= 2 and "attachments" in accepts
+        shm = binary and "shm" in accepts
         if connection is not None:
             connection.protocol = agreed
             connection.client_label = label
+            connection.binary_results, connection.shm_results = binary, shm
         limits = self.config.scheduling
-        return {
+        answer = {
             "protocol": agreed,
             "version": __version__,
             "features": list(p.FEATURES_V2) if agreed >= 2 else [],
@@ -340,8 +401,15 @@ class Server:
                 "max_queue": limits.max_queue,
                 "max_queue_per_client": limits.max_queue_per_client,
                 "max_inflight_per_connection": limits.max_inflight_per_connection,
+                "max_attachments": transport.MAX_ATTACHMENTS,
+                "max_fds": transport.MAX_FDS,
+                "shm_result_min_bytes": self.config.shm_result_min_bytes,
             },
         }
+        if agreed >= 2:
+            answer["transport"] = {"version": transport.TRANSPORT_VERSION,
+                                   "results": "shm" if shm else "attachments" if binary else "base64"}
+        return answer
 
     def _cancel(self, request: p.Request, connection: Connection | None) -> dict:
         """Cancel a request of this same connection, by its request_id."""
@@ -376,8 +444,11 @@ class Server:
             fields["CLIENT"] = connection.client_label
         return fields
 
-    async def _infer_payload(self, outcome) -> dict:
+    async def _infer_payload(self, outcome, connection: Connection | None = None) -> dict:
         result, run_ms = outcome
+        if connection is not None and connection.binary_results:
+            # ndarrays stay: Connection.send writes them as attachments or memfds.
+            return {"result": result, "inference_time_ms": round(run_ms, 3)}
         encoded = await asyncio.to_thread(encode_results, result)
         return {"result": encoded, "inference_time_ms": round(run_ms, 3)}
 

@@ -27,6 +27,16 @@ MAX_DIMENSIONS = 8
 DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
 
 
+class DecodedTensor(dict):
+    """A protocol v2 tensor (attachment or shared memory), already checked and
+    in memory. A dict with ``dtype`` and ``shape`` (so code that looks for a
+    tensor dict accepts it); :func:`decode_v1` returns its ``array``."""
+
+    def __init__(self, array: np.ndarray):
+        super().__init__(dtype=array.dtype.name, shape=list(array.shape))
+        self.array = array
+
+
 def is_v1_tensor(value: Any) -> bool:
     return isinstance(value, dict) and "data_b64" in value
 
@@ -54,6 +64,9 @@ def check_shape(shape: Any, where: str, max_elements: int) -> tuple[int, ...]:
 def decode_v1(value: Any, where: str = "tensor", max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
     """A v1 tensor dict → read-only ndarray. Every defect is a ``bad_request``."""
     prefix = f"{where}: " if where else ""
+    if isinstance(value, DecodedTensor):
+        check_shape(list(value.array.shape), prefix, max_elements)
+        return value.array
     if not isinstance(value, dict) or not all(k in value for k in ("dtype", "shape", "data_b64")):
         # Exactly the v1 text (clients match on it); the field goes beside it.
         raise RequestError(BAD_REQUEST, MISSING_TENSOR_FIELDS, field=where or "tensor")

@@ -36,6 +36,7 @@ Where the HailoRT sources we read stop, the choice made here is marked
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import fcntl
@@ -82,6 +83,8 @@ SPEECH_SAMPLE_RATE = 16000
 SPEECH_SEGMENT_S = 5.0
 # Larger files are taken for real (binary) HEFs without trying YAML.
 YAML_SNIFF_BYTES = 1024 * 1024
+# How many operations backend.calls remembers (oldest dropped first).
+CALL_LOG_ENTRIES = 10_000
 
 
 # ---------------------------------------------------------------- exceptions
@@ -318,7 +321,10 @@ class _SimulatedChip:
 
     def __init__(self, settings):
         self.settings = settings
-        self.calls: list[tuple] = []
+        # The operation log keeps only the latest entries: a simulated daemon
+        # (make run, the soak test) may run for days.
+        self.calls: collections.deque[tuple] = collections.deque(maxlen=CALL_LOG_ENTRIES)
+        self._calls_lock = threading.Lock()
         self.memory = _MemoryLedger(settings.device_memory_mb)
         self.faults = _FaultPlan()
         self.temperature_c = float(settings.temperature_c)
@@ -329,7 +335,12 @@ class _SimulatedChip:
         self._generation = 0
 
     def record(self, *entry) -> None:
-        self.calls.append(entry)  # list.append is atomic: safe from any thread
+        with self._calls_lock:  # any thread records; tests read it meanwhile
+            self.calls.append(entry)
+
+    def call_log(self) -> list[tuple]:
+        with self._calls_lock:
+            return list(self.calls)
 
     def next_generation(self) -> int:
         with self._generation_lock:
@@ -1382,8 +1393,9 @@ class SimulatedBackend:
 
     @property
     def calls(self) -> list:
-        """Operations in order, e.g. ("configure", path), ("run", path), ("release", path)."""
-        return self._chip.calls
+        """Operations in order, e.g. ("configure", path), ("run", path), ("release", path)
+        (the latest CALL_LOG_ENTRIES)."""
+        return self._chip.call_log()
 
     @property
     def sleep(self):

@@ -56,7 +56,12 @@ class Handler:
         """Validate ``model_params``; returns them with file paths resolved.
 
         ``resolve_path(path, key)`` applies the model-file rules to a path
-        given in ``model_params[key]``."""
+        given in ``model_params[key]`` and returns the path to use. It runs
+        twice: while the request is checked (the real path), then on the
+        device thread when the model loads, on its own result, with an
+        opener that returns ``/proc/self/fd/N`` (see model_files.py). So it
+        must accept what it returned, and every model file it names must go
+        through ``resolve_path``."""
         checked = dict(params)
         for key in cls.path_params:
             if checked.get(key) is not None:

@@ -38,7 +38,12 @@ def _audio(data: dict, limits: InputLimits) -> np.ndarray:
             raise RequestError(BAD_REQUEST, "input_data.audio must be a list of numbers (float samples)")
         if len(value) > MAX_SAMPLES:
             raise RequestError(BAD_REQUEST, _too_long(len(value)))
-        audio = np.asarray(value, dtype=np.float32)
+        try:
+            # float64 first: the range check below sees 1e300 as it is, not as inf.
+            audio = np.asarray(value, dtype=np.float64)
+        except OverflowError:  # an integer too large for any float
+            raise RequestError(BAD_REQUEST, "input_data.audio samples must lie in [-1, 1] (float PCM), "
+                                            "got an integer beyond the float range") from None
     elif isinstance(value, dict):
         audio = tensors.decode_v1(value, where="input_data.audio", max_elements=limits.max_tensor_elements)
         if audio.dtype != np.float32:
@@ -62,7 +67,7 @@ def _audio(data: dict, limits: InputLimits) -> np.ndarray:
     if peak > 1.0:
         raise RequestError(BAD_REQUEST, f"input_data.audio samples must lie in [-1, 1] (float PCM), "
                                         f"got a peak of {peak:g}: scale 16-bit samples by 1/32768")
-    return np.ascontiguousarray(audio)
+    return np.ascontiguousarray(audio, dtype=np.float32)
 
 
 def _too_long(samples: int) -> str:

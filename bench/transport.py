@@ -1,0 +1,198 @@
+#!/usr/bin/python3
+"""Benchmark of the tensor transports: v1 base64, v2 attachments, v2 shared memory.
+
+Starts the daemon (simulated backend, 0 ms inferences) with two simulated
+HEFs, a generic network taking one 640x640x3 or 1080x1920x3 uint8 image and
+giving 1000 float32 scores, and measures one ``infer`` at a time through
+``AsyncClient`` with each transport:
+
+- round trip (ms, median and p90 over the requests);
+- overhead: the round trip minus ``inference_time_ms`` (the simulated
+  device's own time, which hashes the input to make its output and is the
+  same for every transport);
+- transport cost: that overhead minus the same transport's overhead for a
+  16-byte input (the fixed cost of an ``infer`` through the daemon: worker
+  thread, scheduler, device thread), i.e. what carrying the bytes costs;
+- daemon CPU per request (ms): utime+stime of the daemon from
+  /proc/<pid>/stat, before and after the requests, divided by their number;
+
+next to "raw socket": the same input bytes sent over a Unix socketpair
+inside this process (a thread receives them into a preallocated buffer and
+answers with 4 000 bytes, the size of the scores), round trip in ms.
+
+Goal: attachments' transport cost within 2x of the raw socket, shared
+memory's below it. A missed goal is reported (MISS) but never changes the exit status.
+
+    make bench        # or: PYTHONPATH=src /usr/bin/python3 bench/transport.py [--quick] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import running_daemon  # noqa: E402  (also puts src/ on sys.path)
+
+from hailo_devmgr.client import AsyncClient  # noqa: E402
+
+# "16 B" is the floor: what one infer costs with (almost) nothing to carry.
+SHAPES = {"16 B": (16,), "640x640x3": (640, 640, 3), "1920x1080x3": (1080, 1920, 3)}
+MODES = ("base64", "attachments", "shm")
+OUTPUT_BYTES = 1000 * 4
+SETTINGS = {"default": {"warmup": 5, "requests": 60}, "quick": {"warmup": 3, "requests": 20}}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def hef(shape) -> str:
+    return yaml.safe_dump({"inputs": [{"name": "image", "shape": list(shape), "format": "UINT8"}],
+                           "outputs": [{"name": "scores", "shape": [1000], "format": "FLOAT32"}],
+                           "memory_mb": 1})
+
+
+def setup(root: Path) -> tuple[Path, Path, str]:
+    models = root / "models"
+    models.mkdir()
+    for name, shape in SHAPES.items():
+        (models / f"{name}.hef").write_text(hef(shape))
+    sock = str(root / "device.sock")
+    config = {"backend": "simulated", "socket_path": sock, "model_dirs": [str(models)], "log_level": "warning",
+              "max_message_bytes": 64 * 1024 * 1024, "max_pending_bytes": 512 * 1024 * 1024,
+              "simulated": {"load_ms": 0, "infer_ms": 0, "lock_path": str(root / "device.lock")}}
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    return models, config_path, sock
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
+
+
+def stats(values: list[float]) -> dict:
+    array = np.asarray(values)
+    return {"median": float(np.median(array)), "p90": float(np.percentile(array, 90))}
+
+
+async def bench_mode(sock: str, model: str, image: np.ndarray, mode: str, pid: int, cfg: dict) -> dict:
+    async with AsyncClient(sock, transport=mode, timeout=60) as client:
+        request = {"inputs": {"image": image}}
+        for _ in range(cfg["warmup"]):
+            await client.infer(model, request, model_type="generic")
+        rtts, overheads = [], []
+        cpu_before = cpu_seconds(pid)
+        for _ in range(cfg["requests"]):
+            start = time.perf_counter()
+            answer = await client.infer(model, request, model_type="generic")
+            rtt = (time.perf_counter() - start) * 1000
+            assert isinstance(answer["result"]["outputs"]["scores"], np.ndarray)
+            rtts.append(rtt)
+            overheads.append(rtt - answer["inference_time_ms"])
+        cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / cfg["requests"]
+    return {"rtt": stats(rtts), "overhead": stats(overheads), "daemon_cpu_ms": cpu_ms}
+
+
+def bench_raw(image: np.ndarray, cfg: dict) -> dict:
+    """The same bytes over a socketpair in one process, with a small answer back."""
+    left, right = socket.socketpair()
+    size = image.nbytes
+    done = threading.Event()
+
+    def echo():
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        reply = bytes(OUTPUT_BYTES)
+        while not done.is_set():
+            received = 0
+            while received < size:
+                count = right.recv_into(view[received:])
+                if not count:
+                    return
+                received += count
+            right.sendall(reply)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    data = memoryview(image).cast("B")
+    answer = bytearray(OUTPUT_BYTES)
+    rtts = []
+    for index in range(cfg["warmup"] + cfg["requests"]):
+        start = time.perf_counter()
+        left.sendall(data)
+        received = 0
+        while received < OUTPUT_BYTES:
+            received += left.recv_into(memoryview(answer)[received:])
+        if index >= cfg["warmup"]:
+            rtts.append((time.perf_counter() - start) * 1000)
+    done.set()
+    left.close()
+    thread.join(5)
+    right.close()
+    return {"rtt": stats(rtts)}
+
+
+def measure(cfg: dict) -> dict:
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hailo-bench-transport-") as folder:
+        root = Path(folder)
+        models, config_path, sock = setup(root)
+        with running_daemon(root, config_path, sock) as process:
+            for name, shape in SHAPES.items():
+                image = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+                model = str(models / f"{name}.hef")
+                row = {"raw socket": bench_raw(image, cfg)}
+                for mode in MODES:
+                    row[mode] = asyncio.run(bench_mode(sock, model, image, mode, process.pid, cfg))
+                figures[name] = row
+    return figures
+
+
+def render(figures: dict) -> str:
+    lines = ["| input | transport | round trip ms (median / p90) | overhead ms | transport cost ms "
+             "| x raw socket | daemon CPU ms/request | goal |",
+             "|---|---|---|---|---|---|---|---|"]
+    floor = figures.get("16 B", {})
+    for name, row in figures.items():
+        raw = row["raw socket"]["rtt"]["median"]
+        lines.append(f"| {name} | raw socketpair | {raw:.3f} / {row['raw socket']['rtt']['p90']:.3f} "
+                     f"| | {raw:.3f} | 1.00 | - | |")
+        for mode in MODES:
+            item = row[mode]
+            overhead = item["overhead"]["median"]
+            cost = max(0.0, overhead - floor[mode]["overhead"]["median"]) if mode in floor else overhead
+            item["transport_cost_ms"] = cost
+            ratio = cost / raw
+            goal = "" if name == "16 B" else {"attachments": "PASS" if ratio <= 2 else "MISS",
+                                              "shm": "PASS" if ratio < 1 else "MISS"}.get(mode, "")
+            lines.append(f"| {name} | {mode} | {item['rtt']['median']:.3f} / {item['rtt']['p90']:.3f} "
+                         f"| {overhead:.3f} | {cost:.3f} | {ratio:.2f} | {item['daemon_cpu_ms']:.2f} | {goal} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    cfg = SETTINGS["quick" if args.quick else "default"]
+    figures = measure(cfg)
+    print(f"Tensor transports, simulated backend at 0 ms, {cfg['requests']} requests each, one in flight "
+          f"({os.cpu_count()} CPUs)")
+    print(render(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

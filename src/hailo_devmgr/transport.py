@@ -1,0 +1,507 @@
+"""Protocol v2 fast tensor transport: binary attachments and shared memory.
+
+Shared by the daemon and the client library (see docs/protocol.md,
+"Protocol v2: binary attachments and shared memory"). A v2 frame is a v1
+frame (4-byte big-endian length, then that many bytes of JSON) followed by
+the raw blocks its JSON lists in ``"attachments": [n0, n1, ...]``, back to
+back; file descriptors (sealed memfds) ride in the same ``sendmsg`` as the
+frame's first byte, as ``SCM_RIGHTS``, and the JSON counts them in
+``"fds": N``. A tensor refers to a block by index::
+
+    {"dtype": "uint8", "shape": [h, w, 3], "attachment": 0}
+    {"dtype": "uint8", "shape": [h, w, 3], "shm": 0, "offset": 0}
+
+Rules of this module:
+- :class:`SocketStream` is the only thing that touches the socket: exact
+  reads straight into the caller's buffers (``recvmsg_into``) and gathered
+  writes (``sendmsg``), on the event loop with ``add_reader``/``add_writer``.
+  It never reads past what it was asked for, so the descriptors that arrive
+  while one frame is read belong to that frame.
+- Every descriptor it receives is in ``fds`` until taken; whoever takes
+  descriptors closes them (``close_fds``) on every path.
+- The rest (frame metadata checks, reference resolution, packing) is pure
+  and raises :class:`~hailo_devmgr.protocol.RequestError`.
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import math
+import mmap
+import os
+import socket
+import stat
+import sys
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from . import protocol as p
+from .protocol import BAD_REQUEST, RequestError
+from .tensors import DecodedTensor, check_dtype, check_shape
+
+TRANSPORT_VERSION = 1          # of the attachment/shm encoding (hello answers it)
+MAX_ATTACHMENTS = 256          # blocks after one frame's JSON
+MAX_FDS = 16                   # descriptors with one frame
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+DEFAULT_SHM_MIN_BYTES = 1024 * 1024   # the client's default threshold for shared memory
+CLIENT_SEND_BUFFER = 4 * 1024 * 1024   # SO_SNDBUF the client asks for (requests carry the bulk)
+_ATTACHMENTS_KEY = b'"attachments"'
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_MAX_IOV = 512
+
+
+def close_fds(fds) -> None:
+    """Close every descriptor in ``fds`` (a list, emptied)."""
+    while fds:
+        fd = fds.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- the socket
+
+class SocketStream:
+    """Exact reads and gathered writes on a non-blocking stream socket, with
+    descriptor passing. One reader and one writer at a time."""
+
+    def __init__(self, sock: socket.socket, send_buffer: int | None = None):
+        sock.setblocking(False)
+        if send_buffer:
+            # A Unix stream socket has at most SO_SNDBUF bytes in flight (208 KiB by
+            # default): a 6 MB frame then takes ~60 wake-ups of both event loops.
+            # The kernel caps the value at net.core.wmem_max; best effort.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.sock = sock
+        self.fds: list[int] = []       # received, not yet taken
+        self.fds_truncated = False     # the kernel dropped some (more than MAX_FDS at once)
+        self.closed = False
+        self._fileno = sock.fileno()
+
+    async def _wait(self, writing: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake():
+            if not ready.done():
+                ready.set_result(None)
+        (loop.add_writer if writing else loop.add_reader)(self._fileno, wake)
+        try:
+            await ready
+        finally:
+            if not self.closed:
+                (loop.remove_writer if writing else loop.remove_reader)(self._fileno)
+
+    async def wait_readable(self) -> None:
+        await self._wait(False)
+
+    def _recv(self, view: memoryview) -> int:
+        count, ancillary, flags, _ = self.sock.recvmsg_into([view], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            self.fds_truncated = True
+        return count
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` exactly; IncompleteReadError at end of stream."""
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        done, size = 0, len(view)
+        while done < size:
+            try:
+                count = self._recv(view[done:])
+            except (BlockingIOError, InterruptedError):
+                await self._wait(False)
+                continue
+            if count == 0:
+                raise asyncio.IncompleteReadError(bytes(view[:done]), size)
+            done += count
+
+    async def readexactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        await self.readinto(memoryview(buffer))
+        return buffer
+
+    async def send(self, buffers, fds=()) -> None:
+        """Write every buffer, in order; ``fds`` go with the first byte."""
+        views = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while views:
+            try:
+                sent = self.sock.sendmsg(views[:_MAX_IOV], ancillary)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(True)
+                continue
+            ancillary = []
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0], sent = views[0][sent:], 0
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._fileno)
+            loop.remove_writer(self._fileno)
+        except RuntimeError:
+            pass  # no loop running
+        close_fds(self.fds)
+        self._discard_unread()
+        self.sock.close()
+
+    def _discard_unread(self) -> None:
+        """Read (and drop) input already queued, up to a bound: closing a Unix
+        socket with unread data resets the peer, which would then lose the
+        answers still queued for it (e.g. a too_large error)."""
+        scratch = bytearray(64 * 1024)
+        for _ in range(64):
+            try:
+                if self.sock.recv_into(scratch, len(scratch), socket.MSG_DONTWAIT) <= 0:
+                    return
+            except OSError:
+                return
+
+
+class BufferPool:
+    """Attachment buffers kept for reuse, by size (event loop only).
+
+    A fresh multi-megabyte buffer costs a page fault per 4 KiB when the
+    socket read first writes it, more than the read itself; clients send the
+    same sizes again and again (one camera, one model). A returned buffer
+    waits in ``_returned`` until nothing else refers to it (its reference
+    count is the pool's own: an array or view over it holds one more, and
+    the device thread may hold its last job a little longer), and only then
+    can it be handed out again, so memory in use is never overwritten."""
+
+    MIN_BYTES = 64 * 1024        # smaller buffers are cheap to allocate
+    MAX_RETURNED = 8             # buffers waiting to be released, oldest dropped
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.held = 0            # bytes of idle buffers in _free
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._returned: list[np.ndarray] = []
+        self._lone = self._refs([np.empty(1, np.uint8)], 0)
+
+    @staticmethod
+    def _refs(container: list, index: int) -> int:
+        return sys.getrefcount(container[index])
+
+    def _sweep(self) -> None:
+        """Move returned buffers nothing refers to any more into ``_free``."""
+        index = 0
+        while index < len(self._returned):
+            if self._refs(self._returned, index) > self._lone:
+                index += 1
+                continue
+            block = self._returned.pop(index)
+            if self.held + block.size <= self.max_bytes:
+                self._free.setdefault(block.size, []).append(block)
+                self.held += block.size
+
+    def get(self, size: int) -> np.ndarray:
+        if size >= self.MIN_BYTES:
+            self._sweep()
+            free = self._free.get(size)
+            if free:
+                self.held -= size
+                return free.pop()
+        return np.empty(size, np.uint8)
+
+    def put(self, block: np.ndarray) -> None:
+        """Give a buffer back (the caller keeps no reference it will use again)."""
+        if block.size < self.MIN_BYTES:
+            return
+        self._returned.append(block)
+        del block
+        if len(self._returned) > self.MAX_RETURNED:
+            del self._returned[0]
+        self._sweep()
+
+
+# ---------------------------------------------------------------- frame metadata
+
+def may_have_attachments(body) -> bool:
+    """Cheap test on the raw JSON: False means the frame has no attachments."""
+    return _ATTACHMENTS_KEY in body
+
+
+def attachment_sizes(message: dict) -> list[int]:
+    """The frame's ``attachments`` list, checked (empty when absent)."""
+    sizes = message.get("attachments")
+    if sizes is None:
+        return []
+    if not isinstance(sizes, list) or len(sizes) > MAX_ATTACHMENTS or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
+        raise RequestError(BAD_REQUEST, f"attachments must be a list of at most {MAX_ATTACHMENTS} "
+                                        f"byte sizes (integers >= 0)", fatal=True)
+    return sizes
+
+
+def declared_fds(message: dict) -> int:
+    count = message.get("fds", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_FDS:
+        raise RequestError(BAD_REQUEST, f"fds must be an integer from 0 to {MAX_FDS}")
+    return count
+
+
+def check_fds(message: dict, received: int, truncated: bool) -> None:
+    """The descriptors that came with a frame against its ``fds`` count."""
+    if truncated:
+        raise RequestError(BAD_REQUEST, f"More than {MAX_FDS} file descriptors sent with one frame")
+    declared = declared_fds(message)
+    if received != declared:
+        raise RequestError(BAD_REQUEST, f"Frame declares fds: {declared} but {received} file "
+                                        f"descriptor(s) came with it")
+
+
+# ---------------------------------------------------------------- shared memory
+
+def create_memfd(array_: np.ndarray, name: str = "hailo-tensor") -> int:
+    """A sealed memfd holding ``array_`` (C order); the caller closes it."""
+    data = memoryview(_contiguous(array_)).cast("B")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        written = 0
+        while written < len(data):  # write(2): half the cost of faulting pages in through a mapping
+            written += os.pwrite(fd, data[written:], written)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_shm(fd: int, where: str):
+    """Check that ``fd`` is a sealed memfd; map it read-only. (mmap or None if empty)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EBADF):
+            raise RequestError(BAD_REQUEST, f"{where} is not a memfd (shared memory must be a sealed "
+                                            f"memfd)") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise RequestError(BAD_REQUEST, f"{where} is not a memfd")
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise RequestError(BAD_REQUEST, f"{where} must be sealed with F_SEAL_SHRINK, F_SEAL_GROW and "
+                                        f"F_SEAL_WRITE (seals: {seals:#x})")
+    if info.st_size == 0:
+        return None
+    return _map_read_only(fd, info.st_size)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_read_only(fd: int, size: int):
+    """A read-only shared mapping of ``fd`` as a ctypes byte array, unmapped when
+    the last array over it is gone. Unlike ``mmap.mmap`` (which keeps a dup of
+    the descriptor open as long as the mapping), it holds no descriptor: the
+    caller closes ``fd`` at once. MAP_POPULATE maps every page in one call
+    instead of a fault per page on first read."""
+    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
+    if address is None or address == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mmap: {os.strerror(code)}")
+    mapped = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(mapped, _libc.munmap, address, size)
+    return mapped
+
+
+# ---------------------------------------------------------------- references
+
+class Blocks:
+    """The attachments and descriptors of one frame, for resolving references.
+
+    Shared memory is mapped on first use; ``close`` closes every descriptor
+    (maps stay valid while arrays use them). Mapping (in a worker thread) and
+    closing (there, or on the event loop when the client goes away) take a
+    lock, so a descriptor number is never used after it was closed."""
+
+    def __init__(self, attachments: list | None = None, fds: list[int] | None = None):
+        self.attachments = attachments if attachments is not None else []
+        self.fds = fds if fds is not None else []
+        self._maps: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def attachment(self, index: Any, where: str) -> memoryview:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.attachments):
+            raise RequestError(BAD_REQUEST, f"{where}attachment {index!r} does not exist (the frame has "
+                                            f"{len(self.attachments)} attachment(s))")
+        return memoryview(self.attachments[index]).cast("B")
+
+    def shm(self, index: Any, where: str):
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.fds):
+            raise RequestError(BAD_REQUEST, f"{where}shm {index!r} does not exist (the frame has "
+                                            f"{len(self.fds)} file descriptor(s))")
+        with self._lock:
+            if self._closed:
+                raise RequestError(BAD_REQUEST, f"{where}shm {index}: the request was abandoned")
+            if index not in self._maps:
+                self._maps[index] = map_shm(self.fds[index], f"{where}shm {index}")
+            return self._maps[index]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            close_fds(self.fds)
+            self._maps.clear()
+
+
+def is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and ("attachment" in value or "shm" in value) and "data_b64" not in value
+
+
+def tensor_from(ref: dict, blocks: Blocks, where: str, max_elements: int) -> np.ndarray:
+    """One reference → a read-only ndarray over the attachment or the mapping."""
+    prefix = f"{where}: " if where else ""
+    if "dtype" not in ref or "shape" not in ref:
+        raise RequestError(BAD_REQUEST, f"{prefix}tensor must include dtype and shape", field=where)
+    dtype = check_dtype(ref["dtype"], prefix)
+    shape = check_shape(ref["shape"], prefix, max_elements)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if "attachment" in ref:
+        data = blocks.attachment(ref["attachment"], prefix)
+        if len(data) != nbytes:
+            raise RequestError(BAD_REQUEST, f"{prefix}attachment {ref['attachment']} has {len(data)} bytes "
+                                            f"but dtype {dtype.name} and shape {list(shape)} need {nbytes}")
+        array_ = np.frombuffer(data, dtype=dtype)
+    else:
+        offset = ref.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset % dtype.itemsize:
+            raise RequestError(BAD_REQUEST, f"{prefix}offset must be an integer >= 0 and a multiple of "
+                                            f"{dtype.itemsize} (the dtype's size), got {offset!r}")
+        mapped = blocks.shm(ref["shm"], prefix)
+        size = len(mapped) if mapped is not None else 0
+        if offset + nbytes > size:
+            raise RequestError(BAD_REQUEST, f"{prefix}shm {ref['shm']} has {size} bytes, too small for "
+                                            f"{nbytes} bytes at offset {offset}")
+        array_ = (np.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+                  if nbytes else np.empty(0, dtype))
+    try:
+        array_ = array_.reshape(shape)
+    except ValueError as exc:  # e.g. a 0 with a size past numpy's index range
+        raise RequestError(BAD_REQUEST, f"{prefix}shape {list(shape)} is not usable: {exc}") from None
+    array_.flags.writeable = False
+    return array_
+
+
+def resolve(value: Any, blocks: Blocks, max_elements: int, where: str = "", as_array: bool = False) -> Any:
+    """Replace every attachment/shm reference inside ``value`` (dicts, lists).
+
+    The daemon gets :class:`DecodedTensor` (a dict, so handlers that test
+    for a tensor dict accept it; ``tensors.decode_v1`` returns its array);
+    the client, with ``as_array``, plain ndarrays."""
+    if is_reference(value):
+        array_ = tensor_from(value, blocks, where, max_elements)
+        return array_ if as_array else DecodedTensor(array_)
+    if isinstance(value, dict):
+        return {key: resolve(item, blocks, max_elements, f"{where}.{key}" if where else str(key), as_array)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve(item, blocks, max_elements, f"{where}[{index}]", as_array)
+                for index, item in enumerate(value)]
+    return value
+
+
+def has_references(value: Any) -> bool:
+    if is_reference(value):
+        return True
+    if isinstance(value, dict):
+        return any(has_references(item) for item in value.values())
+    if isinstance(value, list):
+        return any(has_references(item) for item in value)
+    return False
+
+
+# ---------------------------------------------------------------- packing
+
+def _contiguous(array_: np.ndarray) -> np.ndarray:
+    """C order, same shape (np.ascontiguousarray would make a 0-d array 1-d)."""
+    return array_ if array_.flags.c_contiguous else np.ascontiguousarray(array_).reshape(array_.shape)
+
+
+def pack(message: dict, *, shm_min_bytes: int | None) -> tuple[bytes, list, list[int]]:
+    """A message with ndarrays inside → (header + JSON, attachment buffers, fds).
+
+    Arrays of at least ``shm_min_bytes`` go in a new sealed memfd (None: never),
+    the others as attachments. The caller sends the fds and then closes them."""
+    buffers: list = []
+    fds: list[int] = []
+
+    def encode(value):
+        if isinstance(value, np.ndarray):
+            array_ = _contiguous(value)
+            ref = {"dtype": array_.dtype.name, "shape": list(array_.shape)}
+            if shm_min_bytes is not None and array_.nbytes >= shm_min_bytes and array_.nbytes:
+                fds.append(create_memfd(array_))
+                ref.update(shm=len(fds) - 1, offset=0)
+            else:
+                buffers.append(array_)
+                ref["attachment"] = len(buffers) - 1
+            return ref
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, dict):
+            return {key: encode(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [encode(item) for item in value]
+        return value
+
+    try:
+        encoded = encode(message)
+        if buffers:
+            encoded["attachments"] = [buffer.nbytes for buffer in buffers]
+        if fds:
+            encoded["fds"] = len(fds)
+        body = json.dumps(encoded, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except BaseException:
+        close_fds(fds)
+        raise
+    return p.HEADER.pack(len(body)) + body, buffers, fds
+
+
+async def read_message(stream: SocketStream, max_message_bytes: int) -> tuple[dict, list, list[int]]:
+    """Client side: the next frame as (message, attachments, fds); the caller closes the fds."""
+    header = await stream.readexactly(p.HEADER_SIZE)
+    body = await stream.readexactly(p.parse_length(bytes(header), max_message_bytes))
+    message = p.decode_body(body)
+    attachments = []
+    sizes = attachment_sizes(message) if may_have_attachments(body) else []
+    if len(body) + sum(sizes) > max_message_bytes:
+        raise RequestError(p.TOO_LARGE, f"Message of {len(body) + sum(sizes)} bytes with its attachments "
+                                        f"exceeds the limit of {max_message_bytes} bytes", fatal=True)
+    for size in sizes:
+        block = np.empty(size, np.uint8)
+        await stream.readinto(memoryview(block))
+        attachments.append(block)
+    fds = stream.take_fds()
+    return message, attachments, fds

@@ -1,0 +1,451 @@
+"""Protocol v2 fast tensor transport: binary attachments and shared memory (memfd).
+
+Pure parts (packing, references, memfd checks) first, then a real daemon on
+the simulated backend: every transport gives the same results as v1, every
+kind of bad input is a clear error that leaves other clients alone, and no
+file descriptor is ever leaked (counted in /proc/<pid>/fd).
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import fcntl
+import json
+import os
+import socket
+import struct
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from hailo_devmgr import protocol as p
+from hailo_devmgr import transport as t
+from hailo_devmgr.client import AsyncClient, Client, DeviceError
+from hailo_devmgr.tensors import DecodedTensor, decode_v1
+
+A = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+B = np.linspace(0, 1, 8, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- pure parts
+
+def test_pack_then_resolve_gives_the_same_arrays():
+    message = {"action": "infer", "input_data": {"inputs": {"a": A, "b": B, "s": np.float32(2.5)}}}
+    frame, buffers, fds = t.pack(message, shm_min_bytes=None)
+    assert fds == []
+    (length,) = struct.unpack(">I", frame[:4])
+    header = json.loads(frame[4:])
+    assert len(frame) == 4 + length
+    assert header["attachments"] == [48, 32]
+    assert header["input_data"]["inputs"]["a"] == {"dtype": "uint8", "shape": [4, 4, 3], "attachment": 0}
+    assert header["input_data"]["inputs"]["s"] == 2.5
+    blocks = t.Blocks([np.frombuffer(bytes(memoryview(b).cast("B")), np.uint8) for b in buffers])
+    resolved = t.resolve(header["input_data"], blocks, 1000, "input_data")
+    assert isinstance(resolved["inputs"]["a"], DecodedTensor)
+    assert np.array_equal(decode_v1(resolved["inputs"]["a"]), A)
+    assert np.array_equal(decode_v1(resolved["inputs"]["b"]), B)
+
+
+def test_shared_memory_round_trip_and_fds_closed():
+    frame, buffers, fds = t.pack({"x": A}, shm_min_bytes=1)
+    assert buffers == [] and len(fds) == 1
+    header = json.loads(frame[4:])
+    assert header["fds"] == 1 and header["x"] == {"dtype": "uint8", "shape": [4, 4, 3], "shm": 0, "offset": 0}
+    seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+    assert seals & t.REQUIRED_SEALS == t.REQUIRED_SEALS and seals & fcntl.F_SEAL_SEAL
+    blocks = t.Blocks([], fds)
+    out = t.resolve(header["x"], blocks, 1000, as_array=True)
+    blocks.close()
+    assert fds == []  # closed
+    assert np.array_equal(out, A) and not out.flags.writeable
+
+
+def test_zero_dimensional_and_non_contiguous_arrays_keep_their_shape():
+    frame, buffers, _ = t.pack({"x": np.array(1.0, np.float32), "y": A[:, ::2]}, shm_min_bytes=None)
+    header = json.loads(frame[4:])
+    assert header["x"]["shape"] == [] and header["y"]["shape"] == [4, 2, 3]
+    blocks = t.Blocks([np.frombuffer(bytes(memoryview(b).cast("B")), np.uint8) for b in buffers])
+    assert np.array_equal(t.resolve(header["y"], blocks, 100, as_array=True), A[:, ::2])
+
+
+@pytest.mark.parametrize("ref, message", [
+    ({"dtype": "uint8", "shape": [4, 4, 3], "attachment": 1}, "attachment 1 does not exist"),
+    ({"dtype": "uint8", "shape": [4, 4, 4], "attachment": 0}, "has 48 bytes but dtype uint8"),
+    ({"dtype": "float32", "shape": [4, 4, 3], "attachment": 0}, "need 192"),
+    ({"dtype": "object", "shape": [1], "attachment": 0}, "dtype must be one of"),
+    ({"shape": [1], "attachment": 0}, "must include dtype and shape"),
+    ({"dtype": "uint8", "shape": [1], "shm": 0}, "shm 0 does not exist"),
+    ({"dtype": "uint8", "shape": [0, 2 ** 70], "attachment": 0}, "shape"),
+])
+def test_bad_references_are_bad_requests(ref, message):
+    blocks = t.Blocks([np.zeros(48, np.uint8)])
+    with pytest.raises(p.RequestError) as error:
+        t.resolve({"x": ref}, blocks, 10 ** 6, "input_data")
+    assert error.value.code == p.BAD_REQUEST and message in error.value.message
+    assert error.value.message.startswith("input_data.x: ")
+
+
+def pipe_end() -> int:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    return read_end
+
+
+def regular_file() -> int:
+    with tempfile.TemporaryFile() as handle:
+        return os.dup(handle.fileno())
+
+
+def memfd(data: bytes, seals: int | None = t.REQUIRED_SEALS | fcntl.F_SEAL_SEAL) -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seals is not None:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: memfd(b"x" * 48, seals=None), "must be sealed"),
+    (lambda: memfd(b"x" * 48, seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW), "must be sealed"),
+    (lambda: memfd(b"x" * 10), "too small"),
+    (regular_file, "is not a memfd"),
+    (pipe_end, "is not a memfd"),
+])
+def test_bad_shared_memory_is_refused(make, message):
+    fd = make()
+    blocks = t.Blocks([], [fd])
+    try:
+        with pytest.raises(p.RequestError) as error:
+            t.resolve({"dtype": "uint8", "shape": [48], "shm": 0}, blocks, 1000)
+        assert message in error.value.message
+    finally:
+        blocks.close()
+
+
+def test_socket_stream_passes_fds_and_reads_into_buffers():
+    async def main():
+        left, right = socket.socketpair()
+        a, b = t.SocketStream(left), t.SocketStream(right)
+        fd = memfd(b"abc")
+        payload = np.arange(300_000, dtype=np.uint8)
+        sending = asyncio.ensure_future(a.send([b"head", payload], [fd]))
+        head = await b.readexactly(4)
+        block = np.empty(payload.size, np.uint8)
+        await b.readinto(memoryview(block))
+        await sending
+        got = b.take_fds()
+        assert bytes(head) == b"head" and np.array_equal(block, payload) and len(got) == 1
+        assert os.pread(got[0], 3, 0) == b"abc"
+        t.close_fds(got)
+        os.close(fd)
+        a.close()
+        with pytest.raises(asyncio.IncompleteReadError):
+            await b.readexactly(1)
+        b.close()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- against the daemon
+
+class Raw:
+    """Frames by hand, with attachments and descriptors."""
+
+    def __init__(self, path: str, hello: bool = True, features=("attachments",)):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+        if hello:
+            self.send({"action": "hello", "protocol": 2, "request_id": "hello", "features": list(features)})
+            answer = self.read()
+            assert "attachments" in answer["features"] and "shm" in answer["features"]
+
+    def send(self, message: dict, blocks=(), fds=()) -> None:
+        data = b"".join([p.encode_frame(message), *(bytes(memoryview(b).cast("B")) for b in blocks)])
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sent = self.sock.sendmsg([data], ancillary)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def read(self) -> dict | None:
+        """The next answer (attachment/shm results resolved); None at a clean close."""
+        header = self._exactly(4)
+        if header is None:
+            return None
+        (length,) = struct.unpack(">I", header)
+        answer = json.loads(self._exactly(length))
+        blocks = [np.frombuffer(self._exactly(n), np.uint8) for n in answer.get("attachments", [])]
+        assert "fds" not in answer  # these tests do not ask for shm results here
+        if blocks and "result" in answer:
+            answer["result"] = t.resolve(answer["result"], t.Blocks(blocks), 10 ** 9, as_array=True)
+        return answer
+
+    def _exactly(self, size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            try:
+                chunk = self.sock.recv(size - len(data))
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                assert not data, "closed in the middle of a frame"
+                return None
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def infer_message(model_dir, inputs: dict, request_id="r", **fields) -> dict:
+    return {"action": "infer", "model_type": "generic", "model_path": str(model_dir / "two.hef"),
+            "input_data": {"inputs": inputs}, "request_id": request_id, **fields}
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_fds(pid: int) -> int:
+    """The daemon's open descriptors once connections that just ended are closed."""
+    seen = [open_fds(pid)]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (len(seen) < 3 or len(set(seen[-3:])) > 1):
+        time.sleep(0.05)
+        seen.append(open_fds(pid))
+    return seen[-1]
+
+
+def assert_no_leak(pid: int, before: int) -> None:
+    deadline = time.monotonic() + 10
+    while open_fds(pid) > before and time.monotonic() < deadline:
+        time.sleep(0.05)  # a connection the client just closed may not be closed yet
+    after = open_fds(pid)
+    targets = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets[name] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass
+    assert after <= before, f"{after - before} descriptor(s) leaked: {targets}"
+
+
+def ping_ok(daemon) -> None:
+    with Client(daemon.socket_path, timeout=10) as client:
+        assert client.ping()["status"] == "ok"
+
+
+@pytest.fixture
+def fast_daemon(start_daemon):
+    return start_daemon(simulated={"infer_ms": 0, "load_ms": 0}, shm_result_min_bytes=16)
+
+
+def run_async(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_hello_lists_the_transport_features_and_v1_is_unchanged(fast_daemon, model_dir):
+    raw = Raw(fast_daemon.socket_path, hello=False)
+    raw.send({"action": "hello", "protocol": 2, "request_id": 1, "features": ["attachments"]})
+    answer = raw.read()
+    assert {"attachments", "shm"} <= set(answer["features"])
+    assert answer["transport"] == {"version": 1, "results": "attachments"}
+    assert answer["limits"]["max_fds"] == t.MAX_FDS and answer["limits"]["shm_result_min_bytes"] == 16
+    raw.close()
+    with Client(fast_daemon.socket_path, timeout=10) as client:  # v1: base64 in, base64 out
+        result = client.infer(str(model_dir / "two.hef"), {"inputs": {"a": A, "b": B}},
+                              model_type="generic", decode=False)["result"]
+        assert "data_b64" in result["outputs"]["sum"]
+
+
+@pytest.mark.parametrize("mode", ["attachments", "shm", "auto"])
+def test_every_transport_gives_the_v1_results(fast_daemon, model_dir, mode):
+    path = str(model_dir / "two.hef")
+
+    async def main():
+        async with AsyncClient(fast_daemon.socket_path, transport="base64", timeout=30) as client:
+            expected = (await client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic"))["result"]
+        async with AsyncClient(fast_daemon.socket_path, transport=mode, shm_min_bytes=40, timeout=30) as client:
+            assert client.protocol == 2 and "attachments" in client.features
+            got = await asyncio.gather(*(client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")
+                                         for _ in range(20)))
+        for answer in got:
+            for name, value in expected["outputs"].items():
+                assert isinstance(answer["result"]["outputs"][name], np.ndarray)
+                assert np.array_equal(answer["result"]["outputs"][name], value)
+    run_async(main())
+
+
+def test_v1_connection_sending_attachments_is_refused_and_closed(fast_daemon, model_dir):
+    raw = Raw(fast_daemon.socket_path, hello=False)
+    message = infer_message(model_dir, {"a": {"dtype": "uint8", "shape": [4, 4, 3], "attachment": 0}},
+                            attachments=[48])
+    raw.send(message, [A])
+    answer = raw.read()
+    assert answer["code"] == p.BAD_REQUEST and "protocol 2" in answer["error"] and answer["request_id"] == "r"
+    assert raw.read() is None  # closed
+    ping_ok(fast_daemon)
+
+
+def test_v1_connection_sending_fds_is_refused_and_fds_closed(fast_daemon):
+    pid = fast_daemon.process.pid
+    ping_ok(fast_daemon)
+    before = settled_fds(pid)
+    send_fds_on_v1(fast_daemon, 20)
+    ping_ok(fast_daemon)
+    assert_no_leak(pid, before)
+
+
+def send_fds_on_v1(daemon, count: int) -> None:
+    for _ in range(count):
+        raw = Raw(daemon.socket_path, hello=False)
+        fd = memfd(A.tobytes())
+        raw.send({"action": "ping", "request_id": 1}, fds=[fd])
+        os.close(fd)
+        answer = raw.read()
+        assert answer["code"] == p.BAD_REQUEST and "File descriptors need protocol 2" in answer["error"]
+        assert raw.read() is None
+        raw.close()
+
+
+def bad_frames(model_dir):
+    """(blocks, fds factory, message, error text) sent on a v2 connection that stays usable."""
+    ref = {"dtype": "uint8", "shape": [4, 4, 3]}
+    shm_ref = {**ref, "shm": 0, "offset": 0}
+    return [
+        ([A], None, infer_message(model_dir, {"a": {**ref, "attachment": 1}}, attachments=[48]),
+         "attachment 1 does not exist"),
+        ([A, A], None, infer_message(model_dir, {"a": {**ref, "attachment": 0}}, attachments=[48, 48]), None),
+        ([A[:2]], None, infer_message(model_dir, {"a": {**ref, "attachment": 0}}, attachments=[24]),
+         "has 24 bytes but"),
+        ([], lambda: [memfd(A.tobytes()), memfd(A.tobytes())],
+         infer_message(model_dir, {"a": shm_ref}, fds=1), "declares fds: 1 but 2"),
+        ([], lambda: [memfd(A.tobytes())], infer_message(model_dir, {"a": shm_ref}), "declares fds: 0 but 1"),
+        ([], None, infer_message(model_dir, {"a": shm_ref}, fds=1), "declares fds: 1 but 0"),
+        ([], lambda: [memfd(A.tobytes()) for _ in range(t.MAX_FDS + 1)],
+         infer_message(model_dir, {"a": shm_ref}, fds=t.MAX_FDS), f"More than {t.MAX_FDS} file descriptors"),
+        ([], lambda: [memfd(A.tobytes()[:10])], infer_message(model_dir, {"a": shm_ref}, fds=1), "too small"),
+        ([], lambda: [memfd(A.tobytes(), seals=None)], infer_message(model_dir, {"a": shm_ref}, fds=1),
+         "must be sealed"),
+        ([], lambda: [memfd(A.tobytes(), seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)],
+         infer_message(model_dir, {"a": shm_ref}, fds=1), "F_SEAL_WRITE"),
+        ([], lambda: [pipe_end()], infer_message(model_dir, {"a": shm_ref}, fds=1), "not a memfd"),
+        ([], lambda: [os.open(str(model_dir / "two.hef"), os.O_RDONLY)],
+         infer_message(model_dir, {"a": shm_ref}, fds=1), "not a memfd"),
+        ([], None, infer_message(model_dir, {"a": {**shm_ref, "offset": 3, "dtype": "float32", "shape": [1]}},
+                                 fds=0), "offset must be"),
+    ]
+
+
+def send_bad_batch(daemon, model_dir) -> None:
+    raw = Raw(daemon.socket_path)
+    for blocks, make_fds, message, text in bad_frames(model_dir):
+        fds = make_fds() if make_fds else []
+        raw.send(message, blocks, fds)
+        t.close_fds(fds)
+        answer = raw.read()
+        if text is None:  # an unused extra attachment is fine, but b is missing
+            assert answer["code"] == p.BAD_REQUEST
+        else:
+            assert answer["code"] == p.BAD_REQUEST and text in answer["error"], answer
+        assert answer["request_id"] == "r"
+    # Still usable: a good request with an attachment.
+    raw.send(infer_message(model_dir, {"a": {"dtype": "uint8", "shape": [4, 4, 3], "attachment": 0},
+                                       "b": {"dtype": "float32", "shape": [8], "attachment": 1}},
+                           attachments=[48, 32]), [A, B])
+    answer = raw.read()
+    assert answer["status"] == "ok", answer
+    assert isinstance(answer["result"]["outputs"]["sum"], np.ndarray)
+    raw.close()
+
+
+def test_bad_attachments_and_fds_are_clear_errors_and_the_connection_stays_usable(fast_daemon, model_dir):
+    send_bad_batch(fast_daemon, model_dir)
+    ping_ok(fast_daemon)
+
+
+@pytest.mark.parametrize("sizes", [[-1], "48", [True], list(range(t.MAX_ATTACHMENTS + 1))])
+def test_malformed_attachment_lists_close_the_connection(fast_daemon, model_dir, sizes):
+    raw = Raw(fast_daemon.socket_path)
+    raw.send(infer_message(model_dir, {}, attachments=sizes))
+    answer = raw.read()
+    assert answer["code"] == p.BAD_REQUEST and "attachments must be" in answer["error"]
+    assert raw.read() is None
+    ping_ok(fast_daemon)
+
+
+def test_attachments_count_against_max_message_bytes(start_daemon, model_dir):
+    daemon = start_daemon(max_message_bytes=4096, max_pending_bytes=8192)
+    raw = Raw(daemon.socket_path)
+    raw.send(infer_message(model_dir, {"a": {"dtype": "uint8", "shape": [5000], "attachment": 0}},
+                           attachments=[5000]))
+    answer = raw.read()
+    assert answer["code"] == p.TOO_LARGE and answer["request_id"] == "r"
+    assert raw.read() is None
+    ping_ok(daemon)
+
+
+def test_no_descriptor_leaks_after_1000_requests_and_bad_ones(fast_daemon, model_dir):
+    pid = fast_daemon.process.pid
+    path = str(model_dir / "two.hef")
+    ping_ok(fast_daemon)
+
+    async def requests(mode, count):
+        async with AsyncClient(fast_daemon.socket_path, transport=mode, timeout=60) as client:
+            for start in range(0, count, 50):
+                answers = await asyncio.gather(*(client.infer(path, {"inputs": {"a": A, "b": B}},
+                                                              model_type="generic")
+                                                 for _ in range(min(50, count - start))))
+                assert all(isinstance(a["result"]["outputs"]["map"], np.ndarray) for a in answers)
+
+    run_async(requests("shm", 10))  # load the model, warm up threads
+    before = settled_fds(pid)
+    run_async(requests("shm", 1000))
+    run_async(requests("attachments", 100))
+    send_bad_batch(fast_daemon, model_dir)
+    send_fds_on_v1(fast_daemon, 20)
+    # A client that vanishes with descriptors in flight.
+    raw = Raw(fast_daemon.socket_path)
+    raw.send(infer_message(model_dir, {"a": {"dtype": "uint8", "shape": [4, 4, 3], "shm": 0}}, fds=1),
+             fds=[memfd(A.tobytes())])
+    raw.close()
+    ping_ok(fast_daemon)
+    assert_no_leak(pid, before)
+
+
+def test_async_client_against_a_v1_only_peer_sends_base64(fast_daemon, model_dir):
+    async def main():
+        async with AsyncClient(fast_daemon.socket_path, pipelining=False, timeout=30) as client:
+            assert client.protocol == 1
+            answer = await client.infer(str(model_dir / "two.hef"), {"inputs": {"a": A, "b": B}},
+                                        model_type="generic")
+            assert isinstance(answer["result"]["outputs"]["sum"], np.ndarray)
+    run_async(main())
+
+
+def test_errors_still_raise_device_errors(fast_daemon, model_dir):
+    async def main():
+        async with AsyncClient(fast_daemon.socket_path, timeout=30) as client:
+            with pytest.raises(DeviceError) as error:
+                await client.infer(str(model_dir / "two.hef"), {"inputs": {"a": A[:2], "b": B}},
+                                   model_type="generic")
+            assert error.value.code == p.BAD_REQUEST
+    run_async(main())
+
+
+def test_buffer_pool_never_hands_out_memory_still_in_use():
+    pool = t.BufferPool(64 * 1024 * 1024)
+    size = 256 * 1024
+    blocks = [pool.get(size)]
+    in_use = np.frombuffer(memoryview(blocks[0]).cast("B"), np.uint8)  # an array over it, as a tensor is
+    pool.put(blocks.pop())
+    other = pool.get(size)
+    assert not np.shares_memory(other, in_use)  # still referred to: a new buffer
+    base = in_use.base.obj
+    del in_use
+    pool.put(other)
+    del other
+    again = pool.get(size)
+    assert again is base or again.size == size  # free again: reused
+    assert pool.get(10).size == 10  # small sizes are never pooled
