@@ -47,22 +47,8 @@ class KnownIssue:
         return isinstance(exc, self.exception) and re.search(self.message, str(exc)) is not None
 
 
-KNOWN_ISSUES = (
-    KnownIssue("json-int-digits", "protocol.decode_body", ValueError, r"Exceeds the limit \(\d+ digits\)",
-               "an integer literal over 4300 digits: json.loads raises ValueError, not JSONDecodeError; "
-               "the daemon leaves that connection without an answer"),
-    KnownIssue("non-finite-request-id", "protocol.request_id_of / encode_frame", ValueError,
-               r"Out of range float values are not JSON compliant",
-               "request_id NaN or 1e999 (json.loads accepts both) is echoed, and the answer cannot be "
-               "encoded (allow_nan=False); the daemon leaves that connection without an answer"),
-    KnownIssue("huge-zero-size-shape", "tensors.decode_v1", ValueError,
-               r"Maximum allowed dimension exceeded|array is too big",
-               "a shape with a 0 and a dimension past the ssize_t range (e.g. [0, 2**70]) passes "
-               "the element limit and numpy's reshape raises"),
-    KnownIssue("keep-alive-overflow", "actions.keep_alive_seconds", OverflowError,
-               r"int too large to convert to float",
-               "keep_alive an integer beyond the float range: float() raises OverflowError"),
-)
+# None open: every finding so far is fixed and replayed as a plain regression.
+KNOWN_ISSUES: tuple[KnownIssue, ...] = ()
 
 
 def known_issue(exc: BaseException) -> KnownIssue | None:

@@ -90,8 +90,6 @@ def test_whisper_audio_beyond_the_float_range_is_a_bad_request():
     assert audio.dtype == np.float32 and audio.tolist() == [0.25, -1.0, 1.0]
 
 
-@pytest.mark.xfail(strict=True, reason="known issue in tensors.encode_v1: np.ascontiguousarray makes a 0-d "
-                                       "array 1-d, so a scalar result goes out as shape [1]")
 def test_a_zero_dimensional_tensor_keeps_its_shape():
     wire = tensors.encode_v1(np.array(3.5, np.float32))
     assert wire["shape"] == [] and tensors.decode_v1(wire).shape == ()

@@ -24,6 +24,7 @@ from .scheduler import PRIORITIES
 SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
 MAX_SIMULATE_MS = 600_000
 MAX_TIMEOUT_MS = 3_600_000
+MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0   # a decade: beyond that, say -1 (forever)
 # keep_alive as Ollama takes it: seconds, or a duration such as "10m", "1h", "-1".
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -67,12 +68,15 @@ def keep_alive_seconds(body: dict) -> float | None:
     value = body.get("keep_alive")
     if value is None:
         return None
+    seconds = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        seconds = value
+    elif isinstance(value, str):
         match = _DURATION.fullmatch(value)
         if match:
-            return float(match.group(1)) * _UNIT_S[match.group(2)]
+            seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds is not None and -MAX_KEEP_ALIVE_S <= seconds <= MAX_KEEP_ALIVE_S:  # also refuses NaN
+        return float(seconds)
     raise RequestError(p.BAD_REQUEST, f"keep_alive must be a number of seconds (-1 = forever, 0 = unload "
                                       f"after this request) or a duration like \"10m\", got {value!r}")
 

@@ -295,8 +295,21 @@ class Connection:
         try:
             response = await self.server.answer(frame, self)
             await self.send(response)
+        except (OSError, asyncio.CancelledError):
+            raise  # the client went away, or the connection is ending
+        except Exception:
+            # Never leave a client waiting: a request must get an answer or a close.
+            log.exception("could not answer a request", extra=self.peer.log_fields())
+            await self._answer_internal_error()
         finally:
             self._release(frame)
+
+    async def _answer_internal_error(self) -> None:
+        error = RequestError(p.INTERNAL_ERROR, "Internal error in the device manager (see its log)")
+        try:
+            await self.send(p.error_response(None, error))
+        except Exception:
+            self.close()
 
     async def _refuse_busy(self, frame: Frame) -> None:
         try:

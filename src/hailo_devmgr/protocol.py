@@ -13,6 +13,7 @@ Rules of this module:
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +140,10 @@ class Request:
     has_request_id: bool = False
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not valid JSON")
+
+
 def decode_body(body: bytes) -> dict:
     """JSON body → dict. Raises ``bad_request`` for anything else."""
     try:
@@ -146,11 +151,13 @@ def decode_body(body: bytes) -> dict:
     except UnicodeDecodeError as exc:
         raise RequestError(BAD_REQUEST, f"Message is not valid UTF-8: {exc.reason} at byte {exc.start}")
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         raise RequestError(BAD_REQUEST, f"Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
     except RecursionError:
         raise RequestError(BAD_REQUEST, "Invalid JSON: nested too deeply")
+    except ValueError as exc:  # NaN/Infinity, or an integer literal past Python's digit limit
+        raise RequestError(BAD_REQUEST, f"Invalid JSON: {exc}")
     if not isinstance(message, dict):
         raise RequestError(BAD_REQUEST, f"Message must be a JSON object, got {json_type(message)}")
     return message
@@ -197,6 +204,9 @@ def request_id_of(message: Any) -> tuple[Any, bool]:
     """The ``request_id`` of a message that failed validation, if it is echoable."""
     if isinstance(message, dict) and "request_id" in message:
         rid = message["request_id"]
+        # 1e999 parses as infinity, which an answer could not carry back.
+        if isinstance(rid, float) and not math.isfinite(rid):
+            return None, False
         if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
             return rid, True
     return None, False

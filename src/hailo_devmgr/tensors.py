@@ -54,6 +54,8 @@ def check_shape(shape: Any, where: str, max_elements: int) -> tuple[int, ...]:
     for size in shape:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise RequestError(BAD_REQUEST, f"{where}shape sizes must be integers >= 0, got {shape!r}")
+        if size > max_elements:  # also when another size is 0 (numpy cannot hold such a shape)
+            raise RequestError(BAD_REQUEST, f"{where}shape size {size} is over the limit of {max_elements}")
     count = math.prod(shape)
     if count > max_elements:
         raise RequestError(BAD_REQUEST,
@@ -90,7 +92,9 @@ def decode_v1(value: Any, where: str = "tensor", max_elements: int = DEFAULT_MAX
 
 def encode_v1(array: np.ndarray) -> dict:
     """ndarray → v1 tensor dict (C order)."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
+    if array.ndim:  # ascontiguousarray would turn a 0-d array into shape [1]
+        array = np.ascontiguousarray(array)
     return {
         "dtype": array.dtype.name,
         "shape": list(array.shape),
