@@ -42,6 +42,7 @@ class DeviceRequest:
     keep_alive: float | None = None     # seconds (negative = forever); None = configured
     priority: str | None = None         # scheduling class; None = the client's default
     deadline: float | None = None       # monotonic; not started by then -> timeout
+    admin: bool = True                  # the client may unload models other uids loaded
 
 
 def _model_type(body: dict) -> str:
@@ -137,7 +138,7 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
 
     if request.action == "unload_model":
         def unload():
-            unloaded = registry.unload(model_type, model_path, request.log_fields)
+            unloaded = registry.unload(model_type, model_path, request.log_fields, request.admin)
             return {"model_path": model_path, "model_type": model_type,
                     "message": "Model unloaded" if unloaded else "Model was not loaded"}
         return unload, f"unload {model_type}:{model_path}", budgets.other_budget_s

@@ -220,6 +220,21 @@ class SchedulingConfig:
     client_priorities: tuple = _key(_client_priorities, ())
 
 
+def _id_list(value):
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise ValueError(f"must be a list of numeric ids, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # Besides root and the daemon's own user, who may act on other clients'
+    # models (e.g. unload a model another uid loaded).
+    uids: tuple = _key(_id_list, ())
+    groups: tuple = _key(_id_list, ())
+
+
 @dataclass(frozen=True)
 class SimulatedConfig:
     load_ms: int = _key(_integer(0, 600_000), 200)
@@ -266,6 +281,7 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     thermal: ThermalConfig = field(default_factory=ThermalConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
 
 

@@ -62,6 +62,17 @@ class Peer:
     def log_fields(self) -> dict:
         return {"CLIENT_PID": self.pid, "CLIENT_UID": self.uid}
 
+    def groups(self) -> set[int]:
+        """The peer's primary and supplementary group ids (from /proc)."""
+        found = {self.gid} if self.gid is not None else set()
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("Groups:"):
+                    found.update(int(gid) for gid in line.split()[1:])
+        except (OSError, ValueError):
+            pass
+        return found
+
     def unit(self) -> str | None:
         """The systemd unit the peer runs in (from its cgroup), if any."""
         if self.pid is None:

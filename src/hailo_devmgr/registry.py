@@ -66,6 +66,7 @@ class LoadedModel:
     idle_since: float = 0.0             # Unix time of the last request that touched it
     idle_since_mono: float = 0.0
     files: ModelFiles = field(default_factory=ModelFiles)  # open until the model is released
+    loaded_by_uid: int | None = None    # who loaded it (only that uid or an admin may unload it)
 
     def expires_mono(self) -> float | None:
         """When keep-alive unloads it (monotonic), or None for never."""
@@ -195,14 +196,21 @@ class ModelRegistry:
             self._publish()
         return result, (time.perf_counter() - started) * 1000
 
-    def unload(self, model_type: str, model_path: str, log_fields: dict | None = None) -> bool:
+    def unload(self, model_type: str, model_path: str, log_fields: dict | None = None,
+               admin: bool = True) -> bool:
+        """Unload a model; a non-admin may unload only models its own uid loaded."""
         key = f"{model_type}:{model_path}"
         if key in self.pins:
             raise RequestError(FORBIDDEN, f"Model {model_path} is pinned by the configuration (pin:) "
                                           "and cannot be unloaded")
-        model = self._models.pop(key, None)
+        model = self._models.get(key)
         if model is None:
             return False
+        uid = (log_fields or {}).get("CLIENT_UID")
+        if not admin and model.loaded_by_uid is not None and uid != model.loaded_by_uid:
+            raise RequestError(FORBIDDEN, f"Model {model_path} was loaded by another user (uid "
+                                          f"{model.loaded_by_uid}); only that user or an admin may unload it")
+        del self._models[key]
         self._release(model)
         self._publish()
         log.info("unloaded %s", model.spec.key,
@@ -315,7 +323,8 @@ class ModelRegistry:
             return LoadedModel(spec, handler, loaded_at=now, last_used=now,
                                last_used_mono=time.monotonic(),
                                load_ms=(time.perf_counter() - started) * 1000,
-                               pinned=spec.key in self.pins, files=files)
+                               pinned=spec.key in self.pins, files=files,
+                               loaded_by_uid=(log_fields or {}).get("CLIENT_UID"))
 
     def _keep(self, model: LoadedModel, requested: float | None) -> None:
         """Start the model's idle time now, with the request's keep-alive or the configured one."""

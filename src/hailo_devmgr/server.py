@@ -220,6 +220,14 @@ class Server:
             log.info("client closed the connection: %d queued request(s) dropped", dropped,
                      extra=connection.peer.log_fields())
 
+    def is_admin(self, peer: Peer) -> bool:
+        """Root, the daemon's own user, and the uids/groups in config `admin`."""
+        if peer.uid is None:
+            return False
+        if peer.uid in (0, os.getuid()) or peer.uid in self.config.admin.uids:
+            return True
+        return bool(self.config.admin.groups) and bool(set(self.config.admin.groups) & peer.groups())
+
     def _configured_priority(self, connection: Connection) -> str | None:
         for rule in self.config.scheduling.client_priorities:
             if rule.get("uid") == connection.peer.uid or (
@@ -312,6 +320,7 @@ class Server:
             if refusal is not None:
                 raise refusal
         prepared.log_fields = self._log_fields(request, connection)
+        prepared.admin = connection is None or self.is_admin(connection.peer)
         fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
         if tracked and request.request_id in connection.cancel_requested:
             raise scheduler.cancelled_error()  # cancelled while it was being validated
