@@ -36,7 +36,10 @@ TWO_INPUT_NET = {
 
 
 def die_with_parent() -> None:
-    """In the child: get SIGTERM when pytest dies, so no daemon outlives a killed run."""
+    """In the child: get SIGTERM when pytest dies, so no daemon outlives a killed run.
+
+    Linux sends it when the *thread* that started the child exits: start
+    daemons from the test's own thread, not from a short-lived helper thread."""
     import ctypes
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import os
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from .tensors import decode_results, encode_results, encode_v1
 TRANSPORTS = ("auto", "shm", "attachments", "base64")
 
 DEFAULT_SOCKET = "/run/hailo/device.sock"
+RECONNECT_POLL_S = 0.1
 
 
 def default_socket_path() -> str:
@@ -117,11 +119,20 @@ class _Methods:
     """Settings and actions, written once; ``request`` is sync or async per client."""
 
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
-                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES, reconnect_s: float = 0.0):
+        """``reconnect_s``: how long a (re)connect keeps trying while the socket
+        refuses (the daemon restarting); 0 fails at once. After a lost
+        connection the next request reconnects by itself."""
         self.socket_path = socket_path or default_socket_path()
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self.reconnect_s = reconnect_s
         self._ids = itertools.count(1)
+
+    def _keep_trying(self, started: float, exc: OSError) -> bool:
+        """After a refused connect: True to try again (within reconnect_s)."""
+        retryable = isinstance(exc, (ConnectionRefusedError, FileNotFoundError))
+        return retryable and time.monotonic() - started < self.reconnect_s
 
     def ping(self):
         return self.request("ping")
@@ -184,13 +195,18 @@ class AsyncClient(_Methods):
         self._stream: t.SocketStream | None = None
 
     async def connect(self) -> "AsyncClient":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
-        except OSError as exc:
-            sock.close()
-            raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+        started = time.monotonic()
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
+                break
+            except OSError as exc:
+                sock.close()
+                if not self._keep_trying(started, exc):
+                    raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+                await asyncio.sleep(RECONNECT_POLL_S)
         self._stream = t.SocketStream(sock, send_buffer=t.CLIENT_SEND_BUFFER)
         if self.pipelining:
             await self._negotiate()
@@ -335,13 +351,18 @@ class Client(_Methods):
         self._sock: socket.socket | None = None
 
     def connect(self) -> "Client":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError as exc:
-            sock.close()
-            raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+        started = time.monotonic()
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+                break
+            except OSError as exc:
+                sock.close()
+                if not self._keep_trying(started, exc):
+                    raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+                time.sleep(RECONNECT_POLL_S)
         self._sock = sock
         return self
 
