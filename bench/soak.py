@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +46,9 @@ if str(SRC) not in sys.path:
 
 from hailo_devmgr import protocol as p  # noqa: E402
 
-START_TIMEOUT_S = 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import running_daemon  # noqa: E402  (one way to start and stop the daemon)
+
 ANSWER_TIMEOUT_S = 60          # an answer later than this counts as lost
 SAMPLE_EVERY_S = 0.5
 RSS_FLAT_LIMIT = 0.10          # growth after warm-up under this is "flat"
@@ -85,46 +84,6 @@ def write_setup(root: Path, clients: int) -> tuple[dict, Path, str]:
     paths = {name: str(models / f"{name}.hef") for name in ("small", "vlm", "speech", "escape")}
     paths["missing"] = str(models / "missing.hef")
     return paths, config_path, sock
-
-
-def daemon_env() -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("HAILO_DEVICE_", "LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))}
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def wait_for_socket(path: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daemon exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.connect(path)
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"no daemon on {path} after {START_TIMEOUT_S} s")
-
-
-@contextlib.contextmanager
-def running_daemon(root: Path, config_path: Path, sock: str):
-    """The daemon as a subprocess; always stopped (SIGTERM, then SIGKILL)."""
-    log_path = root / "daemon.log"
-    with open(log_path, "wb") as log:
-        argv = [sys.executable, "-m", "hailo_devmgr", "--config", str(config_path)]
-        process = subprocess.Popen(argv, env=daemon_env(), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-        try:
-            wait_for_socket(sock, process)
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
 
 
 def rss_kb(pid: int) -> int | None:
