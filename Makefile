@@ -49,9 +49,10 @@ run: deps-runtime
 	HAILO_DEVICE_MODEL_DIRS=$(RUN_DIR)/models \
 	$(PYTHON) -m hailo_devmgr --config $(CURDIR)/etc/hailo/device-manager.yaml
 
+# The short atheris pass first, so pytest's summary is the last line printed.
 test: deps-test
-	$(PYTHON) -m pytest
 	@FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) PYTHON=$(PYTHON) fuzz/atheris.sh --optional
+	$(PYTHON) -m pytest
 
 # The real-systemd end-to-end test alone; fails (never skips) when this
 # machine cannot boot a container (needs root, systemd-nspawn, debootstrap).
