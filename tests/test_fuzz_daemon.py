@@ -204,21 +204,7 @@ def test_keep_alive_that_json_cannot_write_back_does_not_break_status(fuzz_daemo
                    for value in model.values() if isinstance(value, float))
 
 
-# Known issues that, against the daemon, leave the connection open with no
-# answer, no close and no log line (the client waits for its own timeout).
-HANGS: set[str] = set()  # none left: json-int-digits and non-finite-request-id are fixed
-HANG_WAIT_S = 3  # an answer takes milliseconds; this only bounds the strict xfail
-
-
-def regression_cases():
-    for path in sorted(REGRESSIONS.glob("*.bin")):
-        marks = [pytest.mark.xfail(strict=True, raises=TimeoutError,
-                                   reason="known issue: the connection hangs without an answer or a close "
-                                          "(connection.py / protocol.py)")] if path.stem in HANGS else []
-        yield pytest.param(path, id=path.stem, marks=marks)
-
-
-@pytest.mark.parametrize("case", regression_cases())
+@pytest.mark.parametrize("case", sorted(REGRESSIONS.glob("*.bin")), ids=lambda path: path.stem)
 def test_every_fuzz_finding_costs_at_most_its_own_connection(fuzz_daemon, case):
     """The replayed findings (known issues included) against the daemon itself:
     a well-formed answer or a clean close, and the daemon answers ping afterwards."""
@@ -226,7 +212,7 @@ def test_every_fuzz_finding_costs_at_most_its_own_connection(fuzz_daemon, case):
     assert data[0] & 1, "a single-body case"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(HANG_WAIT_S if case.stem in HANGS else READ_TIMEOUT_S)
+            sock.settimeout(READ_TIMEOUT_S)
             sock.connect(fuzz_daemon.socket_path)
             sock.sendall(frame(data[1:]))
             answers = read_answers(sock, 1)

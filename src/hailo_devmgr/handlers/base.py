@@ -122,6 +122,15 @@ def tensor_list_field(data: dict, key: str, limits: InputLimits, where: str = "i
             for index, item in enumerate(value)]
 
 
+def choice_field(data: dict, key: str, choices: tuple[str, ...], where: str = "input_data") -> str:
+    """A field that must be one of a few words, e.g. ``mode``."""
+    value = data.get(key)
+    if value not in choices:
+        wanted = " or ".join(f'"{choice}"' for choice in choices)
+        raise RequestError(BAD_REQUEST, f"{where}.{key} must be {wanted}, got {value!r}")
+    return value
+
+
 def prompt_field(data: dict, where: str = "input_data") -> str:
     prompt = data.get("prompt")
     if not isinstance(prompt, str):

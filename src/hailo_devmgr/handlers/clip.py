@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol import BAD_REQUEST, RequestError, optional_number, optional_str
-from .base import MAX_TIMEOUT_MS, Handler, InputLimits, require_object, tensor_field
+from .base import MAX_TIMEOUT_MS, Handler, InputLimits, choice_field, require_object, tensor_field
 from .network import Network
 
 MODES = ("image", "text")
@@ -35,9 +35,7 @@ class ClipHandler(Handler):
     @classmethod
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
         data = require_object(input_data, "input_data")
-        mode = data.get("mode")
-        if mode not in MODES:
-            raise RequestError(BAD_REQUEST, f"input_data.mode must be \"image\" or \"text\", got {mode!r}")
+        mode = choice_field(data, "mode", MODES)
         return {
             "mode": mode,
             "tensor": tensor_field(data, "tensor", limits),

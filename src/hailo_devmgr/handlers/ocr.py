@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from ..protocol import BAD_REQUEST, RequestError, json_type, optional_number, optional_str
-from .base import MAX_TIMEOUT_MS, Handler, InputLimits, require_object, tensor_field, tensor_list_field
+from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, choice_field, require_object, tensor_field,
+                   tensor_list_field)
 from .network import Network
 
 MODES = ("detection", "recognition")
@@ -91,10 +92,7 @@ class OcrHandler(Handler):
     @classmethod
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
         data = require_object(input_data, "input_data")
-        mode = data.get("mode")
-        if mode not in MODES:
-            raise RequestError(BAD_REQUEST, f"input_data.mode must be \"detection\" or \"recognition\", "
-                                            f"got {mode!r}")
+        mode = choice_field(data, "mode", MODES)
         where = "input_data."
         parsed = {"mode": mode,
                   "timeout_ms": optional_number(data, "timeout_ms", None, minimum=1, maximum=MAX_TIMEOUT_MS,
