@@ -7,23 +7,23 @@ file descriptor is ever leaked (counted in /proc/<pid>/fd).
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import fcntl
 import json
 import os
 import socket
 import struct
-import tempfile
-import time
 
 import numpy as np
 import pytest
 
 from hailo_devmgr import protocol as p
+from hailo_devmgr import shm
 from hailo_devmgr import transport as t
 from hailo_devmgr.client import AsyncClient, Client, DeviceError
 from hailo_devmgr.tensors import DecodedTensor, decode_v1
+from wire import (Raw, assert_no_leak, infer_message, memfd, pipe_end, ping_ok, regular_file,
+                  settled_fds)
 
 A = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
 B = np.linspace(0, 1, 8, dtype=np.float32)
@@ -54,7 +54,7 @@ def test_shared_memory_round_trip_and_fds_closed():
     header = json.loads(frame[4:])
     assert header["fds"] == 1 and header["x"] == {"dtype": "uint8", "shape": [4, 4, 3], "shm": 0, "offset": 0}
     seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
-    assert seals & t.REQUIRED_SEALS == t.REQUIRED_SEALS and seals & fcntl.F_SEAL_SEAL
+    assert seals & shm.REQUIRED_SEALS == shm.REQUIRED_SEALS and seals & fcntl.F_SEAL_SEAL
     blocks = t.Blocks([], fds)
     out = t.resolve(header["x"], blocks, 1000, as_array=True)
     blocks.close()
@@ -85,25 +85,6 @@ def test_bad_references_are_bad_requests(ref, message):
         t.resolve({"x": ref}, blocks, 10 ** 6, "input_data")
     assert error.value.code == p.BAD_REQUEST and message in error.value.message
     assert error.value.message.startswith("input_data.x: ")
-
-
-def pipe_end() -> int:
-    read_end, write_end = os.pipe()
-    os.close(write_end)
-    return read_end
-
-
-def regular_file() -> int:
-    with tempfile.TemporaryFile() as handle:
-        return os.dup(handle.fileno())
-
-
-def memfd(data: bytes, seals: int | None = t.REQUIRED_SEALS | fcntl.F_SEAL_SEAL) -> int:
-    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, data)
-    if seals is not None:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
 
 
 @pytest.mark.parametrize("make, message", [
@@ -149,93 +130,6 @@ def test_socket_stream_passes_fds_and_reads_into_buffers():
 
 # ---------------------------------------------------------------- against the daemon
 
-class Raw:
-    """Frames by hand, with attachments and descriptors."""
-
-    def __init__(self, path: str, hello: bool = True, features=("attachments",)):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
-        if hello:
-            self.send({"action": "hello", "protocol": 2, "request_id": "hello", "features": list(features)})
-            answer = self.read()
-            assert "attachments" in answer["features"] and "shm" in answer["features"]
-
-    def send(self, message: dict, blocks=(), fds=()) -> None:
-        data = b"".join([p.encode_frame(message), *(bytes(memoryview(b).cast("B")) for b in blocks)])
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = self.sock.sendmsg([data], ancillary)
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
-
-    def read(self) -> dict | None:
-        """The next answer (attachment/shm results resolved); None at a clean close."""
-        header = self._exactly(4)
-        if header is None:
-            return None
-        (length,) = struct.unpack(">I", header)
-        answer = json.loads(self._exactly(length))
-        blocks = [np.frombuffer(self._exactly(n), np.uint8) for n in answer.get("attachments", [])]
-        assert "fds" not in answer  # these tests do not ask for shm results here
-        if blocks and "result" in answer:
-            answer["result"] = t.resolve(answer["result"], t.Blocks(blocks), 10 ** 9, as_array=True)
-        return answer
-
-    def _exactly(self, size: int) -> bytes | None:
-        data = b""
-        while len(data) < size:
-            try:
-                chunk = self.sock.recv(size - len(data))
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                assert not data, "closed in the middle of a frame"
-                return None
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def infer_message(model_dir, inputs: dict, request_id="r", **fields) -> dict:
-    return {"action": "infer", "model_type": "generic", "model_path": str(model_dir / "two.hef"),
-            "input_data": {"inputs": inputs}, "request_id": request_id, **fields}
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def settled_fds(pid: int) -> int:
-    """The daemon's open descriptors once connections that just ended are closed."""
-    seen = [open_fds(pid)]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (len(seen) < 3 or len(set(seen[-3:])) > 1):
-        time.sleep(0.05)
-        seen.append(open_fds(pid))
-    return seen[-1]
-
-
-def assert_no_leak(pid: int, before: int) -> None:
-    deadline = time.monotonic() + 10
-    while open_fds(pid) > before and time.monotonic() < deadline:
-        time.sleep(0.05)  # a connection the client just closed may not be closed yet
-    after = open_fds(pid)
-    targets = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            targets[name] = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            pass
-    assert after <= before, f"{after - before} descriptor(s) leaked: {targets}"
-
-
-def ping_ok(daemon) -> None:
-    with Client(daemon.socket_path, timeout=10) as client:
-        assert client.ping()["status"] == "ok"
-
-
 @pytest.fixture
 def fast_daemon(start_daemon):
     return start_daemon(simulated={"infer_ms": 0, "load_ms": 0}, shm_result_min_bytes=16)
@@ -250,7 +144,7 @@ def test_hello_lists_the_transport_features_and_v1_is_unchanged(fast_daemon, mod
     raw.send({"action": "hello", "protocol": 2, "request_id": 1, "features": ["attachments"]})
     answer = raw.read()
     assert {"attachments", "shm"} <= set(answer["features"])
-    assert answer["transport"] == {"version": 1, "results": "attachments"}
+    assert answer["transport"] == {"version": 2, "results": "attachments"}
     assert answer["limits"]["max_fds"] == t.MAX_FDS and answer["limits"]["shm_result_min_bytes"] == 16
     raw.close()
     with Client(fast_daemon.socket_path, timeout=10) as client:  # v1: base64 in, base64 out

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol as p
+from . import shm
 from . import transport as t
 from ._version import __version__
 from .tensors import decode_results, encode_results, encode_v1
@@ -103,6 +104,17 @@ def _has_arrays(value: Any) -> bool:
     return False
 
 
+def _large_arrays(value: Any, min_bytes: int) -> list[int]:
+    """Byte sizes of the arrays inside ``value`` that go in shared memory."""
+    if isinstance(value, np.ndarray):
+        return [value.nbytes] if value.nbytes >= min_bytes and value.nbytes else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [size for item in value for size in _large_arrays(item, min_bytes)]
+    return []
+
+
 def _v1_frame(message: dict) -> bytes:
     """A request as a v1 frame: ndarrays in it become base64 tensors."""
     if _has_arrays(message.get("input_data")):
@@ -173,12 +185,16 @@ class AsyncClient(_Methods):
 
     ``transport`` says how ndarrays in ``input_data`` travel: "auto" (shared
     memory from ``shm_min_bytes`` up, attachments below, whatever the daemon
-    offers), "shm" (every array in a memfd), "attachments", or "base64" (v1
-    tensors). Tensor results come back as attachments or memfds unless
-    "base64"; either way ``result`` holds ndarrays."""
+    offers), "shm" (every array in shared memory), "attachments", or
+    "base64" (v1 tensors). Shared memory goes through buffers registered once
+    per connection and reused (``shm_buffers``, when the daemon offers them),
+    else through a one-shot sealed memfd per array. Tensor results come back
+    as attachments or memfds unless "base64"; either way ``result`` holds
+    ndarrays."""
 
     def __init__(self, *args, pipelining: bool = True, client_name: str | None = None,
-                 transport: str = "auto", shm_min_bytes: int = t.DEFAULT_SHM_MIN_BYTES, **kwargs):
+                 transport: str = "auto", shm_min_bytes: int = t.DEFAULT_SHM_MIN_BYTES,
+                 shm_buffers: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -186,6 +202,9 @@ class AsyncClient(_Methods):
         self.client_name = client_name or f"hailo_devmgr.client/{__version__}"
         self.transport = transport
         self.shm_min_bytes = 0 if transport == "shm" else shm_min_bytes
+        self.use_shm_buffers = shm_buffers
+        self._buffers: shm.ClientBuffers | None = None   # registered, once hello offered them
+        self._buffers_lock = asyncio.Lock()
         self.protocol = 1
         self.features: frozenset = frozenset()   # what the daemon offered in hello
         self._lock = asyncio.Lock()         # v1: one request in flight per connection
@@ -213,7 +232,7 @@ class AsyncClient(_Methods):
         return self
 
     async def _negotiate(self) -> None:
-        wanted = {"auto": ["attachments", "shm"], "shm": ["attachments", "shm"],
+        wanted = {"auto": ["attachments", "shm", "shm_buffers"], "shm": ["attachments", "shm", "shm_buffers"],
                   "attachments": ["attachments"], "base64": []}[self.transport]
         hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
                                                   "features": wanted or None})
@@ -227,8 +246,16 @@ class AsyncClient(_Methods):
         self.features = frozenset(answer.get("features") or ()) & frozenset(wanted)
         if self.protocol >= 2:
             self._answers = asyncio.ensure_future(self._read_answers())
+        if "shm_buffers" in self.features and self.use_shm_buffers:
+            limits = answer.get("limits") or {}
+            self._buffers = shm.ClientBuffers(self._register_buffer, self._unregister_buffer,
+                                              int(limits.get("max_shm_buffers", 0)),
+                                              int(limits.get("shm_buffer_max_bytes", 0)))
 
     async def close(self) -> None:
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = None
         if self._answers is not None:
             self._answers.cancel()
             await asyncio.gather(self._answers, return_exceptions=True)
@@ -248,12 +275,13 @@ class AsyncClient(_Methods):
     async def metrics(self) -> dict:
         return await self.request("metrics")
 
-    async def request(self, action: str, _decode: bool = True, **fields) -> dict:
+    async def request(self, action: str, _decode: bool = True, _fds: list[int] | None = None, **fields) -> dict:
+        """``_fds``: descriptors to pass with the request (v2 only; closed once sent)."""
         if self._stream is None:
             await self.connect()
-        message = _build(action, next(self._ids), fields)
+        message = _build(action, next(self._ids), dict(fields, fds=len(_fds) if _fds else None))
         if self.protocol >= 2:
-            return _check(message, await self._pipelined(message), _decode)
+            return _check(message, await self._pipelined(message, _fds or []), _decode)
         async with self._lock:
             return _check(message, await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
 
@@ -262,13 +290,21 @@ class AsyncClient(_Methods):
         if "attachments" not in self.features or not _has_arrays(message.get("input_data")):
             return _v1_frame(message), [], []
         shm_min = self.shm_min_bytes if "shm" in self.features else None
-        return t.pack(message, shm_min_bytes=shm_min)
+        place = self._buffers.placer(message["request_id"]) if self._buffers and shm_min is not None else None
+        return t.pack(message, shm_min_bytes=shm_min, place=place)
 
-    async def _pipelined(self, message: dict) -> dict:
+    async def _register_buffer(self, buffer: shm.WritableBuffer) -> int:
+        answer = await self.request("register_buffer", _fds=[buffer.take_fd()])
+        return answer["buffer"]
+
+    async def _unregister_buffer(self, buffer: shm.WritableBuffer) -> None:
+        await self.request("unregister_buffer", buffer=buffer.buffer_id)
+
+    async def _pipelined(self, message: dict, fds: list[int]) -> dict:
         answer = asyncio.get_running_loop().create_future()
         self._pending[message["request_id"]] = answer
         try:
-            await self._send(message)
+            await self._send(message, fds)
             return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             if self._stream is not None and not answer.done():  # tell the daemon not to bother
@@ -278,16 +314,41 @@ class AsyncClient(_Methods):
         finally:
             self._pending.pop(message["request_id"], None)
 
-    async def _send(self, message: dict) -> None:
-        frame, buffers, fds = self._encode(message)
+    async def _send(self, message: dict, fds: list[int] | None = None) -> None:
+        fds = fds if fds is not None else []
+        handed_over = False   # from then on only the answer frees the request's buffers
         try:
-            async with self._write_lock:
-                # Shielded: a frame cut in the middle would break the stream for every request.
-                await asyncio.shield(self._stream.send([frame, *buffers], fds))
+            if self._buffers is not None and _has_arrays(message.get("input_data")):
+                async with self._buffers_lock:  # registered buffers are placed in request order
+                    await self._buffers.prepare(_large_arrays(message["input_data"], self.shm_min_bytes))
+                    frame, buffers, packed = self._encode(message)
+            else:
+                frame, buffers, packed = self._encode(message)
+            fds.extend(packed)
+            # Shielded: a frame cut in the middle would break the stream for every request.
+            writing = asyncio.ensure_future(self._write([frame, *buffers], fds))
+            writing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen if abandoned
+            handed_over = True
+            await asyncio.shield(writing)
         except OSError as exc:
             raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+        except BaseException:
+            if not handed_over:
+                self._release_buffers(message)
+                t.close_fds(fds)
+            raise
+
+    async def _write(self, buffers: list, fds: list[int]) -> None:
+        """One whole frame (frames never interleave); its fds closed once sent."""
+        try:
+            async with self._write_lock:
+                await self._stream.send(buffers, fds)
         finally:
             t.close_fds(fds)
+
+    def _release_buffers(self, message: dict) -> None:
+        if self._buffers is not None:
+            self._buffers.release(message.get("request_id"))
 
     async def _send_quietly(self, message: dict) -> None:
         try:
@@ -317,6 +378,7 @@ class AsyncClient(_Methods):
                     if exc.code == p.TOO_LARGE:
                         raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE)
                     raise
+                self._release_buffers(answer)   # the daemon is done with the request's buffers
                 waiting = self._pending.get(answer.get("request_id"))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)

@@ -262,6 +262,10 @@ class Config:
     # Protocol v2: tensor results of at least this many bytes go back in a
     # sealed memfd to clients that asked for shared memory in hello.
     shm_result_min_bytes: int = _key(_integer(0), 1 * MiB)
+    # Protocol v2: bytes of shared memory one connection may register for
+    # reuse (register_buffer; 0 turns registered buffers off). The pages are
+    # the client's; the daemon holds only their mappings.
+    shm_buffer_max_bytes: int = _key(_integer(0, 64 * 1024 * MiB), 256 * MiB)
     # Connections at once, in all and per client uid; more are refused.
     max_connections: int = _key(_integer(1, 100_000), 256)
     max_connections_per_uid: int = _key(_integer(1, 100_000), 64)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol as p
-from . import transport
+from . import shm, transport
 from .protocol import RequestError
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class Connection:
         self.cancel_requested: set = set()
         self.binary_results = False     # v2 hello asked for attachments: ndarrays go raw
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
+        self.shm_buffers = shm.RegisteredBuffers(server.config.shm_buffer_max_bytes)
         self._stream = transport.SocketStream(sock)
         self._write_lock = asyncio.Lock()
         self._inbox: asyncio.Queue = asyncio.Queue()
@@ -178,6 +179,7 @@ class Connection:
             await asyncio.gather(in_order, *self._tasks, return_exceptions=True)
             for frame in list(self._frames):  # read but never answered
                 self._release(frame)
+            self.shm_buffers.clear()
             self._stream.close()
 
     async def _read_frame(self) -> Frame | None:

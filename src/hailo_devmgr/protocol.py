@@ -26,7 +26,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PROTOCOL_VERSION = 1   # what a connection speaks until it says hello
 PROTOCOL_MAX = 2       # the newest this daemon speaks
 # What a v2 connection may use (listed in the hello answer).
-FEATURES_V2 = ("pipelining", "priority", "timeout", "cancel", "metrics", "attachments", "shm")
+FEATURES_V2 = ("pipelining", "priority", "timeout", "cancel", "metrics", "attachments", "shm",
+               "shm_buffers")
 
 # Error codes (the `code` field of an error response).
 BAD_REQUEST = "bad_request"
@@ -47,7 +48,8 @@ OVERHEATED = "overheated"
 INTERNAL_ERROR = "internal_error"
 
 # Actions answered by the event loop at once (never queued behind the device).
-CONTROL_ACTIONS = frozenset({"ping", "status", "device_status", "hello", "cancel", "metrics"})
+CONTROL_ACTIONS = frozenset({"ping", "status", "device_status", "hello", "cancel", "metrics",
+                             "register_buffer", "unregister_buffer"})
 # Actions that need the device thread.
 DEVICE_ACTIONS = frozenset({"load_model", "infer", "unload_model"})
 # Test hooks of the simulated backend (root or the daemon's user only; see simulate.py).

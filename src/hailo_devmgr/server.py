@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import replace
 
-from . import actions, scheduler, simulate, transport
+from . import actions, scheduler, shm, simulate, transport
 from . import protocol as p
 from ._version import __version__
 from .connection import ByteBudget, Connection, Frame, Peer
@@ -247,7 +247,7 @@ class Server:
         except RequestError as error:
             return self.error_answer(None, message, error, connection)
         if connection.protocol >= 2:
-            frame.blocks = transport.Blocks(frame.attachments, frame.fds)
+            frame.blocks = transport.Blocks(frame.attachments, frame.fds, connection.shm_buffers)
         return await self.handle_message(message, connection, frame.blocks)
 
     async def handle_message(self, message: dict, connection: Connection | None = None,
@@ -291,6 +291,9 @@ class Server:
             return self._hello(request, connection)
         if action == "cancel":
             return self._cancel(request, connection)
+        if action in ("register_buffer", "unregister_buffer"):
+            # In a worker thread: mapping a large buffer populates its page tables.
+            return await asyncio.to_thread(self._buffer_action, request, connection, blocks)
         if action == "simulate":
             return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
@@ -393,16 +396,16 @@ class Server:
         agreed = min(wanted, p.PROTOCOL_MAX)
         # Results come back as attachments (and large ones as memfds) only when asked for.
         binary = agreed >= 2 and "attachments" in accepts
-        shm = binary and "shm" in accepts
+        shm_results = binary and "shm" in accepts
         if connection is not None:
             connection.protocol = agreed
             connection.client_label = label
-            connection.binary_results, connection.shm_results = binary, shm
+            connection.binary_results, connection.shm_results = binary, shm_results
         limits = self.config.scheduling
         answer = {
             "protocol": agreed,
             "version": __version__,
-            "features": list(p.FEATURES_V2) if agreed >= 2 else [],
+            "features": self._features() if agreed >= 2 else [],
             "priorities": list(scheduler.PRIORITIES),
             "limits": {
                 "max_message_bytes": self.config.max_message_bytes,
@@ -413,12 +416,35 @@ class Server:
                 "max_attachments": transport.MAX_ATTACHMENTS,
                 "max_fds": transport.MAX_FDS,
                 "shm_result_min_bytes": self.config.shm_result_min_bytes,
+                "max_shm_buffers": shm.MAX_BUFFERS,
+                "shm_buffer_max_bytes": self.config.shm_buffer_max_bytes,
             },
         }
         if agreed >= 2:
             answer["transport"] = {"version": transport.TRANSPORT_VERSION,
-                                   "results": "shm" if shm else "attachments" if binary else "base64"}
+                                   "results": "shm" if shm_results else "attachments" if binary else "base64"}
         return answer
+
+    def _features(self) -> list[str]:
+        return [name for name in p.FEATURES_V2 if name != "shm_buffers" or self.config.shm_buffer_max_bytes]
+
+    def _buffer_action(self, request: p.Request, connection: Connection | None,
+                       blocks: transport.Blocks | None) -> dict:
+        """register_buffer (one memfd with the frame) and unregister_buffer {buffer}."""
+        if connection is None or connection.protocol < 2 or blocks is None:
+            raise RequestError(p.BAD_REQUEST, f"{request.action} needs protocol 2 (send hello first)")
+        if request.action == "unregister_buffer":
+            if "buffer" not in request.body:
+                raise RequestError(p.BAD_REQUEST, "unregister_buffer needs buffer: the id register_buffer gave")
+            connection.shm_buffers.unregister(request.body["buffer"])
+            return {"buffer": request.body["buffer"], "unregistered": True}
+        if not self.config.shm_buffer_max_bytes:
+            raise RequestError(p.BAD_REQUEST, "Registered buffers are turned off here (shm_buffer_max_bytes: 0)")
+        if len(blocks.fds) != 1:
+            raise RequestError(p.BAD_REQUEST, f"register_buffer needs exactly one memfd with the frame "
+                                              f"(fds: 1), got {len(blocks.fds)}")
+        buffer_id, size = blocks.using_fd(0, lambda fd: connection.shm_buffers.register(fd, "buffer"), "")
+        return {"buffer": buffer_id, "size": size}
 
     def _cancel(self, request: p.Request, connection: Connection | None) -> dict:
         """Cancel a request of this same connection, by its request_id."""

@@ -27,30 +27,24 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import ctypes
-import errno
-import fcntl
 import json
 import math
-import mmap
 import os
 import socket
-import stat
 import sys
 import threading
-import weakref
 from typing import Any
 
 import numpy as np
 
 from . import protocol as p
+from . import shm
 from .protocol import BAD_REQUEST, RequestError
 from .tensors import DecodedTensor, check_dtype, check_shape
 
-TRANSPORT_VERSION = 1          # of the attachment/shm encoding (hello answers it)
+TRANSPORT_VERSION = 2          # of the attachment/shm encoding (hello answers it; 2: registered buffers)
 MAX_ATTACHMENTS = 256          # blocks after one frame's JSON
 MAX_FDS = 16                   # descriptors with one frame
-REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 DEFAULT_SHM_MIN_BYTES = 1024 * 1024   # the client's default threshold for shared memory
 CLIENT_SEND_BUFFER = 4 * 1024 * 1024   # SO_SNDBUF the client asks for (requests carry the bulk)
 _ATTACHMENTS_KEY = b'"attachments"'
@@ -276,79 +270,21 @@ def check_fds(message: dict, received: int, truncated: bool) -> None:
                                         f"descriptor(s) came with it")
 
 
-# ---------------------------------------------------------------- shared memory
-
-def create_memfd(array_: np.ndarray, name: str = "hailo-tensor") -> int:
-    """A sealed memfd holding ``array_`` (C order); the caller closes it."""
-    data = memoryview(_contiguous(array_)).cast("B")
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        written = 0
-        while written < len(data):  # write(2): half the cost of faulting pages in through a mapping
-            written += os.pwrite(fd, data[written:], written)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def map_shm(fd: int, where: str):
-    """Check that ``fd`` is a sealed memfd; map it read-only. (mmap or None if empty)."""
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EBADF):
-            raise RequestError(BAD_REQUEST, f"{where} is not a memfd (shared memory must be a sealed "
-                                            f"memfd)") from None
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise RequestError(BAD_REQUEST, f"{where} is not a memfd")
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-        raise RequestError(BAD_REQUEST, f"{where} must be sealed with F_SEAL_SHRINK, F_SEAL_GROW and "
-                                        f"F_SEAL_WRITE (seals: {seals:#x})")
-    if info.st_size == 0:
-        return None
-    return _map_read_only(fd, info.st_size)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _map_read_only(fd: int, size: int):
-    """A read-only shared mapping of ``fd`` as a ctypes byte array, unmapped when
-    the last array over it is gone. Unlike ``mmap.mmap`` (which keeps a dup of
-    the descriptor open as long as the mapping), it holds no descriptor: the
-    caller closes ``fd`` at once. MAP_POPULATE maps every page in one call
-    instead of a fault per page on first read."""
-    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
-    if address is None or address == _MAP_FAILED:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mmap: {os.strerror(code)}")
-    mapped = (ctypes.c_char * size).from_address(address)
-    weakref.finalize(mapped, _libc.munmap, address, size)
-    return mapped
-
-
 # ---------------------------------------------------------------- references
 
 class Blocks:
-    """The attachments and descriptors of one frame, for resolving references.
+    """The attachments, descriptors and registered buffers one frame may refer to.
 
-    Shared memory is mapped on first use; ``close`` closes every descriptor
-    (maps stay valid while arrays use them). Mapping (in a worker thread) and
-    closing (there, or on the event loop when the client goes away) take a
-    lock, so a descriptor number is never used after it was closed."""
+    ``close`` closes every descriptor (mappings stay valid while arrays use
+    them). Mapping (in a worker thread) and closing (there, or on the event
+    loop when the client goes away) take a lock, so a descriptor number is
+    never used after it was closed."""
 
-    def __init__(self, attachments: list | None = None, fds: list[int] | None = None):
+    def __init__(self, attachments: list | None = None, fds: list[int] | None = None,
+                 buffers: "shm.RegisteredBuffers | None" = None):
         self.attachments = attachments if attachments is not None else []
         self.fds = fds if fds is not None else []
-        self._maps: dict[int, Any] = {}
+        self.buffers = buffers
         self._lock = threading.Lock()
         self._closed = False
 
@@ -358,26 +294,36 @@ class Blocks:
                                             f"{len(self.attachments)} attachment(s))")
         return memoryview(self.attachments[index]).cast("B")
 
-    def shm(self, index: Any, where: str):
+    def using_fd(self, index: Any, use, where: str):
+        """``use(fd)`` for descriptor ``index``, which is not closed meanwhile."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.fds):
             raise RequestError(BAD_REQUEST, f"{where}shm {index!r} does not exist (the frame has "
                                             f"{len(self.fds)} file descriptor(s))")
         with self._lock:
             if self._closed:
                 raise RequestError(BAD_REQUEST, f"{where}shm {index}: the request was abandoned")
-            if index not in self._maps:
-                self._maps[index] = map_shm(self.fds[index], f"{where}shm {index}")
-            return self._maps[index]
+            return use(self.fds[index])
+
+    def shm(self, index: Any, offset: int, nbytes: int, where: str) -> "shm.Mapped | None":
+        """The bytes of a one-shot memfd a tensor uses, mapped (None if there are none)."""
+        return self.using_fd(index, lambda fd: shm.map_one_shot(fd, offset, nbytes, f"{where}shm {index}"), where)
+
+    def buffer(self, buffer_id: Any, offset: int, nbytes: int, where: str) -> "shm.Mapped":
+        if self.buffers is None:
+            raise RequestError(BAD_REQUEST, f"{where}buffer {buffer_id!r}: no registered buffers here")
+        return self.buffers.view(buffer_id, offset, nbytes, where)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             close_fds(self.fds)
-            self._maps.clear()
+
+
+REFERENCE_KEYS = ("attachment", "shm", "buffer")
 
 
 def is_reference(value: Any) -> bool:
-    return isinstance(value, dict) and ("attachment" in value or "shm" in value) and "data_b64" not in value
+    return isinstance(value, dict) and "data_b64" not in value and any(key in value for key in REFERENCE_KEYS)
 
 
 def tensor_from(ref: dict, blocks: Blocks, where: str, max_elements: int) -> np.ndarray:
@@ -385,6 +331,9 @@ def tensor_from(ref: dict, blocks: Blocks, where: str, max_elements: int) -> np.
     prefix = f"{where}: " if where else ""
     if "dtype" not in ref or "shape" not in ref:
         raise RequestError(BAD_REQUEST, f"{prefix}tensor must include dtype and shape", field=where)
+    if sum(key in ref for key in REFERENCE_KEYS) != 1:
+        raise RequestError(BAD_REQUEST, f"{prefix}tensor must refer to exactly one of attachment, shm or "
+                                        f"buffer", field=where)
     dtype = check_dtype(ref["dtype"], prefix)
     shape = check_shape(ref["shape"], prefix, max_elements)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -399,13 +348,10 @@ def tensor_from(ref: dict, blocks: Blocks, where: str, max_elements: int) -> np.
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset % dtype.itemsize:
             raise RequestError(BAD_REQUEST, f"{prefix}offset must be an integer >= 0 and a multiple of "
                                             f"{dtype.itemsize} (the dtype's size), got {offset!r}")
-        mapped = blocks.shm(ref["shm"], prefix)
-        size = len(mapped) if mapped is not None else 0
-        if offset + nbytes > size:
-            raise RequestError(BAD_REQUEST, f"{prefix}shm {ref['shm']} has {size} bytes, too small for "
-                                            f"{nbytes} bytes at offset {offset}")
-        array_ = (np.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-                  if nbytes else np.empty(0, dtype))
+        mapped = (blocks.shm(ref["shm"], offset, nbytes, prefix) if "shm" in ref
+                  else blocks.buffer(ref["buffer"], offset, nbytes, prefix))
+        array_ = (shm.array_over(mapped, dtype, nbytes // dtype.itemsize)
+                  if mapped is not None and nbytes else np.empty(0, dtype))
     try:
         array_ = array_.reshape(shape)
     except ValueError as exc:  # e.g. a 0 with a size past numpy's index range
@@ -449,11 +395,14 @@ def _contiguous(array_: np.ndarray) -> np.ndarray:
     return array_ if array_.flags.c_contiguous else np.ascontiguousarray(array_).reshape(array_.shape)
 
 
-def pack(message: dict, *, shm_min_bytes: int | None) -> tuple[bytes, list, list[int]]:
+def pack(message: dict, *, shm_min_bytes: int | None, place=None) -> tuple[bytes, list, list[int]]:
     """A message with ndarrays inside → (header + JSON, attachment buffers, fds).
 
-    Arrays of at least ``shm_min_bytes`` go in a new sealed memfd (None: never),
-    the others as attachments. The caller sends the fds and then closes them."""
+    Arrays of at least ``shm_min_bytes`` (None: never) go in shared memory:
+    where ``place(array)`` puts them (it copies the array into a registered
+    buffer and gives ``{"buffer": id, "offset": n}``, or None), else in a new
+    one-shot memfd; the others go as attachments. The caller sends the fds
+    and then closes them."""
     buffers: list = []
     fds: list[int] = []
 
@@ -462,8 +411,11 @@ def pack(message: dict, *, shm_min_bytes: int | None) -> tuple[bytes, list, list
             array_ = _contiguous(value)
             ref = {"dtype": array_.dtype.name, "shape": list(array_.shape)}
             if shm_min_bytes is not None and array_.nbytes >= shm_min_bytes and array_.nbytes:
-                fds.append(create_memfd(array_))
-                ref.update(shm=len(fds) - 1, offset=0)
+                placed = place(array_) if place is not None else None
+                if placed is None:
+                    fds.append(shm.create_memfd(array_))
+                    placed = {"shm": len(fds) - 1, "offset": 0}
+                ref.update(placed)
             else:
                 buffers.append(array_)
                 ref["attachment"] = len(buffers) - 1
