@@ -285,8 +285,8 @@ def test_no_descriptor_leaks_after_1000_requests_and_bad_ones(fast_daemon, model
     path = str(model_dir / "two.hef")
     ping_ok(fast_daemon)
 
-    async def requests(mode, count):
-        async with AsyncClient(fast_daemon.socket_path, transport=mode, timeout=60) as client:
+    async def requests(mode, count, **settings):
+        async with AsyncClient(fast_daemon.socket_path, transport=mode, timeout=60, **settings) as client:
             for start in range(0, count, 50):
                 answers = await asyncio.gather(*(client.infer(path, {"inputs": {"a": A, "b": B}},
                                                               model_type="generic")
@@ -295,7 +295,8 @@ def test_no_descriptor_leaks_after_1000_requests_and_bad_ones(fast_daemon, model
 
     run_async(requests("shm", 10))  # load the model, warm up threads
     before = settled_fds(pid)
-    run_async(requests("shm", 1000))
+    run_async(requests("shm", 1000, shm_buffers=False))   # a one-shot memfd per array
+    run_async(requests("shm", 1000))                      # registered buffers, reused
     run_async(requests("attachments", 100))
     send_bad_batch(fast_daemon, model_dir)
     send_fds_on_v1(fast_daemon, 20)

@@ -289,7 +289,8 @@ class Connection:
     def describe(self) -> dict:
         """This client, for `status`."""
         return {"pid": self.peer.pid, "uid": self.peer.uid, "unit": self.unit, "client": self.client_label,
-                "protocol": self.protocol, "in_flight": len(self.inflight)}
+                "protocol": self.protocol, "in_flight": len(self.inflight),
+                "shm_buffers": self.shm_buffers.count, "shm_buffer_bytes": self.shm_buffers.total_bytes}
 
     def _spawn(self, frame: Frame) -> None:
         if len(self._tasks) >= self.server.config.scheduling.max_inflight_per_connection:

@@ -165,6 +165,10 @@ class RegisteredBuffers:
     def total_bytes(self) -> int:
         return sum(self._sizes.values())
 
+    @property
+    def count(self) -> int:
+        return len(self._sizes)
+
     def register(self, fd: int, where: str) -> tuple[int, int]:
         """Map a checked memfd; (buffer id, size). The caller still closes ``fd``."""
         size = check_memfd(fd, where, reusable=True)
