@@ -1,27 +1,31 @@
 #!/usr/bin/python3
 """Benchmark of the tensor transports: v1 base64, v2 attachments, v2 shared memory.
 
-Starts the daemon (simulated backend, 0 ms inferences) with two simulated
-HEFs, a generic network taking one 640x640x3 or 1080x1920x3 uint8 image and
-giving 1000 float32 scores, and measures one ``infer`` at a time through
-``AsyncClient`` with each transport:
+Starts the daemon (simulated backend, 0 ms inferences) with simulated HEFs:
+a generic network taking one 16-byte, 640x640x3 or 1080x1920x3 uint8 input
+and giving 1000 float32 scores, and measures one ``infer`` at a time
+through ``AsyncClient`` with each transport: base64 (v1 tensors in the
+JSON), attachments, "shm one-shot" (a new sealed memfd per request) and
+"shm buffers" (registered once per connection, rewritten in place):
 
 - round trip (ms, median and p90 over the requests);
 - overhead: the round trip minus ``inference_time_ms`` (the simulated
-  device's own time, which hashes the input to make its output and is the
-  same for every transport);
-- transport cost: that overhead minus the same transport's overhead for a
+  device's own time: a CRC of the input, the same for every transport);
+- transport cost: that overhead minus the same transport's overhead for the
   16-byte input (the fixed cost of an ``infer`` through the daemon: worker
   thread, scheduler, device thread), i.e. what carrying the bytes costs;
 - daemon CPU per request (ms): utime+stime of the daemon from
-  /proc/<pid>/stat, before and after the requests, divided by their number;
+  /proc/<pid>/stat around each transport's requests, divided by their number;
 
 next to "raw socket": the same input bytes sent over a Unix socketpair
 inside this process (a thread receives them into a preallocated buffer and
-answers with 4 000 bytes, the size of the scores), round trip in ms.
+answers with 4 000 bytes, the size of the scores), round trip in ms. The
+transports and the raw socket take turns in rounds, so a busy moment of
+the machine weighs on all of them alike.
 
 Goal: attachments' transport cost within 2x of the raw socket, shared
-memory's below it. A missed goal is reported (MISS) but never changes the exit status.
+memory's (registered buffers) below it. A missed goal is reported (MISS)
+but never changes the exit status.
 
     make bench        # or: PYTHONPATH=src /usr/bin/python3 bench/transport.py [--quick] [--json FILE]
 """
@@ -54,7 +58,9 @@ MODES = {"base64": {"transport": "base64"},
          "shm one-shot": {"transport": "shm", "shm_buffers": False},
          "shm buffers": {"transport": "shm", "shm_buffers": True}}
 OUTPUT_BYTES = 1000 * 4
-SETTINGS = {"default": {"warmup": 5, "requests": 60}, "quick": {"warmup": 3, "requests": 20}}
+# Requests per transport: rounds x per_round, the transports taking turns each round.
+SETTINGS = {"default": {"warmup": 5, "rounds": 30, "per_round": 5},
+            "quick": {"warmup": 3, "rounds": 8, "per_round": 3}}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -88,61 +94,83 @@ def stats(values: list[float]) -> dict:
     return {"median": float(np.median(array)), "p90": float(np.percentile(array, 90))}
 
 
-async def bench_mode(sock: str, model: str, image: np.ndarray, mode: str, pid: int, cfg: dict) -> dict:
-    async with AsyncClient(sock, timeout=60, **MODES[mode]) as client:
-        request = {"inputs": {"image": image}}
-        for _ in range(cfg["warmup"]):
-            await client.infer(model, request, model_type="generic")
-        rtts, overheads = [], []
-        cpu_before = cpu_seconds(pid)
-        for _ in range(cfg["requests"]):
-            start = time.perf_counter()
-            answer = await client.infer(model, request, model_type="generic")
-            rtt = (time.perf_counter() - start) * 1000
-            assert isinstance(answer["result"]["outputs"]["scores"], np.ndarray)
-            rtts.append(rtt)
-            overheads.append(rtt - answer["inference_time_ms"])
-        cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / cfg["requests"]
-    return {"rtt": stats(rtts), "overhead": stats(overheads), "daemon_cpu_ms": cpu_ms}
+class RawPair:
+    """The same bytes over a socketpair in this process: a thread receives them
+    into a preallocated buffer and answers with OUTPUT_BYTES."""
 
+    def __init__(self, size: int):
+        self.size = size
+        self.left, self.right = socket.socketpair()
+        self.answer = bytearray(OUTPUT_BYTES)
+        self.thread = threading.Thread(target=self._echo, daemon=True)
+        self.thread.start()
 
-def bench_raw(image: np.ndarray, cfg: dict) -> dict:
-    """The same bytes over a socketpair in one process, with a small answer back."""
-    left, right = socket.socketpair()
-    size = image.nbytes
-    done = threading.Event()
-
-    def echo():
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+    def _echo(self) -> None:
+        view = memoryview(bytearray(self.size))
         reply = bytes(OUTPUT_BYTES)
-        while not done.is_set():
+        while True:
             received = 0
-            while received < size:
-                count = right.recv_into(view[received:])
+            while received < self.size:
+                count = self.right.recv_into(view[received:])
                 if not count:
                     return
                 received += count
-            right.sendall(reply)
+            self.right.sendall(reply)
 
-    thread = threading.Thread(target=echo, daemon=True)
-    thread.start()
-    data = memoryview(image).cast("B")
-    answer = bytearray(OUTPUT_BYTES)
-    rtts = []
-    for index in range(cfg["warmup"] + cfg["requests"]):
+    def round_trip(self, data: memoryview) -> float:
         start = time.perf_counter()
-        left.sendall(data)
+        self.left.sendall(data)
         received = 0
         while received < OUTPUT_BYTES:
-            received += left.recv_into(memoryview(answer)[received:])
-        if index >= cfg["warmup"]:
-            rtts.append((time.perf_counter() - start) * 1000)
-    done.set()
-    left.close()
-    thread.join(5)
-    right.close()
-    return {"rtt": stats(rtts)}
+            received += self.left.recv_into(memoryview(self.answer)[received:])
+        return (time.perf_counter() - start) * 1000
+
+    def close(self) -> None:
+        self.left.close()
+        self.thread.join(5)
+        self.right.close()
+
+
+async def bench_input(sock: str, model: str, image: np.ndarray, pid: int, cfg: dict) -> dict:
+    """Every transport and the raw socketpair, in rounds that take turns, so
+    that a slower moment of this shared machine weighs on all of them alike."""
+    request = {"inputs": {"image": image}}
+    clients = {mode: await AsyncClient(sock, timeout=120, **settings).connect() for mode, settings in MODES.items()}
+    raw = RawPair(image.nbytes)
+    data = memoryview(image).cast("B")
+    samples = {name: {"rtt": [], "overhead": [], "cpu_s": 0.0} for name in ["raw socket", *MODES]}
+    try:
+        for client in clients.values():
+            for _ in range(cfg["warmup"]):
+                await client.infer(model, request, model_type="generic")
+        for _ in range(cfg["warmup"]):
+            raw.round_trip(data)
+        order = ["raw socket", *MODES]
+        for round_ in range(cfg["rounds"]):
+            for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+                sample = samples[name]
+                if name == "raw socket":
+                    sample["rtt"] += [raw.round_trip(data) for _ in range(cfg["per_round"])]
+                    continue
+                cpu_before = cpu_seconds(pid)
+                for _ in range(cfg["per_round"]):
+                    start = time.perf_counter()
+                    answer = await clients[name].infer(model, request, model_type="generic")
+                    rtt = (time.perf_counter() - start) * 1000
+                    assert isinstance(answer["result"]["outputs"]["scores"], np.ndarray)
+                    sample["rtt"].append(rtt)
+                    sample["overhead"].append(rtt - answer["inference_time_ms"])
+                sample["cpu_s"] += cpu_seconds(pid) - cpu_before
+    finally:
+        raw.close()
+        for client in clients.values():
+            await client.close()
+    count = cfg["rounds"] * cfg["per_round"]
+    row = {"raw socket": {"rtt": stats(samples["raw socket"]["rtt"])}}
+    for mode in MODES:
+        row[mode] = {"rtt": stats(samples[mode]["rtt"]), "overhead": stats(samples[mode]["overhead"]),
+                     "daemon_cpu_ms": samples[mode]["cpu_s"] * 1000 / count}
+    return row
 
 
 def measure(cfg: dict) -> dict:
@@ -154,10 +182,7 @@ def measure(cfg: dict) -> dict:
             for name, shape in SHAPES.items():
                 image = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
                 model = str(models / f"{name}.hef")
-                row = {"raw socket": bench_raw(image, cfg)}
-                for mode in MODES:
-                    row[mode] = asyncio.run(bench_mode(sock, model, image, mode, process.pid, cfg))
-                figures[name] = row
+                figures[name] = asyncio.run(bench_input(sock, model, image, process.pid, cfg))
     return figures
 
 
@@ -190,7 +215,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = SETTINGS["quick" if args.quick else "default"]
     figures = measure(cfg)
-    print(f"Tensor transports, simulated backend at 0 ms, {cfg['requests']} requests each, one in flight "
+    print(f"Tensor transports, simulated backend at 0 ms, {cfg['rounds'] * cfg['per_round']} requests each "
+          f"in {cfg['rounds']} interleaved rounds, one in flight "
           f"({os.cpu_count()} CPUs)")
     print(render(figures))
     if args.json:
