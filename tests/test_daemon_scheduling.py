@@ -9,6 +9,7 @@ loaded would have loaded it.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import time
@@ -145,6 +146,51 @@ def test_cancel_by_request_id(sched_daemon, model_dir):
     assert answers["c3"]["state"] == "unknown"
     assert answers["blocker"]["status"] == "ok"  # a running inference cannot be pre-empted
     assert "other.hef" not in loaded(sched_daemon)
+    v2.close()
+
+
+def test_a_cancel_is_answered_even_at_the_in_flight_limit(start_daemon, model_dir):
+    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 1}, scheduling={"max_inflight_per_connection": 2})
+    v2 = Raw(daemon.socket_path)
+    v2.send(infer(model_dir, request_id="blocker", simulate_ms=500))
+    wait_busy(daemon)
+    v2.send(infer(model_dir, "other.hef", request_id="unwanted"))
+    v2.send(infer(model_dir, request_id="third"))       # over the limit: busy
+    v2.send({"action": "cancel", "target": "unwanted", "request_id": "c"})
+    answers = {answer["request_id"]: answer for answer in (v2.read() for _ in range(4))}
+    assert answers["third"]["code"] == p.BUSY
+    assert answers["c"]["cancelled"] is True and answers["unwanted"]["code"] == p.CANCELLED
+    assert answers["blocker"]["status"] == "ok"
+    assert "other.hef" not in loaded(daemon)
+    v2.close()
+
+
+def test_a_request_id_in_flight_cannot_be_used_twice(sched_daemon, model_dir):
+    v2 = Raw(sched_daemon.socket_path)
+    v2.send(infer(model_dir, request_id="same", simulate_ms=400))
+    wait_busy(sched_daemon)
+    v2.send(infer(model_dir, "other.hef", request_id="same"))
+    duplicate = v2.read()
+    assert duplicate["code"] == p.BAD_REQUEST and "already in use" in duplicate["error"]
+    original = v2.read()
+    assert original["request_id"] == "same" and original["status"] == "ok"
+    assert "other.hef" not in loaded(sched_daemon)
+    v2.send(infer(model_dir, request_id="same"))  # free again once answered
+    assert v2.read()["status"] == "ok"
+    v2.close()
+
+
+def test_a_load_on_demand_counts_against_the_deadline(start_daemon, model_dir):
+    """The HailoRT timeout is what is left of timeout_ms after loading the
+    model: a 300 ms inference after a 400 ms load does not fit in 600 ms."""
+    daemon = start_daemon(simulated={"load_ms": 400, "infer_ms": 1})
+    v2 = Raw(daemon.socket_path)
+    v2.send(infer(model_dir, request_id="tight", simulate_ms=300, timeout_ms=600))
+    answer = v2.read()
+    given = re.search(r"timeout (\d+) ms", answer.get("error", ""))
+    assert given and int(given.group(1)) <= 200, answer  # HailoRT got what was left, not 600 ms
+    v2.send(infer(model_dir, request_id="roomy", simulate_ms=300, timeout_ms=600))  # loaded now
+    assert v2.read()["status"] == "ok"
     v2.close()
 
 

@@ -156,6 +156,8 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
 
     def infer():
         check_thermal()
+        # A load on demand first, so the HailoRT timeout is what is left of the deadline after it.
+        registry.load(spec, request.log_fields, request.keep_alive)
         timeout_ms = hailort_timeout_ms(budget_ms, request.deadline)
         return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
                               request.keep_alive)

@@ -293,7 +293,8 @@ class Connection:
                 "shm_buffers": self.shm_buffers.count, "shm_buffer_bytes": self.shm_buffers.total_bytes}
 
     def _spawn(self, frame: Frame) -> None:
-        if len(self._tasks) >= self.server.config.scheduling.max_inflight_per_connection:
+        at_limit = len(self._tasks) >= self.server.config.scheduling.max_inflight_per_connection
+        if at_limit and not _is_cancel(frame):  # a cancel is what a client at the limit needs most
             task = asyncio.ensure_future(self._refuse_busy(frame))
         else:
             task = asyncio.ensure_future(self._answer(frame))
@@ -358,6 +359,17 @@ class Connection:
         if len(body) > INLINE_PARSE_BYTES:
             return await asyncio.to_thread(p.decode_body, body)
         return p.decode_body(body)
+
+
+def _is_cancel(frame: Frame) -> bool:
+    """A small frame asking for ``cancel`` (answered at once, so never refused as busy)."""
+    if frame.message is None and (len(frame.body) > 1024 or b'"cancel"' not in frame.body):
+        return False
+    try:
+        message = frame.message if frame.message is not None else p.decode_body(frame.body)
+    except RequestError:
+        return False
+    return isinstance(message, dict) and message.get("action") == "cancel"
 
 
 def _request_of(message) -> p.Request | None:

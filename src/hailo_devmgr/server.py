@@ -304,6 +304,10 @@ class Server:
                              blocks: transport.Blocks | None = None) -> dict:
         received = time.monotonic()  # queue order is arrival order, whatever validation takes
         tracked = connection is not None and request.has_request_id
+        if tracked and request.request_id in connection.inflight:
+            # Answers (and cancel) find a request by its request_id: two at once would be ambiguous.
+            raise RequestError(p.BAD_REQUEST, f"request_id {request.request_id!r} is already in use by a "
+                                              f"request in flight on this connection")
         if tracked:
             connection.inflight[request.request_id] = None  # known, not queued yet (for cancel)
         try:
