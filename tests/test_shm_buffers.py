@@ -355,18 +355,66 @@ def test_client_buffers_make_room_by_unregistering_idle_ones():
     pool = shm.ClientBuffers(register_, unregister_, max_count=2, max_bytes=3 * page)
 
     async def main():
-        await pool.prepare([page])
-        await pool.prepare([2 * page])           # fits beside the first
+        def arrays(nbytes):
+            return [np.zeros(nbytes, np.uint8)]
+        await pool.prepare(arrays(page), 1)
+        await pool.prepare(arrays(2 * page), 1)  # fits beside the first
         assert registered == [page, 2 * page] and unregistered == []
-        await pool.prepare([3 * page])           # both idle ones go to make room
+        await pool.prepare(arrays(3 * page), 1)  # both idle ones go to make room
         assert registered[-1] == 3 * page and sorted(unregistered) == [1, 2]
-        placed = pool.placer("r1")(np.zeros(3 * page, np.uint8))
+        placed = pool.placer("r1", 1)(np.zeros(3 * page, np.uint8))
         assert placed == {"buffer": 3, "offset": 0}
-        await pool.prepare([page])               # the busy one stays: no room, no new buffer
-        assert pool.placer("r2")(np.zeros(page, np.uint8)) is None  # → a one-shot memfd
+        await pool.prepare(arrays(page), 1)      # the busy one stays: no room, no new buffer
+        assert pool.placer("r2", 1)(np.zeros(page, np.uint8)) is None  # → a one-shot memfd
         pool.release("r1")
-        assert pool.placer("r3")(np.ones(3 * page, np.uint8)) == {"buffer": 3, "offset": 0}
+        assert pool.placer("r3", 1)(np.ones(3 * page, np.uint8)) == {"buffer": 3, "offset": 0}
     try:
         run_async(main())
     finally:
         pool.close()
+
+
+def test_shared_arrays_travel_without_a_copy(fast_daemon, model_dir):
+    """Arrays made by shared_array live in buffers of their own: filled in
+    place and sent as they are (no pool buffer is ever registered)."""
+    path = str(model_dir / "two.hef")
+
+    async def main():
+        results = []
+        # transport="shm": any array not in a shared buffer would be copied into a pool buffer
+        async with AsyncClient(fast_daemon.socket_path, transport="shm", timeout=30) as client:
+            a = await client.shared_array((4, 4, 3), np.uint8)
+            b = await client.shared_array(8, np.float32)
+            assert a.shape == (4, 4, 3) and b.dtype == np.float32 and not a.any()
+            for step in range(4):
+                a[:] = A + step
+                b[:] = B * (step + 1)
+                answer = await client.infer(path, {"inputs": {"a": a, "b": b}}, model_type="generic")
+                results.append((a.copy(), b.copy(), answer["result"]["outputs"]))
+            status = await client.status()
+            [mine] = [c for c in status["clients"] if c["shm_buffers"]]
+            await client.free_shared_array(a)
+            await client.free_shared_array(b)
+            status = await client.status()
+            assert not any(c["shm_buffers"] for c in status["clients"])
+        return results, mine
+    results, mine = run_async(main())
+    assert mine["shm_buffers"] == 2 and mine["shm_buffer_bytes"] == 2 * mmap.PAGESIZE  # just the two arrays
+    for a, b, outputs in results:
+        for name, value in v1_outputs(fast_daemon, model_dir, a, b).items():
+            assert np.array_equal(outputs[name], value)
+
+
+def test_shared_array_is_a_plain_array_without_registered_buffers(start_daemon, model_dir):
+    daemon = start_daemon(shm_buffer_max_bytes=0, simulated={"infer_ms": 0, "load_ms": 0})
+
+    async def main():
+        async with AsyncClient(daemon.socket_path, timeout=30) as client:
+            a = await client.shared_array((4, 4, 3))
+            a[:] = A
+            answer = await client.infer(str(model_dir / "two.hef"), {"inputs": {"a": a, "b": B}},
+                                        model_type="generic")
+            return answer["result"]["outputs"]
+    got = run_async(main())
+    for name, value in v1_outputs(daemon, model_dir, A, B).items():
+        assert np.array_equal(got[name], value)

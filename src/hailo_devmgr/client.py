@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import socket
 import time
@@ -104,14 +105,14 @@ def _has_arrays(value: Any) -> bool:
     return False
 
 
-def _large_arrays(value: Any, min_bytes: int) -> list[int]:
-    """Byte sizes of the arrays inside ``value`` that go in shared memory."""
+def _arrays(value: Any) -> list[np.ndarray]:
+    """The ndarrays inside ``value`` (dicts, lists, tuples)."""
     if isinstance(value, np.ndarray):
-        return [value.nbytes] if value.nbytes >= min_bytes and value.nbytes else []
+        return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [size for item in value for size in _large_arrays(item, min_bytes)]
+        return [array for item in value for array in _arrays(item)]
     return []
 
 
@@ -290,11 +291,47 @@ class AsyncClient(_Methods):
         if "attachments" not in self.features or not _has_arrays(message.get("input_data")):
             return _v1_frame(message), [], []
         shm_min = self.shm_min_bytes if "shm" in self.features else None
-        place = self._buffers.placer(message["request_id"]) if self._buffers and shm_min is not None else None
+        place = (self._buffers.placer(message["request_id"], self.shm_min_bytes)
+                 if self._buffers is not None and shm_min is not None else None)
         return t.pack(message, shm_min_bytes=shm_min, place=place)
 
-    async def _register_buffer(self, buffer: shm.WritableBuffer) -> int:
-        answer = await self.request("register_buffer", _fds=[buffer.take_fd()])
+    async def shared_array(self, shape, dtype=np.uint8) -> np.ndarray:
+        """A zeroed, writable array in shared memory registered with the daemon.
+
+        Fill it in place (decode a camera frame into it, say) and pass it in
+        ``input_data``: it reaches the daemon without being copied. It is
+        the daemon's to read while a request that uses it is in flight:
+        change it only between requests. Against a daemon without registered
+        buffers (or with no room left for one) it is an ordinary array,
+        sent the usual way. :meth:`free_shared_array` gives it back;
+        closing the client does too."""
+        if self._stream is None:
+            await self.connect()
+        dtype = np.dtype(dtype)
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(size) for size in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = None
+        if self._buffers is not None and nbytes:
+            async with self._buffers_lock:
+                buffer = await self._buffers.own(nbytes)
+        if buffer is None:
+            return np.zeros(shape, dtype)
+        return buffer.array[:nbytes].view(dtype).reshape(shape)
+
+    async def free_shared_array(self, array: np.ndarray) -> None:
+        """Unregister the buffer of an array from :meth:`shared_array` (no-op for others)."""
+        if self._buffers is not None:
+            async with self._buffers_lock:
+                await self._buffers.disown(array)
+
+    async def _register_buffer(self, buffer: shm.WritableBuffer) -> int | None:
+        """The daemon's id for a new buffer; None if it refused it (its limits)."""
+        try:
+            answer = await self.request("register_buffer", _fds=[buffer.take_fd()])
+        except DeviceError as exc:
+            if exc.code != p.BAD_REQUEST:
+                raise
+            return None
         return answer["buffer"]
 
     async def _unregister_buffer(self, buffer: shm.WritableBuffer) -> None:
@@ -320,7 +357,7 @@ class AsyncClient(_Methods):
         try:
             if self._buffers is not None and _has_arrays(message.get("input_data")):
                 async with self._buffers_lock:  # registered buffers are placed in request order
-                    await self._buffers.prepare(_large_arrays(message["input_data"], self.shm_min_bytes))
+                    await self._buffers.prepare(_arrays(message["input_data"]), self.shm_min_bytes)
                     frame, buffers, packed = self._encode(message)
             else:
                 frame, buffers, packed = self._encode(message)

@@ -229,6 +229,7 @@ class WritableBuffer:
             self.mapping = mmap.mmap(self.fd, self.size)
             self.array = np.frombuffer(self.mapping, np.uint8)
             self.array[:] = 0  # every page written once: the daemon refuses holes
+            self.address = self.array.__array_interface__["data"][0]
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SIZE_SEALS | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
         except BaseException:
             self.close()
@@ -261,39 +262,75 @@ class ClientBuffers:
 
     Before a request is packed, :meth:`prepare` makes sure an idle buffer
     fits each large array (registering new ones through ``register``, an
-    async callable that sends the memfd and returns the daemon's id; idle
-    ones are unregistered to stay within the daemon's limits). ``place``
-    (for :func:`transport.pack`) copies an array into one and marks it the
-    request's until :meth:`release` is called with that request's answer.
-    An array that finds no buffer goes in a one-shot memfd instead."""
+    async callable that sends the memfd and returns the daemon's id, or
+    None if the daemon refused it; idle ones are unregistered to stay
+    within the daemon's limits). ``place`` (for :func:`transport.pack`)
+    copies an array into one and marks it the request's until
+    :meth:`release` is called with that request's answer. An array that
+    finds no buffer goes in a one-shot memfd instead.
+
+    Buffers can also be handed to the caller for good (:meth:`own`): an
+    array that lives in one travels without any copy."""
 
     def __init__(self, register, unregister, max_count: int, max_bytes: int):
         self._register, self._unregister = register, unregister
         self.max_count, self.max_bytes = max_count, max_bytes
         self._idle: list[WritableBuffer] = []
         self._busy: dict[Any, list[WritableBuffer]] = {}
+        self._owned: list[WritableBuffer] = []
 
     def _all(self) -> list[WritableBuffer]:
-        return self._idle + [buffer for buffers in self._busy.values() for buffer in buffers]
+        return self._idle + self._owned + [buffer for buffers in self._busy.values() for buffer in buffers]
 
     def _fitting(self, nbytes: int, taken=()) -> WritableBuffer | None:
         """The smallest idle buffer that holds ``nbytes``, but not one twice as big."""
         fits = [b for b in self._idle if nbytes <= b.size < 2 * nbytes + PAGE_SIZE and b not in taken]
         return min(fits, key=lambda b: b.size, default=None)
 
-    async def prepare(self, sizes: list[int]) -> None:
+    def holding(self, array_: np.ndarray) -> tuple[WritableBuffer, int] | None:
+        """The owned buffer a C-contiguous array lies in, and its offset there."""
+        if not array_.flags.c_contiguous or not array_.nbytes:
+            return None
+        address = array_.__array_interface__["data"][0]
+        for buffer in self._owned:
+            start = buffer.address
+            if start <= address and address + array_.nbytes <= start + buffer.size:
+                return buffer, address - start
+        return None
+
+    async def prepare(self, arrays: list[np.ndarray], min_bytes: int) -> None:
+        """Idle buffers for the arrays of one request that will need one."""
+        sizes = [a.nbytes for a in arrays if a.nbytes >= min_bytes and a.nbytes and self.holding(a) is None]
         taken: list[WritableBuffer] = []
         for nbytes in sorted(sizes, reverse=True):
             buffer = self._fitting(nbytes, taken)
             if buffer is None:
                 buffer = await self._new(nbytes, taken)
+                if buffer is not None:
+                    self._idle.append(buffer)
             if buffer is not None:
                 taken.append(buffer)
 
+    async def own(self, nbytes: int) -> WritableBuffer | None:
+        """A registered buffer for the caller alone (None: no room for it)."""
+        buffer = await self._new(nbytes, [])
+        if buffer is not None:
+            self._owned.append(buffer)
+        return buffer
+
+    async def disown(self, array_: np.ndarray) -> bool:
+        """Unregister the owned buffer ``array_`` lies in (False if none)."""
+        held = self.holding(array_)
+        if held is None:
+            return False
+        self._owned.remove(held[0])
+        await self._unregister(held[0])
+        held[0].close()
+        return True
+
     async def _new(self, nbytes: int, keep: list) -> WritableBuffer | None:
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
-        while self._idle and (len(self._all()) >= self.max_count or
-                              sum(b.size for b in self._all()) + size > self.max_bytes):
+        while self._idle and not self._room_for(size):
             spare = [b for b in self._idle if b not in keep]
             if not spare:
                 break
@@ -301,7 +338,7 @@ class ClientBuffers:
             self._idle.remove(victim)
             await self._unregister(victim)
             victim.close()
-        if len(self._all()) >= self.max_count or sum(b.size for b in self._all()) + size > self.max_bytes:
+        if not self._room_for(size):
             return None
         buffer = WritableBuffer(size)
         try:
@@ -309,13 +346,22 @@ class ClientBuffers:
         except BaseException:
             buffer.close()
             raise
-        self._idle.append(buffer)
+        if buffer.buffer_id is None:
+            buffer.close()
+            return None
         return buffer
 
-    def placer(self, request_id):
+    def _room_for(self, size: int) -> bool:
+        present = self._all()
+        return len(present) < self.max_count and sum(b.size for b in present) + size <= self.max_bytes
+
+    def placer(self, request_id, min_bytes: int):
         """``place`` for :func:`transport.pack` on behalf of one request."""
         def place(array_: np.ndarray) -> dict | None:
-            buffer = self._fitting(array_.nbytes)
+            held = self.holding(array_)
+            if held is not None:
+                return {"buffer": held[0].buffer_id, "offset": held[1]}
+            buffer = self._fitting(array_.nbytes) if array_.nbytes >= min_bytes and array_.nbytes else None
             if buffer is None:
                 return None
             self._idle.remove(buffer)
@@ -331,4 +377,4 @@ class ClientBuffers:
     def close(self) -> None:
         for buffer in self._all():
             buffer.close()
-        self._idle, self._busy = [], {}
+        self._idle, self._busy, self._owned = [], {}, []

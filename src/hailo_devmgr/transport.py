@@ -398,11 +398,10 @@ def _contiguous(array_: np.ndarray) -> np.ndarray:
 def pack(message: dict, *, shm_min_bytes: int | None, place=None) -> tuple[bytes, list, list[int]]:
     """A message with ndarrays inside → (header + JSON, attachment buffers, fds).
 
-    Arrays of at least ``shm_min_bytes`` (None: never) go in shared memory:
-    where ``place(array)`` puts them (it copies the array into a registered
-    buffer and gives ``{"buffer": id, "offset": n}``, or None), else in a new
-    one-shot memfd; the others go as attachments. The caller sends the fds
-    and then closes them."""
+    ``place(array)`` may put an array in a registered buffer (and give
+    ``{"buffer": id, "offset": n}``; None: it did not); other arrays of at
+    least ``shm_min_bytes`` (None: never) go in a new one-shot memfd, the
+    rest as attachments. The caller sends the fds and then closes them."""
     buffers: list = []
     fds: list[int] = []
 
@@ -410,11 +409,11 @@ def pack(message: dict, *, shm_min_bytes: int | None, place=None) -> tuple[bytes
         if isinstance(value, np.ndarray):
             array_ = _contiguous(value)
             ref = {"dtype": array_.dtype.name, "shape": list(array_.shape)}
-            if shm_min_bytes is not None and array_.nbytes >= shm_min_bytes and array_.nbytes:
-                placed = place(array_) if place is not None else None
-                if placed is None:
-                    fds.append(shm.create_memfd(array_))
-                    placed = {"shm": len(fds) - 1, "offset": 0}
+            placed = place(array_) if place is not None else None
+            if placed is None and shm_min_bytes is not None and array_.nbytes >= shm_min_bytes and array_.nbytes:
+                fds.append(shm.create_memfd(array_))
+                placed = {"shm": len(fds) - 1, "offset": 0}
+            if placed is not None:
                 ref.update(placed)
             else:
                 buffers.append(array_)
