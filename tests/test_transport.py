@@ -305,6 +305,17 @@ def test_no_descriptor_leaks_after_1000_requests_and_bad_ones(fast_daemon, model
     raw.send(infer_message(model_dir, {"a": {"dtype": "uint8", "shape": [4, 4, 3], "shm": 0}}, fds=1),
              fds=[memfd(A.tobytes())])
     raw.close()
+    # And one that vanishes with a buffer registered (and a registration on its way).
+    raw = Raw(fast_daemon.socket_path, features=("attachments", "shm", "shm_buffers"))
+    for request_id in ("kept", "in flight"):
+        buffer = shm.WritableBuffer(4096)
+        fd = buffer.take_fd()
+        raw.send({"action": "register_buffer", "request_id": request_id, "fds": 1}, fds=[fd])
+        os.close(fd)
+        buffer.close()
+        if request_id == "kept":
+            assert raw.read()["status"] == "ok"
+    raw.close()
     ping_ok(fast_daemon)
     assert_no_leak(pid, before)
 
