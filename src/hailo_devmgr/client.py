@@ -4,9 +4,10 @@ Two clients with the same methods: :class:`AsyncClient` (asyncio, async
 context manager) and :class:`Client` (blocking, for scripts). Both work
 with every version of the daemon. ``input_data`` may hold numpy arrays
 directly: the async client sends them the fastest way the daemon offers
-(protocol v2: a sealed memfd for large ones, binary attachments for the
-rest; v1: base64) and gets tensor results back the same way; the blocking
-client speaks v1 and sends them as base64. Errors from
+(protocol v2: shared memory for large ones, in buffers registered once per
+connection and reused, binary attachments for the rest; v1: base64) and
+gets tensor results back the same way; the blocking client speaks v1 and
+sends them as base64. Errors from
 the daemon raise :class:`DeviceError` with its ``code``; a daemon that
 cannot be reached raises :class:`DaemonUnreachable`.
 
@@ -278,6 +279,8 @@ class AsyncClient(_Methods):
 
     async def request(self, action: str, _decode: bool = True, _fds: list[int] | None = None, **fields) -> dict:
         """``_fds``: descriptors to pass with the request (v2 only; closed once sent)."""
+        if self._answers is not None and self._answers.done():
+            await self.close()  # the daemon closed this v2 connection: the next request opens a new one
         if self._stream is None:
             await self.connect()
         message = _build(action, next(self._ids), dict(fields, fds=len(_fds) if _fds else None))
@@ -350,6 +353,8 @@ class AsyncClient(_Methods):
             raise
         finally:
             self._pending.pop(message["request_id"], None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # seen: the lost connection may have been reported here as well
 
     async def _send(self, message: dict, fds: list[int] | None = None) -> None:
         fds = fds if fds is not None else []
@@ -367,12 +372,12 @@ class AsyncClient(_Methods):
             writing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen if abandoned
             handed_over = True
             await asyncio.shield(writing)
-        except OSError as exc:
-            raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
-        except BaseException:
+        except BaseException as exc:
             if not handed_over:
                 self._release_buffers(message)
                 t.close_fds(fds)
+            if isinstance(exc, OSError):
+                raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
             raise
 
     async def _write(self, buffers: list, fds: list[int]) -> None:
