@@ -22,8 +22,8 @@ from hailo_devmgr import shm
 from hailo_devmgr import transport as t
 from hailo_devmgr.client import AsyncClient, Client, DeviceError
 from hailo_devmgr.tensors import DecodedTensor, decode_v1
-from wire import (Raw, assert_no_leak, infer_message, memfd, pipe_end, ping_ok, regular_file,
-                  settled_fds)
+from wire import (Raw, assert_no_leak, assert_no_mapping_left, infer_message, memfd, pipe_end, ping_ok,
+                  regular_file, settled_fds)
 
 A = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
 B = np.linspace(0, 1, 8, dtype=np.float32)
@@ -318,6 +318,7 @@ def test_no_descriptor_leaks_after_1000_requests_and_bad_ones(fast_daemon, model
     raw.close()
     ping_ok(fast_daemon)
     assert_no_leak(pid, before)
+    assert_no_mapping_left(pid)
 
 
 def test_async_client_against_a_v1_only_peer_sends_base64(fast_daemon, model_dir):

@@ -120,6 +120,20 @@ def assert_no_leak(pid: int, before: int) -> None:
     assert after <= before, f"{after - before} descriptor(s) leaked: {targets}"
 
 
+def shared_mappings(pid: int) -> list[str]:
+    """The daemon's mappings of memfds (one-shot tensors, registered buffers)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line.strip() for line in maps if "/memfd:" in line]
+
+
+def assert_no_mapping_left(pid: int) -> None:
+    """Once its clients are gone, the daemon maps no client memory."""
+    deadline = time.monotonic() + 10
+    while shared_mappings(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert shared_mappings(pid) == []
+
+
 def ping_ok(daemon) -> None:
     with Client(daemon.socket_path, timeout=10) as client:
         assert client.ping()["status"] == "ok"
