@@ -191,7 +191,7 @@ class RegisteredBuffers:
 
     def unregister(self, buffer_id: Any) -> None:
         with self._lock:
-            if self._buffers.pop(self._known(buffer_id, "buffer "), None) is not None:
+            if self._buffers.pop(self._known(buffer_id, ""), None) is not None:
                 del self._sizes[buffer_id]
 
     def view(self, buffer_id: Any, offset: int, nbytes: int, where: str) -> Mapped:
@@ -210,8 +210,8 @@ class RegisteredBuffers:
 
     def _known(self, buffer_id: Any, where: str) -> int:
         if isinstance(buffer_id, bool) or not isinstance(buffer_id, int) or buffer_id not in self._buffers:
-            raise RequestError(BAD_REQUEST, f"{where}{buffer_id!r} is not a registered buffer of this "
-                                            f"connection (register_buffer first)")
+            raise RequestError(BAD_REQUEST, f"{where}buffer {buffer_id!r} is not a registered buffer of "
+                                            f"this connection (register_buffer first)")
         return buffer_id
 
 
