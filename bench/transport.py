@@ -22,6 +22,9 @@ copy at all):
   (/proc/<pid>/task/*/schedstat) around the large requests, divided by
   their number;
 
+and, for a large result (a 1080x1920x3 output for a 16-byte input), the
+overhead of getting it back as an attachment (what ``transport="auto"``
+asks for) and in a one-shot memfd the daemon makes (``transport="shm"``),
 next to "raw socket": the same input bytes sent over a Unix socketpair
 inside this process (a thread receives them into a preallocated buffer and
 answers with 4 000 bytes, the size of the scores), round trip in ms. The
@@ -64,6 +67,10 @@ MODES = {"base64": {"transport": "base64"},
          "shm one-shot": {"transport": "shm", "shm_buffers": False},
          "shm buffers": {"transport": "shm", "shm_buffers": True},
          "shm shared array": {"transport": "shm"}}
+# Large results: a 16-byte input, this uint8 output, back as an attachment ("auto")
+# or in a one-shot memfd the daemon makes (a client that asks for "shm" results).
+RESULT_SHAPE = (1080, 1920, 3)
+RESULT_MODES = {"attachment (auto)": {"transport": "auto"}, "shm one-shot (transport=\"shm\")": {"transport": "shm"}}
 # Modes whose input is made in shared memory by the application (AsyncClient.shared_array).
 IN_PLACE = {"shm shared array"}
 OUTPUT_BYTES = 1000 * 4
@@ -72,9 +79,9 @@ SETTINGS = {"default": {"warmup": 5, "rounds": 30, "per_round": 5},
             "quick": {"warmup": 3, "rounds": 8, "per_round": 3}}
 
 
-def hef(shape) -> str:
+def hef(shape, output=(1000,), output_format="FLOAT32") -> str:
     return yaml.safe_dump({"inputs": [{"name": "image", "shape": list(shape), "format": "UINT8"}],
-                           "outputs": [{"name": "scores", "shape": [1000], "format": "FLOAT32"}],
+                           "outputs": [{"name": "scores", "shape": list(output), "format": output_format}],
                            "memory_mb": 1})
 
 
@@ -83,6 +90,7 @@ def setup(root: Path) -> tuple[Path, Path, str]:
     models.mkdir()
     for name, shape in SHAPES.items():
         (models / f"{name}.hef").write_text(hef(shape))
+    (models / "result.hef").write_text(hef(SHAPES[FLOOR], RESULT_SHAPE, "UINT8"))
     sock = str(root / "device.sock")
     config = {"backend": "simulated", "socket_path": sock, "model_dirs": [str(models)], "log_level": "warning",
               "max_message_bytes": 64 * 1024 * 1024, "max_pending_bytes": 512 * 1024 * 1024,
@@ -210,6 +218,29 @@ async def bench_input(sock: str, models: Path, name: str, pid: int, cfg: dict) -
     return row
 
 
+async def bench_results(sock: str, models: Path, cfg: dict) -> dict:
+    """A large result each way, taking turns in rounds: overhead (round trip
+    minus inference time), median and p90."""
+    image = np.zeros(SHAPES[FLOOR], np.uint8)
+    path = str(models / "result.hef")
+    clients = {mode: await AsyncClient(sock, timeout=120, **settings).connect()
+               for mode, settings in RESULT_MODES.items()}
+    overheads: dict = {mode: [] for mode in RESULT_MODES}
+    try:
+        for round_ in range(cfg["warmup"] + cfg["rounds"]):
+            for mode, client in clients.items():
+                for _ in range(cfg["per_round"]):
+                    start = time.perf_counter()
+                    answer = await client.infer(path, {"inputs": {"image": image}}, model_type="generic")
+                    assert answer["result"]["outputs"]["scores"].shape == RESULT_SHAPE
+                    if round_ >= cfg["warmup"]:
+                        overheads[mode].append((time.perf_counter() - start) * 1000 - answer["inference_time_ms"])
+    finally:
+        for client in clients.values():
+            await client.close()
+    return {mode: stats(values) for mode, values in overheads.items()}
+
+
 def measure(cfg: dict) -> dict:
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="hailo-bench-transport-") as folder:
@@ -219,6 +250,7 @@ def measure(cfg: dict) -> dict:
             for name in SHAPES:
                 if name != FLOOR:
                     figures[name] = asyncio.run(bench_input(sock, models, name, process.pid, cfg))
+            figures["results"] = asyncio.run(bench_results(sock, models, cfg))
     return figures
 
 
@@ -230,6 +262,8 @@ def render(figures: dict) -> str:
              "| x raw socket | daemon CPU ms/request | goal |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in figures.items():
+        if name == "results":
+            continue
         raw = row["raw socket"]["rtt"]["median"]
         lines.append(f"| {name} | raw socketpair | {raw:.3f} / {row['raw socket']['rtt']['p90']:.3f} "
                      f"| | {raw:.3f} | 1.00 | - | |")
@@ -241,6 +275,10 @@ def render(figures: dict) -> str:
             lines.append(f"| {name} | {mode} | {item['rtt']['median']:.3f} / {item['rtt']['p90']:.3f} "
                          f"| {item['overhead']['median']:.3f} ({item['floor_overhead']['median']:.3f}) "
                          f"| {cost:.3f} | {ratio:.2f} | {item['daemon_cpu_ms']:.2f} | {goal} |")
+    shape = "x".join(str(size) for size in RESULT_SHAPE)
+    lines += ["", f"Results: a {shape} uint8 output for a 16-byte input",
+              "| result travels as | overhead ms (median / p90) |", "|---|---|"]
+    lines += [f"| {mode} | {item['median']:.3f} / {item['p90']:.3f} |" for mode, item in figures["results"].items()]
     return "\n".join(lines)
 
 

@@ -234,10 +234,15 @@ class AsyncClient(_Methods):
         return self
 
     async def _negotiate(self) -> None:
-        wanted = {"auto": ["attachments", "shm", "shm_buffers"], "shm": ["attachments", "shm", "shm_buffers"],
-                  "attachments": ["attachments"], "base64": []}[self.transport]
+        # hello lists what the client can receive. "auto" leaves out "shm": a result in
+        # a new memfd costs fresh pages, slower than an attachment (bench/transport.py).
+        # What it sends is its own choice among what the daemon offers.
+        receives, sends = {"auto": (["attachments"], ["attachments", "shm", "shm_buffers"]),
+                           "shm": (["attachments", "shm"], ["attachments", "shm", "shm_buffers"]),
+                           "attachments": (["attachments"], ["attachments"]),
+                           "base64": ([], [])}[self.transport]
         hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
-                                                  "features": wanted or None})
+                                                  "features": receives or None})
         try:
             answer = _check(hello, await asyncio.wait_for(self._exchange(hello), self.timeout), False)
         except DeviceError as exc:
@@ -245,7 +250,7 @@ class AsyncClient(_Methods):
                 raise
             return  # an older daemon: stay on v1
         self.protocol = int(answer.get("protocol", 1))
-        self.features = frozenset(answer.get("features") or ()) & frozenset(wanted)
+        self.features = frozenset(answer.get("features") or ()) & frozenset(sends)
         if self.protocol >= 2:
             self._answers = asyncio.ensure_future(self._read_answers())
         if "shm_buffers" in self.features and self.use_shm_buffers:
