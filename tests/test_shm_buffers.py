@@ -418,3 +418,71 @@ def test_shared_array_is_a_plain_array_without_registered_buffers(start_daemon, 
     got = run_async(main())
     for name, value in v1_outputs(daemon, model_dir, A, B).items():
         assert np.array_equal(got[name], value)
+
+
+def test_a_hugetlb_memfd_is_refused(fast_daemon, model_dir):
+    """hugetlbfs reports no holes to SEEK_HOLE, so only plain memfds are taken."""
+    raw = Raw(fast_daemon.socket_path, features=FEATURES)
+    huge = os.memfd_create("huge", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    answer = register(raw, huge)
+    assert answer["code"] == p.BAD_REQUEST and "not a memfd" in answer["error"], answer
+    raw.send({"action": "ping", "request_id": "after"})
+    assert raw.read()["status"] == "ok"
+    raw.close()
+
+
+def test_requests_after_the_daemon_closed_the_connection_share_one_new_one(start_daemon, model_dir):
+    """Several requests that find the v2 connection closed (idle_timeout_s) open
+    one new connection between them, and shared arrays register on it."""
+    daemon = start_daemon(idle_timeout_s=0.5, simulated={"infer_ms": 0, "load_ms": 0})
+
+    async def main():
+        async with AsyncClient(daemon.socket_path, transport="shm", timeout=10) as client:
+            await client.ping()
+            await asyncio.sleep(1.5)  # the daemon closes the idle connection
+            answers = await asyncio.gather(*(client.ping() for _ in range(5)), return_exceptions=True)
+            await asyncio.sleep(1.5)
+            a = await client.shared_array((4, 4, 3))
+            a[:] = A
+            result = await client.infer(str(model_dir / "two.hef"), {"inputs": {"a": a, "b": B}},
+                                        model_type="generic")
+            status = await client.status()
+            await client.free_shared_array(a)
+            after = await client.status()
+            return answers, result, status, after
+    answers, result, status, after = run_async(main())
+    assert all(isinstance(answer, dict) and answer["status"] == "ok" for answer in answers), answers
+    assert result["status"] == "ok"
+    [mine] = [c for c in status["clients"] if c["protocol"] == 2]
+    assert mine["shm_buffers"] == 2  # the shared array, and a pool buffer for b
+    assert [c["shm_buffers"] for c in after["clients"] if c["protocol"] == 2] == [1]
+
+
+def test_a_registration_cancelled_midway_is_kept_not_lost():
+    """The daemon may register a buffer whose caller was cancelled: the pool
+    keeps it as idle, so its count stays the daemon's."""
+    page = mmap.PAGESIZE
+    release = asyncio.Event
+
+    async def main():
+        gate = release()
+
+        async def slow_register(buffer):
+            await gate.wait()
+            return 7
+
+        async def unregister_(buffer):
+            pass
+        pool = shm.ClientBuffers(slow_register, unregister_, max_count=4, max_bytes=16 * page)
+        preparing = asyncio.ensure_future(pool.prepare([np.zeros(page, np.uint8)], 1))
+        await asyncio.sleep(0.01)
+        preparing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await preparing
+        gate.set()
+        await asyncio.sleep(0.01)
+        try:
+            assert pool.placer("r", 1)(np.ones(page, np.uint8)) == {"buffer": 7, "offset": 0}
+        finally:
+            pool.close()
+    run_async(main())

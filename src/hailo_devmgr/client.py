@@ -207,6 +207,7 @@ class AsyncClient(_Methods):
         self.use_shm_buffers = shm_buffers
         self._buffers: shm.ClientBuffers | None = None   # registered, once hello offered them
         self._buffers_lock = asyncio.Lock()
+        self._connect_lock = asyncio.Lock()
         self.protocol = 1
         self.features: frozenset = frozenset()   # what the daemon offered in hello
         self._lock = asyncio.Lock()         # v1: one request in flight per connection
@@ -282,15 +283,25 @@ class AsyncClient(_Methods):
     async def metrics(self) -> dict:
         return await self.request("metrics")
 
-    async def request(self, action: str, _decode: bool = True, _fds: list[int] | None = None, **fields) -> dict:
-        """``_fds``: descriptors to pass with the request (v2 only; closed once sent)."""
-        if self._answers is not None and self._answers.done():
-            await self.close()  # the daemon closed this v2 connection: the next request opens a new one
-        if self._stream is None:
-            await self.connect()
-        message = _build(action, next(self._ids), dict(fields, fds=len(_fds) if _fds else None))
+    async def _connected(self) -> None:
+        """Connect if not connected; after the daemon closed a v2 connection, open a
+        new one (once, whoever many requests notice it at the same time)."""
+        if self._stream is not None and not self._lost():
+            return
+        async with self._connect_lock:
+            if self._lost():
+                await self.close()
+            if self._stream is None:
+                await self.connect()
+
+    def _lost(self) -> bool:
+        return self._answers is not None and self._answers.done()
+
+    async def request(self, action: str, _decode: bool = True, **fields) -> dict:
+        await self._connected()
+        message = _build(action, next(self._ids), fields)
         if self.protocol >= 2:
-            return _check(message, await self._pipelined(message, _fds or []), _decode)
+            return _check(message, await self._pipelined(message, []), _decode)
         async with self._lock:
             return _check(message, await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
 
@@ -313,8 +324,7 @@ class AsyncClient(_Methods):
         buffers (or with no room left for one) it is an ordinary array,
         sent the usual way. :meth:`free_shared_array` gives it back;
         closing the client does too."""
-        if self._stream is None:
-            await self.connect()
+        await self._connected()
         dtype = np.dtype(dtype)
         shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(size) for size in shape)
         nbytes = math.prod(shape) * dtype.itemsize
@@ -333,9 +343,15 @@ class AsyncClient(_Methods):
                 await self._buffers.disown(array)
 
     async def _register_buffer(self, buffer: shm.WritableBuffer) -> int | None:
-        """The daemon's id for a new buffer; None if it refused it (its limits)."""
+        """The daemon's id for a new buffer; None if it refused it (its limits).
+        On this connection only: a buffer belongs to the connection it was registered on."""
+        fd = buffer.take_fd()
+        if self._stream is None or self._lost():
+            os.close(fd)
+            raise DaemonUnreachable(f"connection to {self.socket_path} lost")
+        message = _build("register_buffer", next(self._ids), {"fds": 1})
         try:
-            answer = await self.request("register_buffer", _fds=[buffer.take_fd()])
+            answer = _check(message, await self._pipelined(message, [fd]), False)
         except DeviceError as exc:
             if exc.code != p.BAD_REQUEST:
                 raise
@@ -343,7 +359,10 @@ class AsyncClient(_Methods):
         return answer["buffer"]
 
     async def _unregister_buffer(self, buffer: shm.WritableBuffer) -> None:
-        await self.request("unregister_buffer", buffer=buffer.buffer_id)
+        if self._stream is None or self._lost():
+            return  # the connection is gone, and its buffers with it
+        message = _build("unregister_buffer", next(self._ids), {"buffer": buffer.buffer_id})
+        _check(message, await self._pipelined(message, []), False)
 
     async def _pipelined(self, message: dict, fds: list[int]) -> dict:
         answer = asyncio.get_running_loop().create_future()
@@ -364,6 +383,7 @@ class AsyncClient(_Methods):
     async def _send(self, message: dict, fds: list[int] | None = None) -> None:
         fds = fds if fds is not None else []
         handed_over = False   # from then on only the answer frees the request's buffers
+        stream = self._stream  # buffer ids name buffers of this connection only
         try:
             if self._buffers is not None and _has_arrays(message.get("input_data")):
                 async with self._buffers_lock:  # registered buffers are placed in request order
@@ -373,7 +393,7 @@ class AsyncClient(_Methods):
                 frame, buffers, packed = self._encode(message)
             fds.extend(packed)
             # Shielded: a frame cut in the middle would break the stream for every request.
-            writing = asyncio.ensure_future(self._write([frame, *buffers], fds))
+            writing = asyncio.ensure_future(self._write(stream, [frame, *buffers], fds))
             writing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen if abandoned
             handed_over = True
             await asyncio.shield(writing)
@@ -385,11 +405,14 @@ class AsyncClient(_Methods):
                 raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
             raise
 
-    async def _write(self, buffers: list, fds: list[int]) -> None:
-        """One whole frame (frames never interleave); its fds closed once sent."""
+    async def _write(self, stream: t.SocketStream, buffers: list, fds: list[int]) -> None:
+        """One whole frame (frames never interleave) on the connection it was made
+        for; its fds closed once sent."""
         try:
+            if stream is not self._stream or stream.closed:
+                raise ConnectionResetError("the connection this request was made for is closed")
             async with self._write_lock:
-                await self._stream.send(buffers, fds)
+                await stream.send(buffers, fds)
         finally:
             t.close_fds(fds)
 

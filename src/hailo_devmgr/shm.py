@@ -26,6 +26,7 @@ mapping holds the memory, not a descriptor.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
@@ -48,6 +49,18 @@ REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 MAX_BUFFERS = 16               # registered buffers per connection
 PAGE_SIZE = mmap.PAGESIZE
+
+
+def _memfd_device() -> int:
+    """The device number every plain memfd has (the kernel's internal tmpfs)."""
+    fd = os.memfd_create("hailo-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
+
+
+_MEMFD_DEVICE = _memfd_device()
 
 
 def create_memfd(array_: np.ndarray, name: str = "hailo-tensor") -> int:
@@ -75,8 +88,9 @@ def check_memfd(fd: int, where: str, *, reusable: bool = False) -> int:
                                             f"memfd)") from None
         raise
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise RequestError(BAD_REQUEST, f"{where} is not a memfd")
+    if not stat.S_ISREG(info.st_mode) or info.st_dev != _MEMFD_DEVICE:
+        # Another filesystem (a hugetlb memfd, say) answers SEEK_HOLE differently: no holes check.
+        raise RequestError(BAD_REQUEST, f"{where} is not a memfd (a plain memfd_create one, no MFD_HUGETLB)")
     if reusable:
         if seals & SIZE_SEALS != SIZE_SEALS or not seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
             raise RequestError(BAD_REQUEST, f"{where} must be sealed with F_SEAL_SHRINK, F_SEAL_GROW and "
@@ -122,7 +136,7 @@ def map_read_only(fd: int, offset: int, nbytes: int) -> Mapped:
     address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, first)
     if address is None or address == _MAP_FAILED:
         code = ctypes.get_errno()
-        raise OSError(code, f"mmap: {os.strerror(code)}")
+        raise RequestError(BAD_REQUEST, f"the shared memory could not be mapped: {os.strerror(code)}")
     memory = (ctypes.c_char * size).from_address(address)
     weakref.finalize(memory, _libc.munmap, address, size)
     return Mapped(memory, offset - first)
@@ -278,6 +292,7 @@ class ClientBuffers:
         self._idle: list[WritableBuffer] = []
         self._busy: dict[Any, list[WritableBuffer]] = {}
         self._owned: list[WritableBuffer] = []
+        self._closed = False
 
     def _all(self) -> list[WritableBuffer]:
         return self._idle + self._owned + [buffer for buffers in self._busy.values() for buffer in buffers]
@@ -324,9 +339,29 @@ class ClientBuffers:
         if held is None:
             return False
         self._owned.remove(held[0])
-        await self._unregister(held[0])
-        held[0].close()
+        await self._retire(held[0])
         return True
+
+    async def _retire(self, buffer: WritableBuffer) -> None:
+        """Unregister and close ``buffer``, both even if the caller is cancelled meanwhile."""
+        async def retire():
+            try:
+                await self._unregister(buffer)
+            finally:
+                buffer.close()
+        retiring = asyncio.ensure_future(retire())
+        retiring.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(retiring)
+
+    def _adopt(self, buffer: WritableBuffer, registering: asyncio.Future) -> None:
+        """A registration whose caller was cancelled: the daemon may have the buffer
+        anyway, so keep it as an idle one (the pool's count matches the daemon's)."""
+        ok = not registering.cancelled() and registering.exception() is None and registering.result() is not None
+        if ok and not self._closed:
+            buffer.buffer_id = registering.result()
+            self._idle.append(buffer)
+        else:
+            buffer.close()
 
     async def _new(self, nbytes: int, keep: list) -> WritableBuffer | None:
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
@@ -336,13 +371,16 @@ class ClientBuffers:
                 break
             victim = max(spare, key=lambda b: b.size)
             self._idle.remove(victim)
-            await self._unregister(victim)
-            victim.close()
+            await self._retire(victim)
         if not self._room_for(size):
             return None
         buffer = WritableBuffer(size)
+        registering = asyncio.ensure_future(self._register(buffer))
         try:
-            buffer.buffer_id = await self._register(buffer)
+            buffer.buffer_id = await asyncio.shield(registering)
+        except asyncio.CancelledError:
+            registering.add_done_callback(lambda task: self._adopt(buffer, task))
+            raise
         except BaseException:
             buffer.close()
             raise
@@ -375,6 +413,7 @@ class ClientBuffers:
         self._idle.extend(self._busy.pop(request_id, ()))
 
     def close(self) -> None:
+        self._closed = True
         for buffer in self._all():
             buffer.close()
         self._idle, self._busy, self._owned = [], {}, []
