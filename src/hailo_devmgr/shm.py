@@ -188,25 +188,33 @@ class RegisteredBuffers:
         size = check_memfd(fd, where, reusable=True)
         if size == 0:
             raise RequestError(BAD_REQUEST, f"{where} is empty: a buffer needs a size")
-        with self._lock:
-            if len(self._buffers) >= self.max_count:
+        with self._lock:  # room reserved first; the slow checking and mapping outside the lock
+            if len(self._sizes) >= self.max_count:
                 raise RequestError(BAD_REQUEST, f"At most {self.max_count} registered buffers per connection: "
                                                 f"unregister one first")
             if self.total_bytes + size > self.max_bytes:
                 raise RequestError(BAD_REQUEST, f"Registered buffers of one connection may total at most "
                                                 f"{self.max_bytes} bytes (shm_buffer_max_bytes); this one has "
                                                 f"{size} and {self.total_bytes} are registered")
-            check_written(fd, 0, size, where)
             buffer_id = self._next_id
             self._next_id += 1
-            self._buffers[buffer_id] = map_read_only(fd, 0, size)
             self._sizes[buffer_id] = size
+        try:
+            check_written(fd, 0, size, where)
+            mapped = map_read_only(fd, 0, size)
+        except BaseException:
+            with self._lock:
+                self._sizes.pop(buffer_id, None)
+            raise
+        with self._lock:
+            if buffer_id in self._sizes:  # not cleared meanwhile (the connection ended)
+                self._buffers[buffer_id] = mapped
         return buffer_id, size
 
     def unregister(self, buffer_id: Any) -> None:
         with self._lock:
-            if self._buffers.pop(self._known(buffer_id, ""), None) is not None:
-                del self._sizes[buffer_id]
+            self._buffers.pop(self._known(buffer_id, ""), None)
+            self._sizes.pop(buffer_id, None)
 
     def view(self, buffer_id: Any, offset: int, nbytes: int, where: str) -> Mapped:
         with self._lock:

@@ -295,14 +295,19 @@ class Blocks:
         return memoryview(self.attachments[index]).cast("B")
 
     def using_fd(self, index: Any, use, where: str):
-        """``use(fd)`` for descriptor ``index``, which is not closed meanwhile."""
+        """``use(fd)`` on a duplicate of descriptor ``index``: mapping a large memfd
+        takes a while, and ``close`` (on the event loop) must not wait for it."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.fds):
             raise RequestError(BAD_REQUEST, f"{where}shm {index!r} does not exist (the frame has "
                                             f"{len(self.fds)} file descriptor(s))")
         with self._lock:
             if self._closed:
                 raise RequestError(BAD_REQUEST, f"{where}shm {index}: the request was abandoned")
-            return use(self.fds[index])
+            fd = os.dup(self.fds[index])
+        try:
+            return use(fd)
+        finally:
+            os.close(fd)
 
     def shm(self, index: Any, offset: int, nbytes: int, where: str) -> "shm.Mapped | None":
         """The bytes of a one-shot memfd a tensor uses, mapped (None if there are none)."""
