@@ -97,13 +97,7 @@ def _answer_length(header: bytes, limit: int) -> int:
 
 
 def _has_arrays(value: Any) -> bool:
-    if isinstance(value, np.ndarray):
-        return True
-    if isinstance(value, dict):
-        return any(_has_arrays(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_arrays(item) for item in value)
-    return False
+    return bool(_arrays(value))
 
 
 def _arrays(value: Any) -> list[np.ndarray]:
@@ -385,9 +379,10 @@ class AsyncClient(_Methods):
         handed_over = False   # from then on only the answer frees the request's buffers
         stream = self._stream  # buffer ids name buffers of this connection only
         try:
-            if self._buffers is not None and _has_arrays(message.get("input_data")):
+            arrays = _arrays(message.get("input_data")) if self._buffers is not None else []
+            if arrays:
                 async with self._buffers_lock:  # registered buffers are placed in request order
-                    await self._buffers.prepare(_arrays(message["input_data"]), self.shm_min_bytes)
+                    await self._buffers.prepare(arrays, self.shm_min_bytes)
                     frame, buffers, packed = self._encode(message)
             else:
                 frame, buffers, packed = self._encode(message)
