@@ -47,6 +47,12 @@ def v1_outputs(daemon, model_dir, a, b) -> dict:
                             model_type="generic")["result"]["outputs"]
 
 
+def assert_v1_outputs(daemon, model_dir, a, b, outputs: dict) -> None:
+    """``outputs`` are what a v1 (base64) client gets for the same inputs."""
+    for name, value in v1_outputs(daemon, model_dir, a, b).items():
+        assert np.array_equal(outputs[name], value)
+
+
 def register(raw: Raw, fd: int, request_id="reg") -> dict:
     raw.send({"action": "register_buffer", "request_id": request_id, "fds": 1}, fds=[fd])
     os.close(fd)
@@ -229,8 +235,7 @@ def test_registered_buffers_can_be_turned_off(start_daemon, model_dir):
                                         model_type="generic")
             return answer["result"]["outputs"]
     got = run_async(main())
-    for name, value in v1_outputs(daemon, model_dir, A, B).items():
-        assert np.array_equal(got[name], value)
+    assert_v1_outputs(daemon, model_dir, A, B, got)
 
 
 def test_buffer_actions_need_protocol_2(fast_daemon):
@@ -269,8 +274,7 @@ def test_a_sparse_memfd_costs_the_daemon_nothing_and_holes_are_refused(fast_daem
     raw.send(infer_message(model_dir, refs, fds=1), fds=[big])
     answer = raw.read()
     assert answer["status"] == "ok", answer
-    for name, value in v1_outputs(fast_daemon, model_dir, A, B).items():
-        assert np.array_equal(answer["result"]["outputs"][name], value)
+    assert_v1_outputs(fast_daemon, model_dir, A, B, answer["result"]["outputs"])
     assert shmem_mib() - before < 256  # mapping the whole memfd would have allocated 1 GiB
 
     over_hole = {**refs, "a": {"dtype": "uint8", "shape": [1 << 20], "shm": 0, "offset": 0}}
@@ -337,8 +341,7 @@ def test_the_client_stays_within_the_daemons_buffer_limit(start_daemon, model_di
     answers, [mine] = run_async(main())
     assert mine["shm_buffers"] == 1 and mine["shm_buffer_bytes"] == 4096
     for answer in answers:
-        for name, value in v1_outputs(daemon, model_dir, A, B).items():
-            assert np.array_equal(answer["result"]["outputs"][name], value)
+        assert_v1_outputs(daemon, model_dir, A, B, answer["result"]["outputs"])
 
 
 def test_client_buffers_make_room_by_unregistering_idle_ones():
@@ -401,8 +404,7 @@ def test_shared_arrays_travel_without_a_copy(fast_daemon, model_dir):
     results, mine = run_async(main())
     assert mine["shm_buffers"] == 2 and mine["shm_buffer_bytes"] == 2 * mmap.PAGESIZE  # just the two arrays
     for a, b, outputs in results:
-        for name, value in v1_outputs(fast_daemon, model_dir, a, b).items():
-            assert np.array_equal(outputs[name], value)
+        assert_v1_outputs(fast_daemon, model_dir, a, b, outputs)
 
 
 def test_shared_array_is_a_plain_array_without_registered_buffers(start_daemon, model_dir):
@@ -416,8 +418,7 @@ def test_shared_array_is_a_plain_array_without_registered_buffers(start_daemon, 
                                         model_type="generic")
             return answer["result"]["outputs"]
     got = run_async(main())
-    for name, value in v1_outputs(daemon, model_dir, A, B).items():
-        assert np.array_equal(got[name], value)
+    assert_v1_outputs(daemon, model_dir, A, B, got)
 
 
 def test_a_hugetlb_memfd_is_refused(fast_daemon, model_dir):
