@@ -6,7 +6,7 @@
 PYTHON    ?= /usr/bin/python3
 RUN_DIR   ?= $(CURDIR)/run
 RUNTIME_DEPS = python3-systemd python3-sdnotify python3-numpy python3-yaml
-DEB_DEPS     = dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
+DEB_DEPS     = build-essential dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
 E2E_DEPS     = systemd-container debootstrap
 TEST_DEPS    = $(RUNTIME_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd \
                python3-hypothesis python3-venv
@@ -17,7 +17,7 @@ FUZZ_SMOKE_SECONDS ?= 25
 SOAK_SECONDS       ?= 120
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: run test e2e bench fuzz soak deb stdeb deps-runtime deps-test deps-deb clean
+.PHONY: run test e2e newcomer bench fuzz soak deb stdeb deps-runtime deps-test deps-deb clean
 
 # Install missing Debian packages (root), or say which are missing.
 define ensure_packages
@@ -58,6 +58,12 @@ test: deps-test
 # machine cannot boot a container (needs root, systemd-nspawn, debootstrap).
 e2e: deps-test
 	HAILO_E2E_REQUIRED=1 $(PYTHON) -m pytest tests/test_e2e_systemd.py
+
+# The README's two commands in a pristine minbase container of each Debian
+# release, the checkout at a mode-0700 path, LANG=C, no HOME (root, nspawn;
+# not part of `make test`: about 10 minutes a release).
+newcomer: deps-test
+	$(PYTHON) tests/newcomer.py
 
 bench: deps-test
 	$(PYTHON) bench/run.py

@@ -7,10 +7,12 @@ always stops it (SIGTERM, then SIGKILL) when the test ends.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +53,20 @@ def env_with_src(extra: dict | None = None) -> dict:
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
+
+
+@pytest.fixture(scope="session")
+def readable_src() -> str:
+    """A copy of ``src/`` that any uid can import, for code run as another user.
+
+    The checkout may live where only its owner can read (a root user's
+    checkout under /root, mode 0700), so another uid must not import from it."""
+    folder = Path(tempfile.mkdtemp(prefix="hailo-devmgr-src-", dir="/tmp"))
+    shutil.copytree(SRC, folder / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield str(folder / "src")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -55,10 +55,10 @@ def host_mirror() -> str:
     return DEFAULT_MIRROR
 
 
-def rootfs(suite: str, mirror: str | None = None) -> Path:
-    """A cached minimal rootfs for ``suite``, made on first use."""
+def rootfs(suite: str, mirror: str | None = None, packages: tuple[str, ...] = BASE_PACKAGES) -> Path:
+    """A cached minimal rootfs for ``suite`` with ``packages``, made on first use."""
     mirror = mirror or host_mirror()
-    key = hashlib.sha256(f"{suite} {mirror} {' '.join(BASE_PACKAGES)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{suite} {mirror} {' '.join(packages)}".encode()).hexdigest()[:12]
     target = CACHE / f"{suite}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
@@ -67,7 +67,7 @@ def rootfs(suite: str, mirror: str | None = None) -> Path:
             shutil.rmtree(target, ignore_errors=True)
             work = Path(tempfile.mkdtemp(prefix=f"{suite}-", dir=CACHE))
             result = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", suite,
+                ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", suite,
                  str(work), mirror], capture_output=True, text=True, timeout=900)
             if result.returncode != 0:
                 shutil.rmtree(work, ignore_errors=True)
@@ -75,6 +75,27 @@ def rootfs(suite: str, mirror: str | None = None) -> Path:
             (work / ".complete").touch()
             work.rename(target)
     return target
+
+
+def run_in(root: Path, command: str, *, binds: dict[str, str], env: dict[str, str], log_path: Path,
+           timeout: float) -> int:
+    """Run ``command`` with sh in a throw-away (not booted) container of ``root``.
+
+    Like a fresh machine without PID-1 systemd (as CI's is); every change
+    vanishes with it. Output goes to ``log_path``; returns the exit status."""
+    argv = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "-D", str(root),
+            "--volatile=overlay", "--as-pid2"]
+    argv += [f"--bind-ro={host}:{inside}" for host, inside in binds.items()]
+    argv += ["env", "-i", *(f"{key}={value}" for key, value in env.items()), "sh", "-c", command]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={"PATH": CLEAN_PATH}, start_new_session=True)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            raise
 
 
 class Container:

@@ -19,14 +19,14 @@ NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 
 
-def as_uid(uid: int, socket_path: str, action: str, model_path: str) -> dict:
+def as_uid(uid: int, src: str, socket_path: str, action: str, model_path: str) -> dict:
     code = ("import json, sys; from hailo_devmgr.client import Client, DeviceError\n"
             "try:\n"
             f"    print(json.dumps(Client({socket_path!r}).request({action!r}, model_path={model_path!r}, "
             "model_type='generic')))\n"
             "except DeviceError as exc:\n"
             "    print(json.dumps({'code': exc.code, 'error': exc.message}))\n")
-    result = subprocess.run([sys.executable, "-c", code], user=uid, group=uid, env=env_with_src(),
+    result = subprocess.run([sys.executable, "-c", code], user=uid, group=uid, env=env_with_src({"PYTHONPATH": src}),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -46,24 +46,24 @@ def shared_daemon(start_daemon, open_socket_dir):
     return start_daemon(socket_path=f"{open_socket_dir}/device.sock", socket_mode="0666")
 
 
-def test_a_user_cannot_unload_another_users_model(shared_daemon, model_dir):
+def test_a_user_cannot_unload_another_users_model(shared_daemon, model_dir, readable_src):
     roots = str(model_dir / "net.hef")
     with Client(shared_daemon.socket_path, timeout=30) as client:
         client.load_model(roots, "generic")
-    refused = as_uid(NOBODY, shared_daemon.socket_path, "unload_model", roots)
+    refused = as_uid(NOBODY, readable_src, shared_daemon.socket_path, "unload_model", roots)
     assert refused["code"] == p.FORBIDDEN and "loaded by another user (uid 0)" in refused["error"]
 
     theirs = str(model_dir / "other.hef")
-    assert as_uid(NOBODY, shared_daemon.socket_path, "load_model", theirs)["message"] == "Model loaded"
-    assert as_uid(NOBODY, shared_daemon.socket_path, "unload_model", theirs)["message"] == "Model unloaded"
+    assert as_uid(NOBODY, readable_src, shared_daemon.socket_path, "load_model", theirs)["message"] == "Model loaded"
+    assert as_uid(NOBODY, readable_src, shared_daemon.socket_path, "unload_model", theirs)["message"] == "Model unloaded"
     with Client(shared_daemon.socket_path, timeout=30) as client:  # root is an admin
         assert client.unload_model(roots, "generic")["message"] == "Model unloaded"
 
 
-def test_configured_admin_uid_may_unload_any_model(start_daemon, model_dir, open_socket_dir):
+def test_configured_admin_uid_may_unload_any_model(start_daemon, model_dir, open_socket_dir, readable_src):
     daemon = start_daemon(socket_path=f"{open_socket_dir}/device.sock", socket_mode="0666",
                           admin={"uids": [NOBODY]})
     roots = str(model_dir / "net.hef")
     with Client(daemon.socket_path, timeout=30) as client:
         client.load_model(roots, "generic")
-    assert as_uid(NOBODY, daemon.socket_path, "unload_model", roots)["message"] == "Model unloaded"
+    assert as_uid(NOBODY, readable_src, daemon.socket_path, "unload_model", roots)["message"] == "Model unloaded"

@@ -31,7 +31,12 @@ SOCKET = "hailo-device-manager.socket"
 _reason = ct.unavailable_reason()
 if _reason and (os.environ.get("CI") or os.environ.get("HAILO_E2E_REQUIRED")):
     pytest.fail(f"end-to-end tests cannot run here: {_reason}", pytrace=False)
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"end-to-end tests need a container: {_reason}")
+pytestmark = [
+    pytest.mark.skipif(_reason is not None, reason=f"end-to-end tests need a container: {_reason}"),
+    # apt inside the container may take minutes on a busy machine or a slow
+    # mirror: each step has its own timeouts, pytest's 120 s default is too short.
+    pytest.mark.timeout(900),
+]
 
 
 @pytest.fixture(scope="module", params=SUITES)

@@ -20,7 +20,6 @@ from hailo_devmgr.handlers import HANDLERS
 from hailo_devmgr.model_files import AllowedPath, ModelFiles, open_model, resolve_model_path
 from hailo_devmgr.protocol import FORBIDDEN, LOAD_FAILED, MODEL_NOT_FOUND, RequestError
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 def own_fds() -> set[str]:
@@ -203,7 +202,7 @@ def test_ocr_recognition_hefs_are_opened_too_and_all_closed_when_one_fails(tree)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a check as another user")
-def test_an_unreadable_file_is_load_failed_with_the_hailort_name_and_hint():
+def test_an_unreadable_file_is_load_failed_with_the_hailort_name_and_hint(readable_src):
     folder = tempfile.mkdtemp(prefix="hailo-devmgr-unreadable-")
     try:
         os.chmod(folder, 0o755)
@@ -219,7 +218,7 @@ def test_an_unreadable_file_is_load_failed_with_the_hailort_name_and_hint():
             "try: open_model(sys.argv[1], (os.path.dirname(sys.argv[1]),))\n"
             "except RequestError as e: print(e.code); print(e.message)\n"
             "print(len(os.listdir('/proc/self/fd')) == before)\n")
-        out = subprocess.run([sys.executable, "-c", script, path, SRC], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", script, path, readable_src], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0, out.stderr
         code, message, no_leak = out.stdout.splitlines()

@@ -268,7 +268,7 @@ def test_simulate_is_refused_by_the_real_backend(start_daemon):
         assert "only by the simulated backend" in error.message
 
 
-def test_simulate_is_only_for_root_or_the_daemons_user(start_daemon):
+def test_simulate_is_only_for_root_or_the_daemons_user(start_daemon, readable_src):
     for uid in (0, 1234):
         simulate.authorize("simulated", uid, own_uid=1234)
     for uid in (None, 1000):
@@ -281,12 +281,13 @@ def test_simulate_is_only_for_root_or_the_daemons_user(start_daemon):
     folder = tempfile.mkdtemp(prefix="hailo-devmgr-peer-")
     os.chmod(folder, 0o755)
     try:
-        _refused_for_another_user(start_daemon(socket_mode="0666", socket_path=f"{folder}/device.sock"))
+        _refused_for_another_user(start_daemon(socket_mode="0666", socket_path=f"{folder}/device.sock"),
+                                  readable_src)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _refused_for_another_user(daemon):
+def _refused_for_another_user(daemon, src: str):
     script = (
         "import os, sys; os.setgid(65534); os.setgroups([]); os.setuid(65534); sys.path.insert(0, sys.argv[2]);"
         "from hailo_devmgr.client import Client, DeviceError\n"
@@ -294,7 +295,6 @@ def _refused_for_another_user(daemon):
         "    try: c.request('simulate', temperature_c=99)\n"
         "    except DeviceError as e: print(e.code, e.message)\n"
         "    print(c.device_status()['status'])")
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     out = subprocess.run([sys.executable, "-c", script, daemon.socket_path, src], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
