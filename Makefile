@@ -6,7 +6,7 @@
 PYTHON    ?= /usr/bin/python3
 RUN_DIR   ?= $(CURDIR)/run
 RUNTIME_DEPS = python3-systemd python3-sdnotify python3-numpy python3-yaml
-DEB_DEPS     = build-essential dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
+DEB_DEPS     = build-essential fakeroot dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
 E2E_DEPS     = systemd-container debootstrap
 TEST_DEPS    = $(RUNTIME_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd \
                python3-hypothesis python3-venv
