@@ -32,7 +32,10 @@ def test_an_exception_storm_fails_only_those_requests(start_daemon, model_dir):
 
     answers, after = asyncio.run(storm())
     codes = {getattr(answer, "code", None) for answer in answers}
-    assert codes == {p.INFERENCE_FAILED}  # each of the 100 answered, each with its own error
+    # Each of the 100 answered with its own error: the first failed run unloads the
+    # model (HailoRT shuts a model down after a failed submit), so later ones may fail
+    # loading it again while the faults last.
+    assert p.INFERENCE_FAILED in codes and codes <= {p.INFERENCE_FAILED, p.LOAD_FAILED}
     assert after["result"]["outputs"]["output_layer1"].shape == (512,)
     with Client(daemon.socket_path, timeout=10) as client:
         assert client.status()["runtime_broken_reason"] is None

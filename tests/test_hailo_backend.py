@@ -33,7 +33,7 @@ class DeviceArchitectureTypes(enum.IntEnum):
 def make_platform(*, vdevice_error=None, identify_error=None, temperature_error=None,
                   device_ids=(DEVICE_ID,), architecture=DeviceArchitectureTypes.HAILO10H):
     """A fake hailo_platform module; ``record`` collects what the backend did."""
-    record = types.SimpleNamespace(params=None, vdevices=[], devices=[], identify_calls=0)
+    record = types.SimpleNamespace(params=None, vdevices=[], devices=[], identify_calls=0, order=[])
 
     class VDevice:
         @staticmethod
@@ -47,6 +47,7 @@ def make_platform(*, vdevice_error=None, identify_error=None, temperature_error=
             record.params = params
             self.released = 0
             record.vdevices.append(self)
+            record.order.append("VDevice")
 
         def get_physical_devices_ids(self):
             return list(device_ids)
@@ -75,6 +76,7 @@ def make_platform(*, vdevice_error=None, identify_error=None, temperature_error=
             self.control = Control()
             self.released = 0
             record.devices.append(self)
+            record.order.append("Device")
 
         @staticmethod
         def scan():
@@ -94,8 +96,15 @@ def make_platform(*, vdevice_error=None, identify_error=None, temperature_error=
     return module, record
 
 
-def importer_of(module):
+def importer_of(module, genai=None):
+    """``import_module`` for the fake: ``hailo_platform.genai`` only when ``genai`` is given
+    (then set on the top module, as the import system does for a submodule)."""
     def importer(name):
+        if name == "hailo_platform.genai":
+            if genai is None:
+                raise ModuleNotFoundError("No module named 'hailo_platform.genai'", name=name)
+            module.genai = genai
+            return genai
         assert name == "hailo_platform"
         return module
     return importer
@@ -148,12 +157,12 @@ def test_import_is_lazy_and_done_once(dev_dir):
 
     def importer(name):
         calls.append(name)
-        return module
+        return importer_of(module)(name)
     backend = HailoBackend(DeviceConfig(), importer, dev_dir=str(dev_dir), access=lambda p, m: True)
     assert calls == []
     backend.open_vdevice()
     backend.open_vdevice()
-    assert calls == ["hailo_platform"]
+    assert calls == ["hailo_platform", "hailo_platform.genai"]
     assert backend.platform is module
 
 
@@ -164,12 +173,12 @@ def test_python_path_is_prepended_before_import(dev_dir, monkeypatch):
 
     def importer(name):
         seen.append(list(sys.path))
-        return module
+        return importer_of(module)(name)
     backend = HailoBackend(DeviceConfig(), importer, dev_dir=str(dev_dir), access=lambda p, m: True,
                            python_path=("/opt/hailort/a", "/opt/hailort/b"))
     assert sys.path == ["/usr/lib/python3/dist-packages"]  # nothing before the first open
     backend.open_vdevice()
-    assert seen == [["/opt/hailort/a", "/opt/hailort/b", "/usr/lib/python3/dist-packages"]]
+    assert seen[0] == ["/opt/hailort/a", "/opt/hailort/b", "/usr/lib/python3/dist-packages"]
 
 
 def test_failed_import_is_retried_without_growing_sys_path(dev_dir, monkeypatch):
@@ -293,7 +302,8 @@ def test_success_sets_group_id_and_reports_device(dev_dir):
     identity = backend.identify(vdevice)
     assert identity == DeviceIdentity(DEVICE_ID, "HAILO10H", "5.3.0 (release,app)")
     assert record.devices[0].device_id == DEVICE_ID
-    assert record.devices[0].released == 1  # the `with` block closed it
+    assert record.order == ["Device", "VDevice"]  # the order known to work on a 10H
+    assert record.devices[0].released == 0  # kept for temperature until close
 
     assert backend.temperature(vdevice) == 54.25
     assert isinstance(backend.temperature(vdevice), float)
@@ -358,14 +368,16 @@ def test_temperature_keeps_one_device_open_until_close(dev_dir):
     assert vdevice.released == 1
 
 
-def test_temperature_failure_is_none_and_reopens(dev_dir):
+def test_temperature_failure_is_none_until_the_device_is_reopened(dev_dir):
     module, record = make_platform(temperature_error=HailoRTException(
         "libhailort failed with error: 96 (HAILO_DEVICE_NOT_CONNECTED)"))
     backend = backend_with(module, dev_dir)
     vdevice = backend.open_vdevice()
     assert backend.temperature(vdevice) is None
-    assert record.devices[0].released == 1  # a possibly stale handle is dropped
     assert backend.temperature(vdevice) is None
+    assert len(record.devices) == 1  # reopened only with the VDevice (after a rebuild)
+    backend.close_vdevice(vdevice)
+    backend.open_vdevice()
     assert len(record.devices) == 2
 
 
@@ -395,3 +407,33 @@ def test_request_scope_does_nothing():
 
 def test_importing_the_module_imports_no_hailort():
     assert "hailo_platform" not in sys.modules
+
+
+# -- genai: a subpackage `import hailo_platform` does not import ---------------
+
+def test_genai_is_imported_explicitly_and_reachable_as_an_attribute(dev_dir):
+    module, _ = make_platform()
+    genai = types.SimpleNamespace(VLM=object)
+    backend = HailoBackend(DeviceConfig(), importer_of(module, genai), dev_dir=str(dev_dir),
+                           access=lambda p, m: True)
+    assert not hasattr(module, "genai")  # as on a real HailoRT 5.x before the import
+    backend.open_vdevice()
+    assert backend.platform.genai is genai and backend.genai_missing is None
+    assert backend.hailort_version == "5.3.0"
+
+
+def test_without_genai_the_reason_names_the_version(dev_dir):
+    module, _ = make_platform()
+    module.__version__ = "4.23.0"
+    backend = backend_with(module, dev_dir)
+    backend.open_vdevice()
+    assert backend.genai_missing.startswith("HailoRT 4.23.0 has no hailo_platform.genai")
+
+
+def test_a_vdevice_that_fails_to_open_releases_the_device_opened_before_it(dev_dir):
+    module, record = make_platform(vdevice_error=HailoRTException(
+        "libhailort failed with error: 74 (HAILO_OUT_OF_PHYSICAL_DEVICES)"))
+    backend = backend_with(module, dev_dir)
+    with pytest.raises(BackendUnavailable, match="owned by another process"):
+        backend.open_vdevice()
+    assert [device.released for device in record.devices] == [1]

@@ -14,6 +14,7 @@ import pytest
 
 from hailo_devmgr import hailort_status
 from hailo_devmgr.backends import BackendUnavailable
+from hailo_devmgr.backends import simulated as sim
 from hailo_devmgr.backends.simulated import SimulatedBackend, raw_status_error, status_error
 from hailo_devmgr.config import DeviceConfig, SimulatedConfig
 
@@ -75,12 +76,12 @@ def test_create_params_have_hailort_defaults(backend):
     assert params.scheduling_algorithm == 1 and type(params.scheduling_algorithm) is int
     assert params.group_id == "UNIQUE"
     assert params.multi_process_service is False
-    params.scheduling_algorithm = backend.platform.HailoSchedulingAlgorithm.NONE
+    params.scheduling_algorithm = sim.HailoSchedulingAlgorithm.NONE
     assert params.scheduling_algorithm == 0
 
 
 def test_vdevice_basics(backend):
-    with backend.platform.VDevice() as vdevice:
+    with backend.open_vdevice() as vdevice:
         assert vdevice.get_physical_devices_ids() == ["0001:01:00.0"]
         identity = backend.identify(vdevice)
         assert identity.architecture == "HAILO10H"
@@ -89,14 +90,14 @@ def test_vdevice_basics(backend):
         backend.set_temperature(71.5)
         assert backend.temperature(vdevice) == 71.5
     vdevice.release()  # safe twice
-    with pytest.raises(backend.platform.HailoRTException):
+    with pytest.raises(sim.HailoRTException):
         vdevice.get_physical_devices_ids()
 
 
 def test_multi_process_service_is_rejected_on_10h(backend):
     params = backend.platform.VDevice.create_params()
     params.multi_process_service = True
-    with pytest.raises(backend.platform.HailoRTInvalidOperationException) as caught:
+    with pytest.raises(sim.HailoRTInvalidOperationException) as caught:
         backend.platform.VDevice(params)
     assert hailort_status.status_of(caught.value) == hailort_status.INVALID_OPERATION
 
@@ -104,7 +105,7 @@ def test_multi_process_service_is_rejected_on_10h(backend):
 # ------------------------------------------------------------- exclusivity
 
 def test_second_unique_vdevice_gets_74(backend, vdevice):
-    with pytest.raises(backend.platform.HailoRTException) as caught:
+    with pytest.raises(sim.HailoRTException) as caught:
         backend.platform.VDevice()
     assert str(caught.value) == "libhailort failed with error: 74 (HAILO_OUT_OF_PHYSICAL_DEVICES)"
     assert hailort_status.status_of(caught.value) == 74
@@ -112,7 +113,7 @@ def test_second_unique_vdevice_gets_74(backend, vdevice):
 
 def test_open_vdevice_reports_owner_elsewhere(tmp_path, vdevice):
     other = make_backend(tmp_path)  # e.g. a second daemon on the same lock
-    with pytest.raises(BackendUnavailable, match=r"owned by another process \(HAILO_OUT_OF_PHYSICAL_DEVICES\)"):
+    with pytest.raises(BackendUnavailable, match=r"owned by another process \(.*HAILO_OUT_OF_PHYSICAL_DEVICES"):
         other.open_vdevice()
     vdevice.release()
     other.close_vdevice(other.open_vdevice())
@@ -181,7 +182,7 @@ def test_model_from_bytes(vdevice):
 
 
 def test_missing_file_is_open_file_failure(backend, vdevice, tmp_path):
-    with pytest.raises(backend.platform.HailoRTException) as caught:
+    with pytest.raises(sim.HailoRTException) as caught:
         vdevice.create_infer_model(str(tmp_path / "absent.hef"))
     assert str(caught.value) == "libhailort failed with error: 13 (HAILO_OPEN_FILE_FAILURE)"
     assert hailort_status.status_of(caught.value) == 13
@@ -189,7 +190,7 @@ def test_missing_file_is_open_file_failure(backend, vdevice, tmp_path):
 
 @pytest.mark.parametrize("content", [b"", "inputs: [{name: x, shape: [0]}]\n"])
 def test_empty_or_bad_model_is_invalid_hef(backend, vdevice, model_file, content):
-    with pytest.raises(backend.platform.HailoRTInvalidHEFException) as caught:
+    with pytest.raises(sim.HailoRTInvalidHEFException) as caught:
         vdevice.create_infer_model(model_file(content=content))
     assert hailort_status.status_of(caught.value) == 26
     assert caught.value.__cause__.args[0] == "26"
@@ -250,7 +251,7 @@ def test_non_contiguous_buffer_is_refused(backend, vdevice, model_file):
     with vdevice.create_infer_model(model_file()).configure() as configured:
         bindings = configured.create_bindings()
         wide = np.zeros((224, 448, 3), np.uint8)[:, ::2]
-        with pytest.raises(backend.platform.HailoRTException) as caught:
+        with pytest.raises(sim.HailoRTException) as caught:
             bindings.input().set_buffer(wide)
     assert str(caught.value) == "Buffer must be C_CONTIGUOUS"
     # pyhailort raises this one itself: no status number behind it.
@@ -258,11 +259,65 @@ def test_non_contiguous_buffer_is_refused(backend, vdevice, model_file):
 
 
 @pytest.mark.parametrize("buffer", [np.zeros((224, 224, 3), np.float32), np.zeros((10, 10, 3), np.uint8)])
-def test_wrong_dtype_or_size_is_invalid_argument(backend, vdevice, model_file, buffer):
+def test_wrong_byte_size_fails_at_submit_and_shuts_the_model_down(backend, vdevice, model_file, buffer):
+    """libhailort checks bytes when a binding is submitted (infer_model.cpp:961, v5.2.0), and a
+    failed submit shuts the model down for good (infer_model.cpp:600-604)."""
     with vdevice.create_infer_model(model_file()).configure() as configured:
-        with pytest.raises(backend.platform.HailoRTInvalidArgumentException) as caught:
-            configured.create_bindings().input().set_buffer(buffer)
-    assert hailort_status.status_of(caught.value) == 2
+        bindings = configured.create_bindings()
+        bindings.input().set_buffer(buffer)  # set_buffer checks contiguity only
+        with pytest.raises(sim.HailoRTInvalidOperationException) as caught:
+            configured.run([bindings], 1000)
+        assert hailort_status.status_of(caught.value) == 6
+        with pytest.raises(sim.HailoRTStreamAborted):
+            infer_once(configured, image(1))
+
+
+def test_float32_on_a_quantized_input_needs_set_format_type(backend, vdevice, model_file):
+    model = vdevice.create_infer_model(model_file())
+    with model.configure() as configured:
+        bindings = configured.create_bindings()
+        bindings.input().set_buffer(image(1).astype(np.float32))
+        with pytest.raises(sim.HailoRTInvalidOperationException):
+            configured.run([bindings], 1000)
+    model.input().set_format_type(sim.FormatType.FLOAT32)
+    with model.configure() as configured:
+        assert infer_once(configured, image(1).astype(np.float32)).shape == (512,)
+
+
+def test_run_over_more_bindings_than_the_queue_fails_82_and_kills_the_model(vdevice, model_file):
+    with vdevice.create_infer_model(model_file()).configure() as configured:
+        size = configured.get_async_queue_size()
+        frames = [configured.create_bindings(input_buffers={"input_layer1": image(i)}) for i in range(size + 1)]
+        configured.wait_for_async_ready(1000, frames_count=size)
+        with pytest.raises(sim.HailoRTTimeout):
+            configured.wait_for_async_ready(5, frames_count=size + 1)
+        configured.run(frames[:size], 1000)  # what the queue holds is fine
+        with pytest.raises(sim.HailoRTException, match=r"82 \(HAILO_QUEUE_IS_FULL\)"):
+            configured.run(frames, 1000)
+        with pytest.raises(sim.HailoRTStreamAborted):
+            configured.run(frames[:1], 1000)
+
+
+def test_without_a_scheduler_a_model_runs_only_while_activated(tmp_path, model_file):
+    backend = SimulatedBackend(SimulatedConfig(load_ms=0, infer_ms=0, lock_path=str(tmp_path / "lock")),
+                               DeviceConfig(scheduling_algorithm="none"))
+    vdevice = backend.open_vdevice()
+    first = vdevice.create_infer_model(model_file()).configure()
+    second = vdevice.create_infer_model(model_file("other.hef")).configure()
+    first.activate()
+    with pytest.raises(sim.HailoRTInvalidOperationException):
+        second.activate()  # one active network at a time
+    assert infer_once(first, image(1)).shape == (512,)
+    first.deactivate()
+    with pytest.raises(sim.HailoRTException, match="72"):
+        infer_once(second, image(1))
+    backend.close_vdevice(vdevice)
+
+
+def test_activate_is_refused_with_the_scheduler(vdevice, model_file):
+    with vdevice.create_infer_model(model_file()).configure() as configured:
+        with pytest.raises(sim.HailoRTInvalidOperationException):
+            configured.activate()
 
 
 def test_leading_batch_dimension_of_one_is_accepted(vdevice, model_file):
@@ -272,13 +327,13 @@ def test_leading_batch_dimension_of_one_is_accepted(vdevice, model_file):
 
 def test_unknown_stream_name_is_not_found(backend, vdevice, model_file):
     model = vdevice.create_infer_model(model_file(content=CLIP_YAML))
-    with pytest.raises(backend.platform.HailoRTNotFoundException) as caught:
+    with pytest.raises(sim.HailoRTNotFoundException) as caught:
         model.input("nope")
     assert hailort_status.status_of(caught.value) == 61
-    with pytest.raises(backend.platform.HailoRTNotFoundException):
+    with pytest.raises(sim.HailoRTNotFoundException):
         model.input()  # two inputs: the name may not be omitted
     with model.configure() as configured:
-        with pytest.raises(backend.platform.HailoRTNotFoundException):
+        with pytest.raises(sim.HailoRTNotFoundException):
             configured.create_bindings().output("nope")
 
 
@@ -304,7 +359,7 @@ def test_shut_down_model_cannot_run(backend, vdevice, model_file):
     configured = vdevice.create_infer_model(model_file()).configure()
     bindings = configured.create_bindings(input_buffers={"input_layer1": image(1)})
     configured.shutdown()
-    with pytest.raises(backend.platform.HailoRTInvalidOperationException):
+    with pytest.raises(sim.HailoRTStreamAborted):  # 63 HAILO_STREAM_ABORT
         configured.run([bindings], 1000)
 
 
@@ -340,7 +395,7 @@ def test_inference_longer_than_timeout_raises_hailort_timeout(backend, vdevice, 
     with vdevice.create_infer_model(model_file()).configure() as configured:
         bindings = configured.create_bindings(input_buffers={"input_layer1": image(1)})
         with backend.request_scope({"simulate_ms": 5000}):
-            with pytest.raises(backend.platform.HailoRTTimeout) as caught:
+            with pytest.raises(sim.HailoRTTimeout) as caught:
                 configured.run([bindings], 100)
     assert hailort_status.status_of(caught.value) == 4
     assert 0.1 in sleeps
@@ -355,7 +410,7 @@ def test_memory_budget_raises_81_and_shutdown_returns_it(tmp_path, model_file):
     vdevice.create_infer_model(model_file("b.hef")).configure()
     assert backend.memory_used_mb() == 800
     third = vdevice.create_infer_model(model_file("c.hef"))
-    with pytest.raises(backend.platform.HailoRTException) as caught:
+    with pytest.raises(sim.HailoRTException) as caught:
         third.configure()
     assert str(caught.value) == "libhailort failed with error: 81 (HAILO_RESOURCE_EXHAUSTED)"
     assert hailort_status.status_of(caught.value) == hailort_status.RESOURCE_EXHAUSTED
@@ -377,7 +432,7 @@ def test_network_group_limit_of_eight(tmp_path, model_file):
     vdevice = backend.open_vdevice()
     model = vdevice.create_infer_model(model_file())
     loaded = [model.configure() for _ in range(8)]
-    with pytest.raises(backend.platform.HailoRTException) as caught:
+    with pytest.raises(sim.HailoRTException) as caught:
         model.configure()
     assert hailort_status.status_of(caught.value) == 81
     loaded[0].shutdown()
@@ -389,8 +444,8 @@ def test_calls_log_records_operations(backend, vdevice, model_file):
     path = model_file()
     with vdevice.create_infer_model(path).configure() as configured:
         infer_once(configured, image(1))
-    assert backend.calls == [("vdevice_open", "UNIQUE"), ("create_infer_model", path),
-                             ("configure", path), ("run", path), ("release", path)]
+    assert backend.calls == [("device_open", "0001:01:00.0"), ("vdevice_open", "UNIQUE"),
+                             ("create_infer_model", path), ("configure", path), ("run", path), ("release", path)]
 
 
 # ------------------------------------------------------------------ genai
@@ -429,7 +484,7 @@ def test_vlm_generate_all_is_deterministic(backend, vdevice, model_file):
 ])
 def test_vlm_frames_must_be_a_list_of_arrays(backend, vdevice, model_file, frames, text):
     with backend.platform.genai.VLM(vdevice, model_file()) as vlm:
-        with pytest.raises(backend.platform.HailoRTException) as caught:
+        with pytest.raises(sim.HailoRTException) as caught:
             vlm.generate_all("describe", frames)
     assert str(caught.value) == text
 
@@ -437,13 +492,13 @@ def test_vlm_frames_must_be_a_list_of_arrays(backend, vdevice, model_file, frame
 @pytest.mark.parametrize("bad", [np.zeros((224, 224, 3), np.uint8), np.zeros((336, 336, 3), np.float32)])
 def test_vlm_frame_shape_and_dtype_are_checked(backend, vdevice, model_file, bad):
     with backend.platform.genai.VLM(vdevice, model_file()) as vlm:
-        with pytest.raises(backend.platform.HailoRTInvalidArgumentException) as caught:
+        with pytest.raises(sim.HailoRTInvalidArgumentException) as caught:
             vlm.generate_all("describe", [bad])
     assert hailort_status.status_of(caught.value) == 2
 
 
 def test_vlm_generate_streams_tokens_and_keeps_context(backend, vdevice, model_file):
-    status = backend.platform.genai.LLMGeneratorCompletionStatus
+    status = sim.LLMGeneratorCompletionStatus
     with backend.platform.genai.VLM(vdevice, model_file()) as vlm:
         expected = vlm.generate_all("tell me about it", [])
         with vlm.generate("tell me about it", []) as completion:
@@ -459,22 +514,39 @@ def test_vlm_generate_streams_tokens_and_keeps_context(backend, vdevice, model_f
         assert len(vlm.tokenize("three little words")) == 3
 
 
-def test_generation_parameters_after_frames_are_keyword_only(backend, vdevice, model_file):
+@pytest.mark.parametrize("version", ["5.1.1", "5.2.0"])
+def test_the_third_positional_of_vlm_generate_all_depends_on_the_version(tmp_path, model_file, version):
+    """5.2 put ``videos`` third (PY:4729, v5.2.0); on 5.1.1 the third is ``temperature``."""
+    backend = make_backend(tmp_path, hailort_version=version)
+    vdevice = backend.open_vdevice()
     with backend.platform.genai.VLM(vdevice, model_file()) as vlm:
-        with pytest.raises(TypeError):
-            vlm.generate_all("describe", [], 0.7)  # would be `videos` on HailoRT 5.2
+        if version == "5.1.1":
+            assert vlm.generate_all("describe", [], 0.7).startswith("Simulated VLM answer")
+            with pytest.raises(TypeError, match="videos"):
+                vlm.generate_all("describe", [], videos=[])
+        else:
+            with pytest.raises(sim.HailoRTException, match="videos must be a list of lists"):
+                vlm.generate_all("describe", [], 0.7)
+    backend.close_vdevice(vdevice)
 
 
 def test_genai_constructor_failure_is_a_bare_81(tmp_path, model_file):
     backend = make_backend(tmp_path, device_memory_mb=100, model_memory_mb=400)
     vdevice = backend.open_vdevice()
-    with pytest.raises(backend.platform.HailoRTStatusException) as caught:
+    with pytest.raises(sim.HailoRTStatusException) as caught:
         backend.platform.genai.VLM(vdevice, model_file())
     assert str(caught.value) == "81"
-    assert not isinstance(caught.value, backend.platform.HailoRTException)
+    # Under HailoRTException only from 5.2.0 (pyhailort.cpp:876 in 5.1.1, :882 in 5.2.0).
+    assert isinstance(caught.value, sim.HailoRTException)
+    (tmp_path / "older").mkdir()
+    older = make_backend(tmp_path / "older", hailort_version="5.1.1", device_memory_mb=100, model_memory_mb=400)
+    older_vdevice = older.open_vdevice()  # imports hailo_platform.genai, as the real backend does
+    with pytest.raises(sim.HailoRTStatusException) as caught:
+        older.platform.genai.VLM(older_vdevice, model_file())
+    assert not isinstance(caught.value, sim.HailoRTException)
     assert hailort_status.status_of(caught.value) == 81
     assert backend.memory_used_mb() == 0
-    with pytest.raises(backend.platform.HailoRTStatusException) as missing:
+    with pytest.raises(sim.HailoRTStatusException) as missing:
         backend.platform.genai.VLM(vdevice, str(tmp_path / "absent.hef"))
     assert str(missing.value) == "13"
     vdevice.release()
@@ -486,7 +558,7 @@ def test_vlm_release_returns_memory(backend, vdevice, model_file):
     vlm.release()
     vlm.release()
     assert backend.memory_used_mb() == 0
-    with pytest.raises(backend.platform.HailoRTInvalidOperationException):
+    with pytest.raises(sim.HailoRTInvalidOperationException):
         vlm.generate_all("hello", [])
 
 
@@ -502,7 +574,7 @@ def test_genai_generation_timeout(backend, vdevice, model_file):
     backend.sleep = lambda seconds: None
     with backend.platform.genai.VLM(vdevice, model_file()) as vlm:
         with backend.request_scope({"simulate_ms": 2000}):
-            with pytest.raises(backend.platform.HailoRTTimeout):
+            with pytest.raises(sim.HailoRTTimeout):
                 vlm.generate_all("slow", [], timeout_ms=1000)
 
 
@@ -512,7 +584,7 @@ def test_injected_raise_hits_the_next_operations(backend, vdevice, model_file):
     model = vdevice.create_infer_model(model_file())
     backend.inject_fault("raise", status=hailort_status.RPC_FAILED, count=2)
     for _ in range(2):
-        with pytest.raises(backend.platform.HailoRTException) as caught:
+        with pytest.raises(sim.HailoRTException) as caught:
             model.configure()
         assert hailort_status.status_of(caught.value) == 77
         assert str(caught.value) == "libhailort failed with error: 77 (HAILO_RPC_FAILED)"
@@ -522,7 +594,7 @@ def test_injected_raise_hits_the_next_operations(backend, vdevice, model_file):
 
 def test_injected_raise_on_genai_constructor_is_raw(backend, vdevice, model_file):
     backend.inject_fault("raise", status=81)
-    with pytest.raises(backend.platform.HailoRTStatusException) as caught:
+    with pytest.raises(sim.HailoRTStatusException) as caught:
         backend.platform.genai.VLM(vdevice, model_file())
     assert str(caught.value) == "81"
 
@@ -540,12 +612,12 @@ def test_lost_device_fails_until_a_new_vdevice(backend, vdevice, model_file):
     bindings = configured.create_bindings(input_buffers={"input_layer1": image(1)})
     backend.inject_fault("lose_device")
     for _ in range(2):
-        with pytest.raises(backend.platform.HailoCommunicationClosedException) as caught:
+        with pytest.raises(sim.HailoCommunicationClosedException) as caught:
             configured.run([bindings], 1000)
         assert hailort_status.status_of(caught.value) == 62
         assert caught.value.__cause__.args[0] == "62"
     assert backend.temperature(vdevice) is None
-    with pytest.raises(backend.platform.HailoRTStatusException, match="^62$"):
+    with pytest.raises(sim.HailoRTStatusException, match="^62$"):
         backend.platform.genai.VLM(vdevice, path)
     configured.shutdown()
     vdevice.release()
@@ -592,8 +664,8 @@ def test_inject_fault_validates_its_arguments(backend):
 ])
 def test_status_of_reads_every_raised_exception(backend, number, class_name):
     error = status_error(number)
-    assert type(error) is getattr(backend.platform, class_name)
-    assert isinstance(error, backend.platform.HailoRTException)
+    assert type(error) is getattr(sim, class_name)
+    assert isinstance(error, sim.HailoRTException)
     assert hailort_status.status_of(error) == number
     assert hailort_status.status_of(raw_status_error(number)) == number
     assert str(raw_status_error(number)) == str(number)

@@ -18,6 +18,8 @@ DEFAULT_CONFIG_PATH = "/etc/hailo/device-manager.yaml"
 DEFAULT_SOCKET_PATH = "/run/hailo/device.sock"
 DEFAULT_MODEL_DIRS = ("/usr/share/hailo-models", "/var/lib/hailo/models")
 BACKENDS = ("hailo", "simulated")
+# HailoRT versions whose API is recorded (backends/hailort_api/*.yaml), oldest first.
+SIMULATED_HAILORT_VERSIONS = ("4.23.0", "5.1.1", "5.2.0")
 SCHEDULING_ALGORITHMS = ("round_robin", "none")
 # The model types handlers/ implements (a test keeps the two lists equal).
 MODEL_TYPES = ("generic", "clip", "vlm", "vlm_chat", "whisper", "ocr", "depth", "pose")
@@ -246,6 +248,9 @@ class SimulatedConfig:
     vlm_frame_shape: tuple = _key(_shape, (336, 336, 3))
     embedding_size: int = _key(_integer(1, 65536), 512)
     temperature_c: float = _key(_number(-40.0, 200.0), 53.0)
+    # Which HailoRT's API the simulated hailo_platform follows (the recorded
+    # surfaces in backends/hailort_api/; default the newest).
+    hailort_version: str = _key(_choice(*SIMULATED_HAILORT_VERSIONS), SIMULATED_HAILORT_VERSIONS[-1])
 
 
 @dataclass(frozen=True)

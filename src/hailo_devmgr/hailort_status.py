@@ -103,3 +103,14 @@ def describe(exc: BaseException) -> str:
     if text == str(number):
         return f"{name} ({number})"
     return f"{text} [{name} ({number})]"
+
+
+def version_tuple(version: object) -> tuple[int, ...]:
+    """A HailoRT version as numbers: ``"5.2.0"`` -> (5, 2, 0); () when unknown,
+    which sorts below every version."""
+    parts = []
+    for part in str(version or "").split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)

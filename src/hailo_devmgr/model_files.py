@@ -29,9 +29,14 @@ reopened for reading through ``/proc/self/fd/N`` (no second path lookup).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import itertools
 import os
 import re
+import shutil
 import stat
+import tempfile
 
 from .protocol import BAD_REQUEST, FORBIDDEN, LOAD_FAILED, MODEL_NOT_FOUND, RequestError
 
@@ -196,6 +201,19 @@ def open_model(path: str, model_dirs: tuple[str, ...] | None = None, *, field: s
     return ModelFile(fd, located)
 
 
+_link_dir: str | None = None
+_link_count = itertools.count(1)
+
+
+def _private_link_dir() -> str:
+    """A folder only the daemon's user can enter (mode 0700), made once per process."""
+    global _link_dir
+    if _link_dir is None:
+        _link_dir = tempfile.mkdtemp(prefix="hailo-devmgr-hefs-")
+        atexit.register(shutil.rmtree, _link_dir, True)
+    return _link_dir
+
+
 class ModelFiles:
     """The files of one loaded model (its HEF and any named in model_params).
 
@@ -205,6 +223,22 @@ class ModelFiles:
 
     def __init__(self):
         self.files: list[ModelFile] = []
+        self.links: dict[str, str] = {}  # host-only link -> the /proc/self/fd/N path it names
+
+    def host_link(self, fd_path: str) -> str:
+        """A path for HailoRT calls that send the path *string* to the chip.
+
+        genai VLM and LLM pass the HEF path to the chip's own server, which
+        looks it up in the chip's file system before asking for an upload;
+        there ``/proc/self/fd/N`` may name an unrelated file. A symlink to our
+        descriptor in a folder private to the daemon exists only on the host
+        (so the chip cannot find it and the file is uploaded), and no one else
+        can swap it after the check. Removed with the model's files."""
+        real = next((f.real_path for f in self.files if f.path == fd_path), fd_path)
+        link = os.path.join(_private_link_dir(), f"{next(_link_count)}-{os.path.basename(real)}")
+        os.symlink(fd_path, link)
+        self.links[link] = fd_path
+        return link
 
     def open(self, path: str, key: str | None = None, shown: str | None = None) -> str:
         """Open ``path``; returns the ``/proc/self/fd/N`` path to hand HailoRT."""
@@ -214,13 +248,19 @@ class ModelFiles:
         return model_file.path
 
     def close(self) -> None:
+        links, self.links = self.links, {}
+        for link in links:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
         files, self.files = self.files, []
         for model_file in files:
             model_file.close()
 
     def shown(self, text: str) -> str:
-        """``text`` with our ``/proc/self/fd/N`` paths replaced by the real files' paths."""
+        """``text`` with our ``/proc/self/fd/N`` paths and links replaced by the real files' paths."""
         names = {model_file.path: model_file.real_path for model_file in self.files}
+        for link, fd_path in self.links.items():
+            text = text.replace(link, names.get(fd_path, fd_path))
         return _FD_PATH.sub(lambda match: names.get(match.group(0), match.group(0)), text)
 
     def __enter__(self) -> "ModelFiles":

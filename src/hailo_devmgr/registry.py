@@ -186,8 +186,11 @@ class ModelRegistry:
             raise _shown(error, model.files) from None
         except Exception as exc:
             error = _failure("Inference failed: ", exc, INFERENCE_FAILED, model.files)
-            if hs.status_of(exc) in hs.RUNTIME_BROKEN:
+            status = hs.status_of(exc)
+            if status in hs.RUNTIME_BROKEN:
                 self.runtime.mark_broken(hs.describe(exc))
+            elif status != hs.TIMEOUT:
+                error = self._discard_broken(model, error)
             raise error from exc
         finally:
             model.uses += 1
@@ -292,6 +295,8 @@ class ModelRegistry:
         files = ModelFiles()
         try:
             path = files.open(spec.real_path, shown=spec.model_path)
+            if spec.handler_cls.sends_path_to_device:
+                path = files.host_link(path)
             params = spec.handler_cls.check_params(spec.params, files.open)
         except BaseException:
             files.close()
@@ -351,6 +356,24 @@ class ModelRegistry:
                  extra={**(log_fields or {}), "MODEL": victim.spec.model_path,
                         "MODEL_TYPE": victim.spec.model_type})
         return True
+
+    def _discard_broken(self, model: LoadedModel, error: RequestError) -> RequestError:
+        """Unload a model whose run failed for a reason other than a timeout.
+
+        A failed submit shuts HailoRT's configured model down, so every later
+        run on it would fail: the next request loads it afresh (a pinned
+        model is reloaded by the restore chore)."""
+        key = model.spec.key
+        if self._models.get(key) is model:
+            del self._models[key]
+            self._release(model)
+            if key in self.pins:
+                self._schedule_restore()
+            self._publish()
+        log.warning("unloaded %s after a failed run; it loads again on the next request: %s", key,
+                    error.message, extra={"MODEL": model.spec.model_path, "MODEL_TYPE": model.spec.model_type})
+        return RequestError(error.code, f"{error.message} (the model was unloaded and loads again on the "
+                                        "next request)", retry_after_ms=error.retry_after_ms)
 
     def _capacity_event(self, reason: str, model_key: str) -> None:
         self.last_capacity_event = (reason, model_key, time.time())

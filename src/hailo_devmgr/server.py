@@ -516,6 +516,8 @@ class Server:
             # Additions beyond v1:
             "version": __version__,
             "backend": self.runtime.backend.name,
+            "hailort_version": self.runtime.backend.hailort_version,
+            "genai_unavailable_reason": self.runtime.backend.genai_missing,
             "device_busy_with": self.device.busy_with,
             "last_error": self.last_error,
             "throttled": self.runtime.throttled,
@@ -545,6 +547,7 @@ class Server:
             "uptime_seconds": self.uptime(),
             "queue_depth": self.device.queue_depth,
             "backend": self.runtime.backend.name,
+            "hailort_version": self.runtime.backend.hailort_version,
             "runtime_broken_reason": self.runtime.broken_reason,
             "runtime_faults": self.runtime.runtime_faults,
             "runtime_recoveries": self.runtime.runtime_recoveries,

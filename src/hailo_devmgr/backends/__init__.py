@@ -30,6 +30,10 @@ class DeviceIdentity:
 class Backend(Protocol):
     name: str
     platform: Any
+    # hailo_platform.__version__ once imported (None before), and why
+    # hailo_platform.genai is missing (None when it imported).
+    hailort_version: str | None
+    genai_missing: str | None
 
     def open_vdevice(self) -> Any:
         """Create the VDevice; raises BackendUnavailable with a reason."""

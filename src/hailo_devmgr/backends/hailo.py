@@ -21,8 +21,15 @@ Facts about HailoRT (public sources, field reports) that this relies on but that
   ``"5.3.0 (release,app)"`` and is passed on verbatim. Either may change
   between HailoRT versions, which is why identity never raises.
 - Opening a ``Device`` beside our own ``VDevice`` in the same process is a
-  field report for Hailo-10H on HailoRT 5.3; if it fails, identity and
-  temperature are simply unknown.
+  field report for Hailo-10H on HailoRT 5.3, in that order: the ``Device``
+  first, then the ``VDevice``. We keep that order (one ``Device`` opened
+  before the VDevice and kept for identity and temperature); if it fails,
+  identity and temperature are simply unknown.
+
+Checked against Hailo's sources (hailo-ai/hailort, see
+docs/hailort-api.md): ``hailo_platform/__init__.py`` does not import its
+``genai`` subpackage (v5.1.1, v5.2.0), so it is imported here explicitly;
+v4.23.0 has none, and genai model types then fail with the version named.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from . import BackendUnavailable, DeviceIdentity
 log = logging.getLogger(__name__)
 
 MODULE_NAME = "hailo_platform"
+GENAI_MODULE_NAME = "hailo_platform.genai"
 # Device nodes, relative to the dev directory: hailo_chardev (driver <= 5.2,
 # Hailo-8) and, possibly, hailo1x (5.3 driver).
 DEVICE_NODE_GLOBS = ("hailo*", "h1x-*")
@@ -55,20 +63,22 @@ class HailoBackend:
     name = "hailo"
 
     def __init__(self, device: DeviceConfig, importer: Callable[[str], Any] = importlib.import_module,
-                 *, python_path: tuple[str, ...] = (), dev_dir: str = DEFAULT_DEV_DIR,
+                 *, python_path: tuple[str, ...] = (), dev_dir: str | None = DEFAULT_DEV_DIR,
                  access: Callable[[str, int], bool] = os.access):
         self._config = device
         self._importer = importer
         self._python_path = tuple(python_path)
-        self._dev_dir = dev_dir
+        self._dev_dir = dev_dir  # None: no device node to check (the simulated chip)
         # os.access by default; tests inject their own so that the result
         # does not depend on running as root (root may open anything).
         self._access = access
         self._platform: Any = None
+        # Why hailo_platform.genai is missing (None while it imported fine).
+        self.genai_missing: str | None = None
         self._identity: DeviceIdentity | None = None
         self._identify_warned = False
         self._device_id: str | None = None
-        self._temp_device: Any = None
+        self._info_device: Any = None
 
     # -- the hailo_platform module -------------------------------------------
 
@@ -78,14 +88,35 @@ class HailoBackend:
             raise BackendUnavailable("HailoRT is not loaded yet (no VDevice has been opened)")
         return self._platform
 
+    @property
+    def hailort_version(self) -> str | None:
+        """``hailo_platform.__version__`` once imported, e.g. ``"5.2.0"``."""
+        version = getattr(self._platform, "__version__", None)
+        return str(version) if version is not None else None
+
     def _load_platform(self) -> Any:
         if self._platform is None:
             self._extend_sys_path()
-            self._platform = self._import_platform()
-            log.info("using HailoRT Python package %s from %s",
-                     getattr(self._platform, "__version__", "(unknown version)"),
-                     getattr(self._platform, "__file__", "?"))
+            platform = self._import_platform()
+            self.genai_missing = self._import_genai(platform)
+            self._platform = platform
+            log.info("using HailoRT Python package %s from %s%s",
+                     getattr(platform, "__version__", "(unknown version)"),
+                     getattr(platform, "__file__", "?"),
+                     f" (no genai: {self.genai_missing})" if self.genai_missing else " with genai")
         return self._platform
+
+    def _import_genai(self, platform: Any) -> str | None:
+        """Import ``hailo_platform.genai`` (which ``import hailo_platform``
+        does not do), so ``platform.genai`` exists; the reason when it cannot."""
+        try:
+            self._importer(GENAI_MODULE_NAME)
+        except ImportError as exc:
+            version = getattr(platform, "__version__", "?")
+            return f"HailoRT {version} has no {GENAI_MODULE_NAME} ({exc})"
+        except Exception as exc:
+            return f"{GENAI_MODULE_NAME} failed to import: {type(exc).__name__}: {exc}"
+        return None
 
     def _extend_sys_path(self) -> None:
         # Prepend in the configured order, so the first entry wins over the
@@ -114,7 +145,13 @@ class HailoBackend:
     def open_vdevice(self) -> Any:
         platform = self._load_platform()
         self._check_device_nodes()
-        return self._create_vdevice(platform)
+        # The Device first, then the VDevice: the order known to work on a 10H.
+        self._open_info_device(platform)
+        try:
+            return self._create_vdevice(platform)
+        except BaseException:
+            self._release_info_device()
+            raise
 
     def _device_nodes(self) -> list[str]:
         nodes: list[str] = []
@@ -126,6 +163,8 @@ class HailoBackend:
     def _check_device_nodes(self) -> None:
         """Turn the two common setup mistakes into a clear reason before
         HailoRT reports them as a bare status number."""
+        if self._dev_dir is None:
+            return
         nodes = self._device_nodes()
         if not nodes:
             wanted = ", ".join(os.path.join(self._dev_dir, p) for p in DEVICE_NODE_GLOBS)
@@ -157,22 +196,39 @@ class HailoBackend:
 
     # -- identity and temperature -------------------------------------------
 
+    def _open_info_device(self, platform: Any) -> None:
+        """The ``Device`` read for identity and temperature, opened before the VDevice.
+
+        Kept open: status asks often, and opening a Device costs a driver
+        open and a control handshake each time."""
+        if self._info_device is not None:
+            return
+        try:
+            self._device_id = str(platform.Device.scan()[0])
+            self._info_device = platform.Device(self._device_id)
+        except Exception as exc:
+            log.warning("cannot open the Hailo Device for identity and temperature (%s); both "
+                        "stay unknown", hailort_status.describe(exc))
+            self._info_device = None
+
     def identify(self, vdevice: Any) -> DeviceIdentity:
         if self._identity is not None:
             return self._identity
-        device_id = None
         try:
-            device_id = self._physical_device_id(vdevice)
-            with self.platform.Device(device_id) as device:
-                info = device.control.identify()
-            identity = DeviceIdentity(device_id, _architecture_name(info.device_architecture),
+            info = self._require_info_device().control.identify()
+            identity = DeviceIdentity(self._device_id, _architecture_name(info.device_architecture),
                                       _text_or_none(info.firmware_version))
         except Exception as exc:
-            self._warn_identify_once(device_id, exc)
-            return DeviceIdentity(device_id, None, None)
+            self._warn_identify_once(self._device_id, exc)
+            return DeviceIdentity(self._device_id, None, None)
         # Cached: the chip and its firmware cannot change while we hold it.
         self._identity = identity
         return identity
+
+    def _require_info_device(self) -> Any:
+        if self._info_device is None:
+            raise BackendUnavailable("no Device open for identity and temperature")
+        return self._info_device
 
     def _warn_identify_once(self, device_id: str | None, exc: Exception) -> None:
         # Identity is informational and may be asked for on every status
@@ -182,39 +238,18 @@ class HailoBackend:
         log.log(level, "cannot identify Hailo device %s: %s",
                 device_id or "(unknown id)", hailort_status.describe(exc))
 
-    def _physical_device_id(self, vdevice: Any) -> str:
-        if self._device_id is None:
-            try:
-                self._device_id = str(vdevice.get_physical_devices_ids()[0])
-            except Exception as exc:
-                # Not every HailoRT version offers this on a 10H VDevice.
-                log.debug("get_physical_devices_ids failed (%s); using Device.scan()",
-                          hailort_status.describe(exc))
-                self._device_id = str(self.platform.Device.scan()[0])
-        return self._device_id
-
     def temperature(self, vdevice: Any) -> float | None:
         try:
-            device = self._temperature_device(vdevice)
-            reading = device.control.get_chip_temperature()
+            reading = self._require_info_device().control.get_chip_temperature()
             return float(max(reading.ts0_temperature, reading.ts1_temperature))
         except Exception as exc:
             log.debug("cannot read the chip temperature: %s", hailort_status.describe(exc))
-            # The handle may be what broke (device reset, lost): reopen next time.
-            self._release_temperature_device()
             return None
 
-    def _temperature_device(self, vdevice: Any) -> Any:
-        # Kept open between calls: status asks often and opening a Device
-        # costs a driver open and a control handshake each time.
-        if self._temp_device is None:
-            self._temp_device = self.platform.Device(self._physical_device_id(vdevice))
-        return self._temp_device
-
-    def _release_temperature_device(self) -> None:
-        device, self._temp_device = self._temp_device, None
+    def _release_info_device(self) -> None:
+        device, self._info_device = self._info_device, None
         if device is not None:
-            _release_quietly(device, "the Device used for temperature")
+            _release_quietly(device, "the Device used for identity and temperature")
 
     # -- the rest of the Backend interface -----------------------------------
 
@@ -222,12 +257,13 @@ class HailoBackend:
         return contextlib.nullcontext()
 
     def close_vdevice(self, vdevice: Any) -> None:
-        # The auxiliary Device goes first so nothing of ours still talks to
-        # the chip when the VDevice is released.
-        self._release_temperature_device()
+        # The VDevice goes first (models were released before it), then the
+        # Device that was opened before it: the reverse of the opening order.
+        _release_quietly(vdevice, "the VDevice")
+        self._release_info_device()
         # The next VDevice may sit on another chip (rebuild after a fault).
         self._device_id = None
-        _release_quietly(vdevice, "the VDevice")
+        self._identity = None
 
 
 def _open_failure_reason(exc: Exception, group_id: str) -> str:

@@ -40,6 +40,7 @@ import collections
 import contextlib
 import enum
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -57,7 +58,8 @@ from .. import hailort_status
 from ..hailort_status import (COMMUNICATION_CLOSED, DRIVER_OPERATION_FAILED, INVALID_HEF,
                               INVALID_OPERATION, NOT_FOUND, OPEN_FILE_FAILURE,
                               OUT_OF_PHYSICAL_DEVICES, RESOURCE_EXHAUSTED, TIMEOUT)
-from . import BackendUnavailable, DeviceIdentity
+from . import hailort_api, recorded
+from .hailo import HailoBackend
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,13 @@ UNIQUE_GROUP = "UNIQUE"
 # hailort.h numbers the daemon never classifies, so hailort_status lacks them.
 INVALID_ARGUMENT = 2
 _EXTRA_NAMES = {INVALID_ARGUMENT: "HAILO_INVALID_ARGUMENT", 3: "HAILO_OUT_OF_HOST_MEMORY",
-                8: "HAILO_INTERNAL_FAILURE"}
+                8: "HAILO_INTERNAL_FAILURE", 63: "HAILO_STREAM_ABORT", 72: "HAILO_STREAM_NOT_ACTIVATED",
+                82: "HAILO_QUEUE_IS_FULL"}
+STREAM_ABORT = 63
+STREAM_NOT_ACTIVATED = 72
+QUEUE_IS_FULL = 82
+# What get_async_queue_size() answers unless a model description says otherwise.
+DEFAULT_ASYNC_QUEUE_SIZE = 4
 
 # HAILORT.md: 81 also comes when the network-group limit of 8 runs out.
 NETWORK_GROUP_LIMIT = 8
@@ -122,14 +130,22 @@ class HailoRTDriverOperationFailedException(HailoRTException):
     pass
 
 
+class HailoRTStreamAborted(HailoRTException):
+    pass
+
+
 class HailoRTStatusException(Exception):
     """The binding's raw status error; ``args[0]`` is the number as text ("81").
 
     pyhailort does ``int(exc.args[0])`` on it, so the binding stores text.
-    Uncertain: it is a pybind11-registered exception, so we assume it derives
-    from ``Exception`` and NOT from ``HailoRTException`` -- code that wants to
-    catch genai constructor failures must not rely on ``HailoRTException``.
+    Its base depends on the version (hailort_api/*.yaml, ``exceptions``):
+    plain ``Exception`` up to 5.1.1 (pyhailort.cpp:876), HailoRTException from
+    5.2.0 (pyhailort.cpp:882), see ``_RaisedUnderHailoRTException``.
     """
+
+
+class _RaisedUnderHailoRTException(HailoRTStatusException, HailoRTException):
+    """HailoRTStatusException as HailoRT 5.2 registers it: a HailoRTException."""
 
 
 # Typed classes and texts as pyhailort's ExceptionWrapper chooses them.
@@ -142,6 +158,7 @@ _TYPED_ERRORS = {
     INVALID_HEF: (HailoRTInvalidHEFException, "Invalid HEF"),
     DRIVER_OPERATION_FAILED: (HailoRTDriverOperationFailedException,
                               "Failure in hailort driver ioctl"),
+    STREAM_ABORT: (HailoRTStreamAborted, "Stream was aborted"),
     COMMUNICATION_CLOSED: (HailoCommunicationClosedException,
                            "Communication closed failure. Check server-client connection"),
 }
@@ -170,9 +187,10 @@ def status_error(number: int, detail: str = "") -> HailoRTException:
     return error
 
 
-def raw_status_error(number: int) -> HailoRTStatusException:
+def raw_status_error(number: int, under_hailort_exception: bool = False) -> HailoRTStatusException:
     """What the genai constructors raise: unwrapped, ``str()`` is just the number."""
-    return HailoRTStatusException(str(number))
+    cls = _RaisedUnderHailoRTException if under_hailort_exception else HailoRTStatusException
+    return cls(str(number))
 
 
 # ------------------------------------------------------------- enumerations
@@ -189,11 +207,21 @@ class HailoSchedulingAlgorithm(enum.IntEnum):
     ROUND_ROBIN = 1
 
 
+class DeviceArchitectureTypes(enum.IntEnum):
+    HAILO8_A0 = 0
+    HAILO8 = 1
+    HAILO8L = 2
+    HAILO15H = 3
+    PLUTO = 4
+    HAILO15M = 5
+    HAILO10H = 6
+
+
 class LLMGeneratorCompletionStatus(enum.IntEnum):
-    # Names from pyhailort; the numbers are a guess (uncertain). Compare names.
+    # hailort llm.hpp:211-216 (v5.1.1, v5.2.0).
     GENERATING = 0
-    LOGICAL_END_OF_GENERATION = 1
-    MAX_TOKENS_REACHED = 2
+    MAX_TOKENS_REACHED = 1
+    LOGICAL_END_OF_GENERATION = 2
     ABORTED = 3
 
 
@@ -334,6 +362,14 @@ class _SimulatedChip:
         self.hang_ms_override: int | None = None
         self._generation_lock = threading.Lock()
         self._generation = 0
+        self.classes: dict[str, type] = {}  # recorded class name -> as this version has it
+        self.surface: hailort_api.ApiSurface | None = None  # set by SimulatedModules
+        self.active_model = None  # the activated ConfiguredInferModel (no scheduler)
+
+    def raw_status_error(self, number: int) -> HailoRTStatusException:
+        """The raw status exception with this version's base class (see HailoRTStatusException)."""
+        record = (self.surface.exceptions or {}).get("_pyhailort.HailoRTStatusException", {})
+        return raw_status_error(number, str(record.get("base", "")).startswith("_pyhailort.HailoRTException"))
 
     def record(self, *entry) -> None:
         with self._calls_lock:  # any thread records; tests read it meanwhile
@@ -373,7 +409,7 @@ class _SimulatedChip:
             self.record("hang", hang_ms)
             self.sleep_ms(hang_ms)
         if generation is not None and self.is_lost(generation):
-            raise raw_status_error(COMMUNICATION_CLOSED) if raw else status_error(
+            raise self.raw_status_error(COMMUNICATION_CLOSED) if raw else status_error(
                 COMMUNICATION_CLOSED, "the device was lost (injected fault)")
         fault = self.faults.take()
         if fault is None:
@@ -384,10 +420,15 @@ class _SimulatedChip:
             self.faults.wait_for_release()
             # The device may have been lost while the call hung.
             if generation is not None and self.is_lost(generation):
-                raise raw_status_error(COMMUNICATION_CLOSED) if raw else status_error(
+                raise self.raw_status_error(COMMUNICATION_CLOSED) if raw else status_error(
                     COMMUNICATION_CLOSED, "the device was lost during the call (injected fault)")
             return
-        raise raw_status_error(number) if raw else status_error(number, "injected fault")
+        raise self.raw_status_error(number) if raw else status_error(number, "injected fault")
+
+
+def _make(chip, name: str, *args):
+    """A new object of recorded class ``name`` as this chip's HailoRT version has it."""
+    return chip.classes[name](*args)
 
 
 # ------------------------------------------------------------- model files
@@ -494,6 +535,7 @@ class _NetworkSpec:
     inputs: tuple
     outputs: tuple
     memory_mb: int
+    async_queue_size: int = DEFAULT_ASYNC_QUEUE_SIZE
 
     @classmethod
     def from_file(cls, file: _ModelFile, settings) -> "_NetworkSpec":
@@ -504,7 +546,9 @@ class _NetworkSpec:
             return cls(file,
                        _stream_specs(description.get("inputs"), "inputs", default_in),
                        _stream_specs(description.get("outputs"), "outputs", default_out),
-                       _memory_mb(file.description, settings.model_memory_mb))
+                       _memory_mb(file.description, settings.model_memory_mb),
+                       _positive_int(description.get("async_queue_size", DEFAULT_ASYNC_QUEUE_SIZE),
+                                     "async_queue_size"))
         except ValueError as exc:
             raise status_error(INVALID_HEF, f"{file.label}: {exc}")
 
@@ -553,7 +597,7 @@ class VDeviceParams:
 
 
 class VDevice:
-    """The simulated VDevice. ``_chip`` is bound per backend (see _build_platform)."""
+    """The simulated VDevice. ``_chip`` is bound per backend (see SimulatedModules)."""
 
     _chip: _SimulatedChip
 
@@ -619,22 +663,25 @@ class VDevice:
             self._lock.release()
             self._lock = None
 
-    def ensure_usable(self) -> None:
+    def _ensure_usable(self) -> None:
         if self._released:
             raise status_error(INVALID_OPERATION, "the VDevice was released")
 
     def get_physical_devices_ids(self) -> list:
-        self.ensure_usable()
+        self._ensure_usable()
         return [DEVICE_ID]
+
+    def get_physical_devices(self) -> list:
+        return [_make(self._chip, "Device", device_id) for device_id in self.get_physical_devices_ids()]
 
     def create_infer_model(self, hef_source, name=""):
         if os.getpid() != self._creation_pid:
             raise HailoRTException("InferModel can be created only from the process VDevice was created in.")
-        self.ensure_usable()
+        self._ensure_usable()
         file = _read_model_file(hef_source, status_error)
         spec = _NetworkSpec.from_file(file, self._chip.settings)
         self._chip.record("create_infer_model", file.label)
-        return InferModel(self, spec, name)
+        return _make(self._chip, "InferModel", self, spec, name)
 
 
 # -------------------------------------------------------------- infer models
@@ -695,8 +742,9 @@ class InferModel:
         self._vdevice = vdevice
         self._spec = spec
         self._name = name
-        self._inputs = {s.name: InferStream(s) for s in spec.inputs}
-        self._outputs = {s.name: InferStream(s) for s in spec.outputs}
+        chip = vdevice._chip
+        self._inputs = {s.name: _make(chip, "InferModel.InferStream", s) for s in spec.inputs}
+        self._outputs = {s.name: _make(chip, "InferModel.InferStream", s) for s in spec.outputs}
         self._batch_size = 0  # HAILO_DEFAULT_BATCH_SIZE: chosen by HailoRT
 
     @property
@@ -729,7 +777,7 @@ class InferModel:
     def configure(self):
         """Load the network: sleeps load_ms, reserves memory (plain 81 if it does not fit)."""
         vdevice, chip = self._vdevice, self._vdevice._chip
-        vdevice.ensure_usable()
+        vdevice._ensure_usable()
         chip.device_operation(vdevice.generation)
         token = chip.memory.reserve(vdevice.generation, self._spec.memory_mb)
         if token is None:
@@ -738,7 +786,7 @@ class InferModel:
         chip.sleep_ms(chip.settings.load_ms)
         chip.record("configure", self._spec.file.label)
         formats = {s.name: s._format_type for s in (*self._inputs.values(), *self._outputs.values())}
-        return ConfiguredInferModel(vdevice, self._spec, formats, token)
+        return _make(chip, "ConfiguredInferModel", vdevice, self._spec, formats, token)
 
 
 class _BoundStream:
@@ -752,20 +800,25 @@ class _BoundStream:
         self._result: np.ndarray | None = None  # allocated here when the caller set none
 
     def set_buffer(self, buffer) -> None:
+        # pyhailort checks contiguity only (P:2777); the byte size is checked
+        # when the bindings are submitted (_check_size), as libhailort does.
         if not isinstance(buffer, np.ndarray):
-            raise status_error(INVALID_ARGUMENT, f"{self.spec.name}: buffer must be a numpy array")
+            raise TypeError(f"{self.spec.name}: buffer must be a numpy array")
         if not buffer.flags.c_contiguous:
             raise HailoRTException("Buffer must be C_CONTIGUOUS")  # pyhailort's own check: no status
-        expected = int(np.prod(self.spec.shape))
-        # Uncertain: HailoRT compares only the byte size; we also demand the
-        # dtype, so a handler that forgot a format conversion fails here too.
-        # A leading batch dimension of 1 passes, as it does on hardware.
-        if buffer.dtype != self.dtype or buffer.size != expected:
-            raise status_error(INVALID_ARGUMENT,
-                               f"{self.spec.name}: expected {expected} x {self.dtype} "
-                               f"(shape {list(self.spec.shape)}), got {buffer.size} x {buffer.dtype}")
         self._buffer = buffer
         self._result = None
+
+    def _check_size(self, side: str) -> None:
+        """libhailort's submit-time check (infer_model.cpp:961-962, v5.2.0): bytes, not dtype."""
+        expected = int(np.prod(self.spec.shape)) * self.dtype.itemsize
+        if self._buffer is None:
+            if side == "Input":  # uncertain: the number HailoRT reports for a missing input buffer
+                raise status_error(INVALID_OPERATION, f"input {self.spec.name!r} has no buffer")
+            return
+        if self._buffer.nbytes != expected:
+            raise status_error(INVALID_OPERATION, f"{side} buffer size {self._buffer.nbytes} is different than "
+                                                  f"expected {expected} for {side.lower()} '{self.spec.name}'")
 
     def get_buffer(self, tf_format=False):
         # Departure (the brief asks for it): real pyhailort returns only what
@@ -774,17 +827,15 @@ class _BoundStream:
         # set output buffers.
         return self._buffer if self._buffer is not None else self._result
 
-    def input_bytes(self) -> memoryview:
-        """The caller's buffer as bytes, without a copy."""
-        if self._buffer is None:  # uncertain: the number HailoRT reports here
-            raise status_error(INVALID_OPERATION, f"input {self.spec.name!r} has no buffer")
+    def _input_bytes(self) -> memoryview:
+        """The caller's buffer as bytes, without a copy (checked by _check_size first)."""
         return memoryview(self._buffer).cast("B")
 
-    def deliver(self, result: np.ndarray) -> None:
+    def _deliver(self, result: np.ndarray) -> None:
         if self._buffer is None:
             self._result = result
-        else:
-            np.copyto(self._buffer, result.reshape(self._buffer.shape))
+        else:  # bytes, as the device writes them
+            memoryview(self._buffer).cast("B")[:] = memoryview(np.ascontiguousarray(result)).cast("B")
 
 
 class Bindings:
@@ -800,6 +851,12 @@ class Bindings:
 
     def output(self, name=""):
         return _pick(self._outputs, name, "output")
+
+    def _check_sizes(self) -> None:
+        for stream in self._inputs.values():
+            stream._check_size("Input")
+        for stream in self._outputs.values():
+            stream._check_size("Output")
 
 
 class AsyncInferCompletionInfo:
@@ -838,7 +895,15 @@ class AsyncInferJob:
 
 
 class ConfiguredInferModel:
-    """A loaded network: bindings, run / run_async; shutdown or exit frees its memory."""
+    """A loaded network: bindings, run / run_async; shutdown or exit frees its memory.
+
+    As libhailort (infer_model.cpp, async_infer_runner.cpp; docs/hailort-api.md):
+    a run over N bindings submits them one by one into a queue of
+    ``get_async_queue_size()``; a submit that fails (queue full: 82, a buffer
+    of the wrong byte size: 6) shuts the model down, and every later call
+    fails with 63 HAILO_STREAM_ABORT. Without a scheduler the model must be
+    ``activate()``d (72 otherwise), and only one model may be active.
+    """
 
     def __init__(self, vdevice: VDevice, spec: _NetworkSpec, formats: dict, token: int):
         self._vdevice = vdevice
@@ -846,11 +911,12 @@ class ConfiguredInferModel:
         self._spec = spec
         self._formats = formats  # format types as set when configure() ran
         self._token: int | None = token
+        self._aborted = False    # shut down by a failed submit: unrecoverable
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, exc_value, traceback):
         self._free()
         return False
 
@@ -858,6 +924,9 @@ class ConfiguredInferModel:
         self._free()
 
     def _free(self) -> None:
+        self._aborted = True
+        if self._chip.active_model is self:
+            self._chip.active_model = None
         if self._token is None:
             return
         token, self._token = self._token, None
@@ -865,15 +934,36 @@ class ConfiguredInferModel:
             self._chip.record("release", self._spec.file.label)
 
     def _ensure_usable(self) -> None:
-        self._vdevice.ensure_usable()
-        if self._token is None:
-            raise status_error(INVALID_OPERATION, f"{self._spec.file.label} was shut down")
+        self._vdevice._ensure_usable()
+        if self._aborted:
+            raise status_error(STREAM_ABORT)
+
+    def _scheduler_on(self) -> bool:
+        return self._vdevice._params.scheduling_algorithm != HailoSchedulingAlgorithm.NONE
+
+    def activate(self) -> None:
+        self._ensure_usable()
+        if self._scheduler_on():
+            raise status_error(INVALID_OPERATION, "Manually activate a core-op is not allowed when the "
+                                                  "core-op scheduler is active!")
+        if self._chip.active_model not in (None, self):
+            raise status_error(INVALID_OPERATION, "Cant activate network because a network is already activated")
+        self._chip.active_model = self
+
+    def deactivate(self) -> None:
+        if self._chip.active_model is self:
+            self._chip.active_model = None
+
+    def get_async_queue_size(self) -> int:
+        self._ensure_usable()
+        return self._spec.async_queue_size
 
     def create_bindings(self, input_buffers=None, output_buffers=None) -> Bindings:
         self._ensure_usable()
-        bindings = Bindings(self,
-                            {s.name: _BoundStream(s, self._formats[s.name]) for s in self._spec.inputs},
-                            {s.name: _BoundStream(s, self._formats[s.name]) for s in self._spec.outputs})
+        stream = functools.partial(_make, self._chip, "ConfiguredInferModel.Bindings.InferStream")
+        bindings = _make(self._chip, "ConfiguredInferModel.Bindings", self,
+                         {s.name: stream(s, self._formats[s.name]) for s in self._spec.inputs},
+                         {s.name: stream(s, self._formats[s.name]) for s in self._spec.outputs})
         for name, buffer in (input_buffers or {}).items():
             bindings.input(name).set_buffer(buffer)
         for name, buffer in (output_buffers or {}).items():
@@ -881,16 +971,22 @@ class ConfiguredInferModel:
         return bindings
 
     def wait_for_async_ready(self, timeout_ms=1000, frames_count=1) -> None:
-        self._ensure_usable()  # the simulated queue is never full
+        self._ensure_usable()
+        # Nothing stays queued between calls here: only more than the queue holds waits (forever).
+        if frames_count > self._spec.async_queue_size:
+            self._chip.sleep_ms(timeout_ms)
+            raise status_error(TIMEOUT, f"wait_for_async_ready: {frames_count} frames, queue of "
+                                        f"{self._spec.async_queue_size}")
 
     def run(self, bindings, timeout) -> None:
-        """Synchronous inference; ``timeout`` in ms, positional as in HailoRT."""
+        """Synchronous inference (``run_async`` then ``wait``); ``timeout`` in ms."""
         self.run_async(bindings).wait(timeout)
 
     def run_async(self, bindings, callback=None) -> AsyncInferJob:
         """One inference over a list of Bindings (a batch): one ``infer_ms`` in all."""
         self._ensure_usable()
         frames = self._checked_bindings(bindings)
+        self._submit_checks(frames)
         self._chip.device_operation(self._vdevice.generation)
         results = [(frame, self._outputs_for(frame)) for frame in frames]
         self._chip.record("run", self._spec.file.label)
@@ -898,11 +994,24 @@ class ConfiguredInferModel:
         def finish():
             for frame, outputs in results:
                 for name, array in outputs.items():
-                    frame.output(name).deliver(array)
+                    frame.output(name)._deliver(array)
             if callback is not None:
                 callback(completion_info=AsyncInferCompletionInfo(None))
 
-        return AsyncInferJob(self._chip, self._chip.infer_ms(), finish)
+        return _make(self._chip, "AsyncInferJob", self._chip, self._chip.infer_ms(), finish)
+
+    def _submit_checks(self, frames: list) -> None:
+        """What libhailort checks per submitted binding; a failure shuts the model down."""
+        try:
+            if not self._scheduler_on() and self._chip.active_model is not self:
+                raise status_error(STREAM_NOT_ACTIVATED)
+            for frame in frames[:self._spec.async_queue_size]:
+                frame._check_sizes()
+            if len(frames) > self._spec.async_queue_size:
+                raise status_error(QUEUE_IS_FULL)
+        except HailoRTException:
+            self.shutdown()
+            raise
 
     def _checked_bindings(self, bindings) -> list:
         if not isinstance(bindings, (list, tuple)):
@@ -913,7 +1022,7 @@ class ConfiguredInferModel:
         return list(bindings)
 
     def _outputs_for(self, frame: Bindings) -> dict:
-        inputs = [(s.name, frame.input(s.name).input_bytes()) for s in self._spec.inputs]
+        inputs = [(s.name, frame.input(s.name)._input_bytes()) for s in self._spec.inputs]
         return {s.name: _simulated_output(self._spec.file.digest, s, self._formats[s.name], inputs)
                 for s in self._spec.outputs}
 
@@ -929,6 +1038,18 @@ def _check_prompt(prompt):
     if not all(isinstance(item, dict) for item in prompt):
         raise HailoRTException("prompt must be a list of dicts")
     return prompt
+
+
+def _check_sampling(temperature, top_p, top_k, frequency_penalty) -> None:
+    """The generator's checks when a generation starts (hailort genai llm.cpp:553-565, v5.2.0)."""
+    problems = [text for bad, text in (
+        (temperature is not None and not temperature > 0, f"temperature must be > 0, got {temperature}"),
+        (top_p is not None and not 0 <= top_p <= 1, f"top_p must be in [0, 1], got {top_p}"),
+        (top_k is not None and not top_k >= 1, f"top_k must be >= 1, got {top_k}"),
+        (frequency_penalty is not None and frequency_penalty == 0, "frequency_penalty must not be 0"),
+    ) if bad]
+    if problems:
+        raise status_error(INVALID_ARGUMENT, "; ".join(problems))
 
 
 def _prompt_text(prompt) -> str:
@@ -1019,30 +1140,34 @@ class LLMGeneratorCompletion:
 class _GenAIBase:
     """What every genai model shares: loading (a raw status on failure), release."""
 
-    kind = "genai"
+    _kind = "genai"
 
     def __init__(self, vdevice, model_path):
         if not isinstance(vdevice, VDevice):
             raise TypeError("vdevice must be a VDevice")
         if vdevice._released:  # uncertain: the real binding fails in its own way here
-            raise raw_status_error(INVALID_OPERATION)
+            raise vdevice._chip.raw_status_error(INVALID_OPERATION)
+        self._check_path_for_server(model_path, vdevice._chip)
         self._vdevice = vdevice
         self._chip = chip = vdevice._chip
         chip.device_operation(vdevice.generation, raw=True)
-        self._file = _read_model_file(model_path, lambda number, _detail: raw_status_error(number))
+        self._file = _read_model_file(model_path, lambda number, _detail: chip.raw_status_error(number))
         try:
             self._memory_mb = _memory_mb(self._file.description, chip.settings.model_memory_mb)
             self._configure_from(self._file.description or {})
         except ValueError:
-            raise raw_status_error(INVALID_HEF) from None
+            raise chip.raw_status_error(INVALID_HEF) from None
         self._token = chip.memory.reserve(vdevice.generation, self._memory_mb)
         if self._token is None:
-            raise raw_status_error(RESOURCE_EXHAUSTED)
+            raise chip.raw_status_error(RESOURCE_EXHAUSTED)
         chip.sleep_ms(chip.settings.load_ms)
-        chip.record(f"{self.kind}_load", self._file.label)
+        chip.record(f"{self._kind}_load", self._file.label)
 
     def _configure_from(self, description: dict) -> None:
         """Read the model's own keys of a YAML description (ValueError if malformed)."""
+
+    def _check_path_for_server(self, model_path, chip) -> None:
+        """Speech2Text reads the file on the host (speech2text.cpp:152, v5.2.0): any path works."""
 
     def __enter__(self):
         return self
@@ -1057,12 +1182,26 @@ class _GenAIBase:
             self._chip.record("release", self._file.label)
 
     def _ensure_usable(self) -> None:
-        self._vdevice.ensure_usable()
+        self._vdevice._ensure_usable()
         if self._token is None:
             raise status_error(INVALID_OPERATION, f"{self._file.label} was released")
 
 
-class _GenAIModel(_GenAIBase):
+class _ServerPathMixin:
+    """For genai models whose constructor sends the HEF path to the chip."""
+
+    def _check_path_for_server(self, model_path, chip) -> None:
+        """VLM and LLM send the path *string* to the chip's server, which stats and hashes
+        it in its own file system first (llm.cpp:185-201, vlm.cpp:78-92, hailort_server
+        genai/utils.hpp:52-78, v5.2.0). There ``/proc/self/fd/N`` names the server's own
+        descriptor N, not our file: we fail it as the hash of an unrelated file would
+        (uncertain which status; 26 INVALID_HEF here)."""
+        if str(model_path).startswith("/proc/self/fd/"):
+            chip.record("server_saw_fd_path", str(model_path))
+            raise chip.raw_status_error(INVALID_HEF)
+
+
+class _GenAIModel(_ServerPathMixin, _GenAIBase):
     """What LLM and VLM share: generation and context."""
 
     def __init__(self, vdevice, model_path):
@@ -1087,8 +1226,9 @@ class _GenAIModel(_GenAIBase):
         used = self._context_used + len(_prompt_text(prompt).split()) + len(tokens)
         # Uncertain what HailoRT does with a full context; we just stop counting.
         self._context_used = min(used, self._context_capacity)
-        self._chip.record(f"{self.kind}_generate", self._file.label)
-        self._active = LLMGeneratorCompletion(self, tokens, end_status, self._chip.infer_ms())
+        self._chip.record(f"{self._kind}_generate", self._file.label)
+        self._active = _make(self._chip, "LLMGeneratorCompletion", self, tokens, end_status,
+                             self._chip.infer_ms())
         return self._active
 
     def _completion_finished(self, completion) -> None:
@@ -1101,7 +1241,7 @@ class _GenAIModel(_GenAIBase):
         for frame in frames:
             hasher.update(frame.tobytes())
         hasher.update(repr(seed).encode())
-        words = ["Simulated", self.kind.upper(), "answer", f"{hasher.hexdigest()[:8]}:",
+        words = ["Simulated", self._kind.upper(), "answer", f"{hasher.hexdigest()[:8]}:",
                  *_prompt_text(prompt).split()[:ECHO_WORDS]]
         tokens = [word + " " for word in words[:-1]] + [words[-1], END_TOKEN]
         if max_generated_tokens is not None and max_generated_tokens < len(tokens):
@@ -1152,12 +1292,13 @@ class _GenAIModel(_GenAIBase):
 class VLM(_GenAIModel):
     """``genai.VLM(vdevice, model_path, optimize_memory_on_device=False)``.
 
-    Parameters after ``frames`` are keyword-only here: HailoRT 5.2 inserted
-    ``videos`` as the third positional parameter, so positional calls break
-    between versions (HAILORT.md: always pass keywords).
+    Takes the union of the recorded versions' parameters; the recorded
+    layer (recorded.py) removes ``videos`` (third positional from 5.2) and
+    ``timeout_ms`` where a version lacks them, so a positional call that
+    works on one version binds as it would on the other.
     """
 
-    kind = "vlm"
+    _kind = "vlm"
 
     def __init__(self, vdevice, model_path, optimize_memory_on_device=False):
         super().__init__(vdevice, model_path)
@@ -1176,26 +1317,37 @@ class VLM(_GenAIModel):
     def input_frame_size(self) -> int:
         return int(np.prod(self._frame_shape))
 
-    def generate(self, prompt, frames, *, temperature=None, top_p=None, top_k=None,
+    def generate(self, prompt, frames, videos=None, temperature=None, top_p=None, top_k=None,
                  frequency_penalty=None, max_generated_tokens=None, do_sample=None, seed=None):
         prompt = _check_prompt(prompt)
-        self._check_frames(prompt, frames)
+        self._check_frames(prompt, frames, videos)
+        _check_sampling(temperature, top_p, top_k, frequency_penalty)
         return self._start(prompt, frames, seed, max_generated_tokens)
 
-    def generate_all(self, prompt, frames, *, temperature=None, top_p=None, top_k=None,
+    def generate_all(self, prompt, frames, videos=None, temperature=None, top_p=None, top_k=None,
                      frequency_penalty=None, max_generated_tokens=None, do_sample=None, seed=None,
                      timeout_ms=600000) -> str:
-        with self.generate(prompt, frames, max_generated_tokens=max_generated_tokens,
-                           seed=seed) as completion:
+        # Internal calls by name: the recorded layer gates only what callers see.
+        with VLM.generate(self, prompt, frames, videos, temperature, top_p, top_k, frequency_penalty,
+                          max_generated_tokens, do_sample, seed) as completion:
             return completion.read_all(timeout_ms)
 
-    def _check_frames(self, prompt, frames) -> None:
+    def _check_frames(self, prompt, frames, videos=None) -> None:
         # The first two texts are pyhailort's own Python checks (no status);
         # shape and dtype are checked by the binding (uncertain: which number).
         if not isinstance(frames, list):
             raise HailoRTException("frames must be a list of numpy arrays")
+        if videos is not None and not (isinstance(videos, list) and all(
+                isinstance(video, list) and all(isinstance(f, np.ndarray) for f in video) for video in videos)):
+            raise HailoRTException("videos must be a list of lists of numpy arrays")  # PY:4664 (5.2.0)
         if not all(isinstance(frame, np.ndarray) for frame in frames):
             raise HailoRTException("each frame must be a numpy array")
+        # The chip's server compares only byte sizes (hailort vlm_server.cpp,
+        # v5.1.1: 250-255); we also demand shape and dtype, so a handler that
+        # skipped its own check fails here too. 5.1.1 takes at most 5 frames.
+        limit = self._chip.surface.limits.get("vlm_max_frames")
+        if limit is not None and len(frames) > limit:
+            raise status_error(INVALID_ARGUMENT, f"{len(frames)} frames, at most {limit} in one generation")
         for index, frame in enumerate(frames):
             if tuple(frame.shape) != self._frame_shape or frame.dtype != np.uint8:
                 raise status_error(INVALID_ARGUMENT,
@@ -1209,20 +1361,22 @@ class VLM(_GenAIModel):
 class LLM(_GenAIModel):
     """``genai.LLM(vdevice, model_path, lora_name="", optimize_memory_on_device=False)``."""
 
-    kind = "llm"
+    _kind = "llm"
 
     def __init__(self, vdevice, model_path, lora_name="", optimize_memory_on_device=False):
         self.lora_name = lora_name
         super().__init__(vdevice, model_path)
 
-    def generate(self, prompt, *, temperature=None, top_p=None, top_k=None, frequency_penalty=None,
-                 max_generated_tokens=None, do_sample=None, seed=None, tools=None):
-        return self._start(_check_prompt(prompt), [], seed, max_generated_tokens)
+    def generate(self, prompt, tools=None, temperature=None, top_p=None, top_k=None, frequency_penalty=None,
+                 max_generated_tokens=None, do_sample=None, seed=None):
+        prompt = _check_prompt(prompt)
+        _check_sampling(temperature, top_p, top_k, frequency_penalty)
+        return self._start(prompt, [], seed, max_generated_tokens)
 
-    def generate_all(self, prompt, *, temperature=None, top_p=None, top_k=None, frequency_penalty=None,
-                     max_generated_tokens=None, do_sample=None, seed=None, tools=None,
-                     timeout_ms=600000) -> str:
-        with self.generate(prompt, max_generated_tokens=max_generated_tokens, seed=seed) as completion:
+    def generate_all(self, prompt, tools=None, temperature=None, top_p=None, top_k=None, frequency_penalty=None,
+                     max_generated_tokens=None, do_sample=None, seed=None, timeout_ms=600000) -> str:
+        with LLM.generate(self, prompt, tools, temperature, top_p, top_k, frequency_penalty,
+                          max_generated_tokens, do_sample, seed) as completion:
             return completion.read_all(timeout_ms)
 
 
@@ -1252,14 +1406,14 @@ class Speech2Text(_GenAIBase):
     auto-detects on 5.1 (HAILORT.md: 5.1.1 defaults to "en", 5.2 detects).
     """
 
-    kind = "speech2text"
+    _kind = "speech2text"
 
     def generate_all_segments(self, audio_data, task=Speech2TextTask.TRANSCRIBE, language=None,
                               repetition_penalty=1.0, timeout_ms=10000) -> list:
         self._ensure_usable()
         self._check_call(audio_data, task, language)
         self._chip.device_operation(self._vdevice.generation)
-        self._chip.record(f"{self.kind}_generate", self._file.label)
+        self._chip.record(f"{self._kind}_generate", self._file.label)
         duration_ms = self._chip.infer_ms()
         if duration_ms > timeout_ms:
             self._chip.sleep_ms(timeout_ms)
@@ -1276,11 +1430,13 @@ class Speech2Text(_GenAIBase):
 
     @staticmethod
     def _check_call(audio_data, task, language) -> None:
+        # The binding's own checks raise ValueError (speech2text_api.cpp:35-42, v5.2.0).
         if not isinstance(audio_data, np.ndarray):
-            raise status_error(INVALID_ARGUMENT, "audio_data must be a numpy array")
-        if audio_data.dtype != np.float32 or audio_data.ndim != 1:
-            raise status_error(INVALID_ARGUMENT, f"audio_data must be 1-D float32 PCM, got "
-                                                 f"{list(audio_data.shape)} {audio_data.dtype}")
+            raise TypeError("audio_data must be a numpy array")
+        if audio_data.ndim != 1:
+            raise ValueError("Audio data must be 1-dimensional")
+        if audio_data.dtype != np.float32:
+            raise ValueError("Audio data must be float32 type")
         if not isinstance(task, Speech2TextTask):
             raise TypeError(f"task must be a Speech2TextTask, got {type(task).__name__}")
         if language is not None and not isinstance(language, str):
@@ -1301,30 +1457,140 @@ class Speech2Text(_GenAIBase):
         return segments
 
 
-# ------------------------------------------------------------------ backend
+# ------------------------------------------------------------------ device
+
+@dataclass(frozen=True)
+class BoardInformation:
+    """What ``Device.control.identify()`` returns (the fields we read)."""
+    device_architecture: DeviceArchitectureTypes
+    firmware_version: str
+    board_name: str = "Hailo-10H (simulated)"
+    serial_number: str = "SIMULATED"
+    part_number: str = ""
+    product_name: str = ""
+
+
+@dataclass(frozen=True)
+class ChipTemperatureInfo:
+    ts0_temperature: float
+    ts1_temperature: float
+    sample_count: int = 1
+
+
+class Control:
+    """``Device.control``: identity and temperature of the simulated chip."""
+
+    def __init__(self, chip: _SimulatedChip):
+        self._chip = chip
+
+    def identify(self) -> BoardInformation:
+        self._ensure_connected()
+        return BoardInformation(DeviceArchitectureTypes.HAILO10H, FW_VERSION)
+
+    def get_chip_temperature(self) -> ChipTemperatureInfo:
+        self._ensure_connected()
+        celsius = self._chip.temperature_c
+        return ChipTemperatureInfo(celsius - 0.5, celsius)
+
+    def _ensure_connected(self) -> None:
+        # A lost chip stays lost until a new VDevice is opened on it.
+        if self._chip.is_lost(self._chip.generation):
+            raise status_error(COMMUNICATION_CLOSED, "the device was lost (injected fault)")
+
+
+class Device:
+    """``Device(device_id=None)``: one physical device, for identity and temperature."""
+
+    _chip: _SimulatedChip
+
+    def __init__(self, device_id=None):
+        if device_id not in (None, DEVICE_ID):
+            raise HailoRTException("HailoRT device not found in the system")
+        self.device_id = DEVICE_ID
+        self.control = _make(self._chip, "Control", self._chip)
+        self._chip.record("device_open", DEVICE_ID)
+
+    @staticmethod
+    def scan() -> list:
+        return [DEVICE_ID]
+
+    def release(self) -> None:
+        self._chip.record("device_release", self.device_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+        return False
+
+
+# ------------------------------------------------------------------ modules
 
 _EXCEPTIONS = (HailoRTException, HailoRTTimeout, HailoRTInvalidArgumentException,
                HailoRTNotFoundException, HailoRTInvalidHEFException,
                HailoRTInvalidOperationException, HailoCommunicationClosedException,
-               HailoRTDriverOperationFailedException, HailoRTStatusException)
+               HailoRTDriverOperationFailedException, HailoRTStreamAborted, HailoRTStatusException)
+# The simulated implementation of each recorded class (hailort_api.yaml names).
+_IMPLEMENTATIONS = {
+    "VDevice": VDevice, "Device": Device, "Control": Control,
+    "InferModel": InferModel, "InferModel.InferStream": InferStream,
+    "ConfiguredInferModel": ConfiguredInferModel, "ConfiguredInferModel.Bindings": Bindings,
+    "ConfiguredInferModel.Bindings.InferStream": _BoundStream, "AsyncInferJob": AsyncInferJob,
+    "VLM": VLM, "LLM": LLM, "Speech2Text": Speech2Text, "LLMGeneratorCompletion": LLMGeneratorCompletion,
+}
+# Classes whose constructor users call (the rest HailoRT makes from internal handles).
+_CONSTRUCTED_BY_USERS = frozenset({"VDevice", "Device", "VLM", "LLM", "Speech2Text"})
+_VALUES = {"FormatType": FormatType, "HailoSchedulingAlgorithm": HailoSchedulingAlgorithm,
+           "DeviceArchitectureTypes": DeviceArchitectureTypes, "Speech2TextTask": Speech2TextTask,
+           "LLMGeneratorCompletionStatus": LLMGeneratorCompletionStatus,
+           **{cls.__name__: cls for cls in _EXCEPTIONS}}
 
 
-def _build_platform(chip: _SimulatedChip) -> types.SimpleNamespace:
-    """A ``hailo_platform``-shaped namespace whose VDevice class talks to ``chip``."""
-    vdevice_class = type("VDevice", (VDevice,), {"_chip": chip, "__module__": __name__})
-    genai = types.SimpleNamespace(VDevice=vdevice_class, VLM=VLM, LLM=LLM, Speech2Text=Speech2Text,
-                                  Speech2TextTask=Speech2TextTask,
-                                  LLMGeneratorCompletionStatus=LLMGeneratorCompletionStatus)
-    platform = types.SimpleNamespace(
-        __version__=HAILORT_VERSION, VDevice=vdevice_class, FormatType=FormatType,
-        HailoSchedulingAlgorithm=HailoSchedulingAlgorithm, AsyncInferJob=AsyncInferJob, genai=genai)
-    for exception_class in _EXCEPTIONS:
-        setattr(platform, exception_class.__name__, exception_class)
-    return platform
+class SimulatedModules:
+    """``hailo_platform`` and ``hailo_platform.genai`` as HailoRT ``surface.version`` lays them out.
+
+    Only what the version exports is there; ``genai`` appears on the top
+    module only once ``import_module("hailo_platform.genai")`` ran, as with
+    the real package, and is missing altogether where the version has none.
+    """
+
+    def __init__(self, chip: _SimulatedChip, surface: hailort_api.ApiSurface):
+        self.surface = chip.surface = surface
+        chip.classes = {name: recorded.follow(impl, name, surface, {"_chip": chip}, name in _CONSTRUCTED_BY_USERS)
+                        for name, impl in _IMPLEMENTATIONS.items() if name in surface.classes}
+        self.top = self._module("hailo_platform", chip.classes)
+        self.top.__version__ = surface.version
+        self.genai = (self._module("hailo_platform.genai", chip.classes)
+                      if surface.has_module("hailo_platform.genai") else None)
+
+    def _module(self, name: str, classes: dict) -> types.ModuleType:
+        module = types.ModuleType(name)
+        module.__file__ = f"<simulated HailoRT {self.surface.version}>"
+        for export in self.surface.exports(name):
+            value = classes.get(export, _VALUES.get(export))
+            if value is not None:
+                setattr(module, export, value)
+        return module
+
+    def import_module(self, name: str) -> types.ModuleType:
+        """``importlib.import_module`` for the simulated package."""
+        if name == "hailo_platform":
+            return self.top
+        if name == "hailo_platform.genai" and self.genai is not None:
+            self.top.genai = self.genai  # what the import system does for a submodule
+            return self.genai
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
-class SimulatedBackend:
+# ------------------------------------------------------------------ backend
+
+class SimulatedBackend(HailoBackend):
     """The Backend for the simulated accelerator (see the module docstring).
+
+    It is the real backend (backends/hailo.py: importing, opening, identity,
+    temperature) on a simulated ``hailo_platform`` of the configured HailoRT
+    version, so the real backend's code runs in every test.
 
     Test hooks: ``calls`` (operation log), ``sleep`` (replaceable clock),
     ``memory_used_mb()``, ``set_temperature(c)``, ``inject_fault(...)``,
@@ -1342,34 +1608,13 @@ class SimulatedBackend:
         self.settings = settings
         self.device = device
         self._chip = _SimulatedChip(settings)
-        self.platform = _build_platform(self._chip)
+        self.modules = SimulatedModules(self._chip, hailort_api.load(settings.hailort_version))
+        super().__init__(device, self.modules.import_module, dev_dir=None)
 
-    # -- Backend protocol
-
-    def open_vdevice(self):
-        params = self.platform.VDevice.create_params()
-        params.group_id = self.device.group_id
-        if self.device.scheduling_algorithm == "none":
-            params.scheduling_algorithm = HailoSchedulingAlgorithm.NONE
-        try:
-            return self.platform.VDevice(params)
-        except HailoRTException as exc:
-            raise BackendUnavailable(self._unavailable_reason(exc)) from exc
-
-    @staticmethod
-    def _unavailable_reason(exc: HailoRTException) -> str:
-        number = hailort_status.status_of(exc)
-        if number in hailort_status.OWNED_ELSEWHERE:
-            return f"device owned by another process ({status_name(number)})"
-        return f"cannot open the simulated device: {hailort_status.describe(exc)}"
-
-    def identify(self, vdevice) -> DeviceIdentity:
-        return DeviceIdentity(device_id=DEVICE_ID, architecture=ARCHITECTURE, fw_version=FW_VERSION)
-
-    def temperature(self, vdevice) -> float | None:
-        if vdevice._released or self._chip.is_lost(vdevice.generation):
-            return None
-        return self._chip.temperature_c
+    @property
+    def platform(self):
+        """The simulated ``hailo_platform`` (usable before a VDevice is opened, for tests)."""
+        return self.modules.top
 
     @contextlib.contextmanager
     def request_scope(self, model_params: dict):
@@ -1391,9 +1636,6 @@ class SimulatedBackend:
             yield
         finally:
             chip.infer_ms_override, chip.hang_ms_override = previous
-
-    def close_vdevice(self, vdevice) -> None:
-        vdevice.release()
 
     # -- test hooks
 

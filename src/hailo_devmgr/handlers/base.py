@@ -22,7 +22,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import tensors
-from ..protocol import BAD_REQUEST, RequestError, json_type
+from ..hailort_status import version_tuple
+from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, json_type
 
 MAX_PROMPT_CHARS = 256 * 1024
 MAX_FRAMES = 32
@@ -42,6 +43,9 @@ class Handler:
     model_type = ""
     # Extra model files named in model_params (checked like model_path).
     path_params: tuple[str, ...] = ()
+    # True where HailoRT sends the path string to the chip (genai VLM, LLM):
+    # the model then gets a host-only link, not /proc/self/fd/N (model_files).
+    sends_path_to_device = False
 
     def __init__(self, platform: Any, vdevice: Any, model_path: str, params: dict):
         self.platform = platform
@@ -93,6 +97,32 @@ class Handler:
 
     def release(self) -> None:
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------- HailoRT versions
+
+def hailort_version(platform: Any) -> tuple[int, ...]:
+    """``platform.__version__`` as numbers, e.g. (5, 2, 0); () when unknown."""
+    return version_tuple(getattr(platform, "__version__", None))
+
+
+def genai_class(platform: Any, name: str, model_type: str, minimum: tuple[int, ...]) -> Any:
+    """``hailo_platform.genai.<name>``, or a load failure naming the installed version.
+
+    The backend imports ``hailo_platform.genai`` (``import hailo_platform``
+    does not); it is missing on HailoRT 4.x (Hailo-8), and the calls we make
+    need ``minimum`` (see docs/hailort-api.md)."""
+    version = str(getattr(platform, "__version__", "unknown"))
+    needed = ".".join(map(str, minimum))
+    genai = getattr(platform, "genai", None)
+    if genai is None or not hasattr(genai, name):
+        raise RequestError(LOAD_FAILED, f"Failed to load model: model type {model_type} needs "
+                                        f"hailo_platform.genai.{name} (HailoRT {needed} or later on a "
+                                        f"Hailo-10H); the installed HailoRT {version} has none")
+    if hailort_version(platform) < minimum:
+        raise RequestError(LOAD_FAILED, f"Failed to load model: model type {model_type} needs HailoRT "
+                                        f"{needed} or later; the installed HailoRT is {version}")
+    return getattr(genai, name)
 
 
 # ---------------------------------------------------------------- input helpers

@@ -5,7 +5,7 @@ model_params: ``image_hef_path`` (default: model_path), ``text_hef_path``
 names, default: the text HEF's only stream).
 input_data: ``{"mode": "image"|"text", "tensor": tensor, "timeout_ms"?}``.
 Image: UINT8 in (e.g. 224x224x3). Text: the tokenised/embedded prompt the
-service prepares, in the text HEF's input format. Result: a float32
+service prepares, as float32 (the text HEF's inputs are set to FLOAT32). Result: a float32
 embedding tensor.
 """
 from __future__ import annotations
@@ -49,8 +49,10 @@ class ClipHandler(Handler):
         self.text = None
         self.image.load()
         if self.params.get("text_hef_path"):
+            # The text encoder's inputs are quantized in the HEF; services send
+            # float32 token embeddings, which HailoRT quantizes once told so.
             self.text = Network(self.platform, self.vdevice, self.params["text_hef_path"],
-                                output_format="FLOAT32")
+                                input_format="FLOAT32", output_format="FLOAT32")
             try:
                 self.text.load()
             except BaseException:

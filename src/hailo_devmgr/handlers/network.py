@@ -6,6 +6,7 @@ Device thread only, except the class methods that parse input.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -21,34 +22,50 @@ _DTYPES = {"UINT8": np.dtype("uint8"), "UINT16": np.dtype("uint16"), "FLOAT32": 
 def stream_dtype(stream: Any) -> np.dtype:
     """The numpy dtype of a stream's current format.
 
-    AUTO keeps the HEF's own (quantized) format, which HailoRT reports as
-    the concrete type once the model is created; we treat a remaining AUTO
-    as UINT8, the usual quantized type (uncertain: not seen on hardware).
+    HailoRT resolves AUTO to the chip's own type (UINT8, UINT16, or FLOAT32
+    for NMS) when the model is created, and streams report that concrete
+    type. A stream that still says AUTO (or a type we do not know) is not
+    guessed at: the buffer size would be wrong, so it is a load failure.
     """
     name = getattr(stream.format.type, "name", str(stream.format.type)).split(".")[-1]
-    return _DTYPES.get(name, np.dtype("uint8"))
+    if name not in _DTYPES:
+        raise RequestError(LOAD_FAILED, f"Failed to load model: stream {stream.name!r} reports format type "
+                                        f"{name}, not one of {', '.join(_DTYPES)}; the daemon cannot size "
+                                        "its buffer")
+    return _DTYPES[name]
 
 
 class Network:
     def __init__(self, platform: Any, vdevice: Any, path: str, *, output_format: str | None = None,
-                 batch_size: int | None = None):
+                 input_format: str | None = None, batch_size: int | None = None):
         self.platform = platform
         self.vdevice = vdevice
         self.path = path
         self.output_format = output_format
+        # Inputs of a quantized HEF are quantized too; a client that sends
+        # float32 needs FLOAT32 set here (HailoRT then quantizes on the host).
+        self.input_format = input_format
         self.batch_size = batch_size  # None: HailoRT chooses
         self.model = None
         self.configured = None
+        self.queue_size = 1
 
     def load(self) -> None:
         self.model = self.vdevice.create_infer_model(self.path)
-        if self.output_format:
-            wanted = getattr(self.platform.FormatType, self.output_format)
-            for stream in self.model.outputs:
-                stream.set_format_type(wanted)
+        for streams, format_name in ((self.model.inputs, self.input_format),
+                                     (self.model.outputs, self.output_format)):
+            if format_name:
+                wanted = getattr(self.platform.FormatType, format_name)
+                for stream in streams:
+                    stream.set_format_type(wanted)
+        for stream in (*self.model.inputs, *self.model.outputs):
+            stream_dtype(stream)  # every buffer size known before anything runs
         if self.batch_size is not None:
             self.model.set_batch_size(self.batch_size)
         self.configured = self.model.configure()
+        # run() submits its bindings one by one; more than the async queue
+        # holds fails with QUEUE_IS_FULL and shuts the model down.
+        self.queue_size = max(int(self.configured.get_async_queue_size()), 1)
 
     @property
     def input_names(self) -> list[str]:
@@ -100,7 +117,16 @@ class Network:
         return results
 
     def _run_frames(self, frames: list[dict[str, np.ndarray]], timeout_ms: int) -> list[dict]:
-        """One ``run`` call over a list of bindings (one per frame)."""
+        """``run`` over the frames' bindings, at most the async queue's size per call."""
+        results: list[dict] = []
+        deadline = time.monotonic() + timeout_ms / 1000  # one budget for every chunk
+        for start in range(0, len(frames), self.queue_size):
+            left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            results.extend(self._run_queued(frames[start:start + self.queue_size], left_ms))
+        return results
+
+    def _run_queued(self, frames: list[dict[str, np.ndarray]], timeout_ms: int) -> list[dict]:
+        """One ``run`` call over bindings that fit the async queue."""
         bindings_list, results = [], []
         for buffers in frames:
             bindings = self.configured.create_bindings()
@@ -113,6 +139,7 @@ class Network:
                 bindings.output(name).set_buffer(outputs[name])
             bindings_list.append(bindings)
             results.append(outputs)
+        self.configured.wait_for_async_ready(timeout_ms, frames_count=len(bindings_list))
         self.configured.run(bindings_list, timeout_ms)
         return results
 

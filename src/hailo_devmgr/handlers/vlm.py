@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 from ..protocol import optional_number
-from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, prompt_field, require_object,
-                   tensor_field, tensor_list_field)
+from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, match_stream, prompt_field,
+                   require_object, tensor_field, tensor_list_field)
 
 MAX_GENERATED_TOKENS = 8192
+# generate_all(timeout_ms=) exists from 5.1.1 (docs/hailort-api.md).
+MINIMUM_HAILORT = (5, 1, 1)
 
 
 def chat_prompt(text: str, image_count: int) -> list[dict]:
@@ -29,6 +31,7 @@ def chat_prompt(text: str, image_count: int) -> list[dict]:
 
 class VlmChatHandler(Handler):
     model_type = "vlm_chat"
+    sends_path_to_device = True
 
     @classmethod
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
@@ -50,7 +53,8 @@ class VlmChatHandler(Handler):
         return tensor_list_field(data, "frames", limits)
 
     def load(self) -> None:
-        self.vlm = self.platform.genai.VLM(self.vdevice, self.model_path)
+        vlm_class = genai_class(self.platform, "VLM", self.model_type, MINIMUM_HAILORT)
+        self.vlm = vlm_class(self.vdevice, self.model_path)
 
     def run(self, inputs: dict, timeout_ms: int) -> str:
         shape = list(self.vlm.input_frame_shape())

@@ -16,14 +16,18 @@ from typing import Any
 import numpy as np
 
 from .. import tensors
-from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, json_type, optional_number
-from .base import MAX_TIMEOUT_MS, Handler, InputLimits, require_object
+from ..protocol import BAD_REQUEST, RequestError, json_type, optional_number
+from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, require_object
 
 SAMPLE_RATE = 16_000
 MAX_AUDIO_S = 30
 MAX_SAMPLES = SAMPLE_RATE * MAX_AUDIO_S
 DEFAULT_LANGUAGE = "en"
 TASKS = ("transcribe", "translate")
+# The keyword form of generate_all_segments is from 5.1.1; language=None
+# (detect) from 5.2 (docs/hailort-api.md).
+MINIMUM_HAILORT = (5, 1, 1)
+DETECTS_LANGUAGE = (5, 2)
 # Whisper's language codes are two or three lowercase letters ("en", "haw").
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
 
@@ -98,18 +102,19 @@ class WhisperHandler(Handler):
         }
 
     def load(self) -> None:
-        genai = self.platform.genai
-        # HAILORT.md places Speech2TextTask beside Speech2Text in genai
-        # (uncertain: older wheels may export it at the top level only).
-        self.tasks = getattr(genai, "Speech2TextTask", None) or getattr(self.platform, "Speech2TextTask", None)
-        if self.tasks is None or not hasattr(genai, "Speech2Text"):
-            version = getattr(self.platform, "__version__", "?")
-            raise RequestError(LOAD_FAILED, f"Failed to load model: this HailoRT ({version}) has no "
-                                            "genai.Speech2Text (needs HailoRT 5.1 or later on a Hailo-10H)")
-        self.model = genai.Speech2Text(self.vdevice, self.model_path)
+        speech2text = genai_class(self.platform, "Speech2Text", self.model_type, MINIMUM_HAILORT)
+        # Speech2TextTask is exported by hailo_platform.genai only.
+        self.tasks = self.platform.genai.Speech2TextTask
+        self.model = speech2text(self.vdevice, self.model_path)
 
     def run(self, inputs: dict, timeout_ms: int) -> dict:
         task = getattr(self.tasks, inputs["task"].upper())
+        if inputs["language"] is None and hailort_version(self.platform) < DETECTS_LANGUAGE:
+            # Before 5.2 the C++ parameter is a string: None is a TypeError there.
+            raise RequestError(BAD_REQUEST, f"input_data.language null (detect the language) needs HailoRT "
+                                            f"5.2 or later; the installed HailoRT is "
+                                            f"{getattr(self.platform, '__version__', 'unknown')}: name the "
+                                            "language, e.g. \"en\"")
         # Audio positional (its name differs between sources), the rest by keyword.
         segments = self.model.generate_all_segments(
             inputs["audio"], task=task, language=inputs["language"],

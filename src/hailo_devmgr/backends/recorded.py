@@ -1,0 +1,105 @@
+"""Hold a simulated class to one HailoRT version's recorded API (see hailort_api.py).
+
+``follow(impl, name, surface)`` returns a subclass of ``impl`` in which:
+
+- a public method or property that the version lacks raises AttributeError,
+  as the real object would;
+- a recorded method binds its arguments to the recorded signature first, so
+  a keyword the version lacks, a missing argument or one too many raises
+  TypeError as Python (or pybind11) would, and the implementation is then
+  called with every argument by its recorded name;
+- a parameter recorded with ``type: str`` (a C++ ``std::string``) refuses
+  None with TypeError, as pybind11 does.
+
+The implementations take the union of every version's parameters, under
+HailoRT's own names; this layer takes away what one version does not have.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from .hailort_api import ApiSurface
+
+_PYBIND_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+class _Absent:
+    """A member the recorded version does not have."""
+
+    def __init__(self, class_name: str, name: str, version: str):
+        self.message = f"'{class_name}' object has no attribute '{name}' (HailoRT {version})"
+
+    def __get__(self, instance, owner=None):
+        raise AttributeError(self.message)
+
+
+def _checked(method: Any, qualname: str, signature: inspect.Signature, types: dict, static: bool) -> Any:
+    function = method.__func__ if isinstance(method, staticmethod) else method
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        bound_args = args if static else args[1:]
+        try:
+            bound = signature.bind(*bound_args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{qualname}(): {exc}") from None
+        for name, wanted in types.items():
+            if name in bound.arguments and not isinstance(bound.arguments[name], wanted):
+                raise TypeError(f"{qualname}(): incompatible function arguments: {name} must be "
+                                f"{getattr(wanted, '__name__', wanted)}, got "
+                                f"{type(bound.arguments[name]).__name__}")
+        # By name: where versions differ in order (5.2 put ``videos`` third in
+        # VLM.generate), the implementation gets each value under its real name.
+        named = {}
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                named[name] = value
+        return function(*([] if static else args[:1]), **named)
+
+    return staticmethod(call) if static else call
+
+
+def _public_members(impl: type) -> set[str]:
+    names = set()
+    for klass in impl.__mro__:
+        if klass is object:
+            continue
+        names.update(name for name in vars(klass) if not name.startswith("_"))
+    return names
+
+
+def follow(impl: type, name: str, surface: ApiSurface, extra: dict | None = None,
+           constructed_by_users: bool = False) -> type:
+    """``impl`` as HailoRT ``surface.version`` shows class ``name`` (see the module docstring).
+
+    ``__init__`` is held to the recorded signature only for classes users
+    construct (VDevice, Device, VLM, ...); the others are made by HailoRT
+    itself from internal handles, and so by the simulation."""
+    spec = surface.classes.get(name)
+    if spec is None:
+        raise KeyError(f"class {name} is not in HailoRT {surface.version}'s recorded API")
+    members = dict(extra or {})
+    recorded = surface.members(name)
+    for member in _public_members(impl):
+        attribute = inspect.getattr_static(impl, member)
+        if isinstance(attribute, type) or member.isupper():
+            continue  # nested classes and constants are not members we gate
+        if member not in recorded:
+            members[member] = _Absent(name, member, surface.version)
+    for method_name, method_spec in (spec.get("methods") or {}).items():
+        if method_name.startswith("_") and not (method_name == "__init__" and constructed_by_users):
+            continue
+        attribute = inspect.getattr_static(impl, method_name, None)
+        if attribute is None or isinstance(attribute, property):
+            continue
+        types = {entry["name"]: _PYBIND_TYPES[entry["type"]] for entry in method_spec.get("params") or []
+                 if entry.get("type") in _PYBIND_TYPES}
+        members[method_name] = _checked(attribute, f"{name}.{method_name}",
+                                        surface.signature(name, method_name), types,
+                                        bool(method_spec.get("static")))
+    return type(name.rsplit(".", 1)[-1], (impl,), {"__module__": impl.__module__, **members})
