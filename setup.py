@@ -29,6 +29,8 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # The recorded HailoRT API surfaces the simulated backend follows.
+    package_data={"hailo_devmgr.backends": ["hailort_api/*.yaml"]},
     install_requires=["numpy", "PyYAML", "sdnotify", "systemd-python"],
     entry_points={
         "console_scripts": [
