@@ -14,6 +14,7 @@ release, so it takes a while (about 10 minutes a release here).
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,7 @@ SUITES = ("bookworm", "trixie")
 PACKAGES = ("make", "git", "python3", "ca-certificates")
 TIMEOUT_S = 3600
 HOME_DIR = "/root/newcomer"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # What the newcomer types, in order. `make run` runs in the background until
 # its socket answers the README's `status` command; then `make test`.
@@ -73,7 +75,7 @@ def try_suite(suite: str, host_dir: Path, logs: Path) -> tuple[int, str]:
     log = logs / f"{suite}.log"
     status = ct.run_in(root, SCRIPT, binds={str(host_dir): "/host"}, env={"PATH": ct.CLEAN_PATH, "LANG": "C"},
                        log_path=log, timeout=TIMEOUT_S)
-    lines = log.read_text(errors="replace").splitlines()
+    lines = ANSI.sub("", log.read_text(errors="replace")).splitlines()
     summary = [line for line in lines if line.startswith(("== ", "make run:", "====="))]
     return status, "\n".join(summary[-8:] or lines[-20:])
 

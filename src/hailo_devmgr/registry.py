@@ -307,7 +307,8 @@ class ModelRegistry:
                        log_fields: dict | None) -> LoadedModel:
         """Load; on RESOURCE_EXHAUSTED evict the LRU model and retry, while any is left."""
         while True:
-            handler = spec.handler_cls(self.runtime.platform, vdevice, path, params)
+            handler = spec.handler_cls(self.runtime.platform, vdevice, path, params,
+                                       activate_to_run=self.runtime.device_config.scheduling_algorithm == "none")
             started = time.perf_counter()
             try:
                 with self.runtime.backend.request_scope({}):

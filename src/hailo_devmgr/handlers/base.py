@@ -47,11 +47,15 @@ class Handler:
     # the model then gets a host-only link, not /proc/self/fd/N (model_files).
     sends_path_to_device = False
 
-    def __init__(self, platform: Any, vdevice: Any, model_path: str, params: dict):
+    def __init__(self, platform: Any, vdevice: Any, model_path: str, params: dict, *,
+                 activate_to_run: bool = False):
         self.platform = platform
         self.vdevice = vdevice
         self.model_path = model_path
         self.params = params
+        # Without HailoRT's scheduler (device.scheduling_algorithm: none) a
+        # configured model runs only while activated, one at a time.
+        self.activate_to_run = activate_to_run
 
     # -- before the device (worker thread) --------------------------------
 

@@ -44,14 +44,14 @@ class ClipHandler(Handler):
         }
 
     def load(self) -> None:
-        self.image = Network(self.platform, self.vdevice, self.params.get("image_hef_path") or self.model_path,
+        self.image = Network(self, self.params.get("image_hef_path") or self.model_path,
                              output_format="FLOAT32")
         self.text = None
         self.image.load()
         if self.params.get("text_hef_path"):
             # The text encoder's inputs are quantized in the HEF; services send
             # float32 token embeddings, which HailoRT quantizes once told so.
-            self.text = Network(self.platform, self.vdevice, self.params["text_hef_path"],
+            self.text = Network(self, self.params["text_hef_path"],
                                 input_format="FLOAT32", output_format="FLOAT32")
             try:
                 self.text.load()

@@ -20,7 +20,7 @@ class GenericHandler(Handler):
         return {str(name): tensor_field(named, name, limits, "input_data.inputs") for name in named}
 
     def load(self) -> None:
-        self.network = Network(self.platform, self.vdevice, self.model_path)
+        self.network = Network(self, self.model_path)
         self.network.load()
 
     def run(self, inputs: dict, timeout_ms: int) -> dict:

@@ -36,10 +36,11 @@ def stream_dtype(stream: Any) -> np.dtype:
 
 
 class Network:
-    def __init__(self, platform: Any, vdevice: Any, path: str, *, output_format: str | None = None,
+    def __init__(self, handler: Handler, path: str, *, output_format: str | None = None,
                  input_format: str | None = None, batch_size: int | None = None):
-        self.platform = platform
-        self.vdevice = vdevice
+        self.platform = handler.platform
+        self.vdevice = handler.vdevice
+        self.activate_to_run = handler.activate_to_run
         self.path = path
         self.output_format = output_format
         # Inputs of a quantized HEF are quantized too; a client that sends
@@ -140,7 +141,15 @@ class Network:
             bindings_list.append(bindings)
             results.append(outputs)
         self.configured.wait_for_async_ready(timeout_ms, frames_count=len(bindings_list))
-        self.configured.run(bindings_list, timeout_ms)
+        if not self.activate_to_run:
+            self.configured.run(bindings_list, timeout_ms)
+            return results
+        # No scheduler: HailoRT runs only the one activated model (72 otherwise).
+        self.configured.activate()
+        try:
+            self.configured.run(bindings_list, timeout_ms)
+        finally:
+            self.configured.deactivate()
         return results
 
     def release(self) -> None:
@@ -167,7 +176,7 @@ class SingleInputHandler(Handler):
         }
 
     def load(self) -> None:
-        self.network = Network(self.platform, self.vdevice, self.model_path, output_format="FLOAT32")
+        self.network = Network(self, self.model_path, output_format="FLOAT32")
         self.network.load()
         try:
             self.network.only_input(self.model_type)

@@ -14,9 +14,9 @@ input_data:
   per crop, in order (``{name: tensor}`` per crop for a several-output HEF).
   ``language`` may be left out when the model has one recognition HEF;
   ``batch_size`` is how many crops go to the device per run (default: the
-  language's configured batch size, else 1). Uncertain: HailoRT may refuse
-  a run over more frames than its async queue holds (HAILO_QUEUE_IS_FULL),
-  hence the cautious default.
+  language's configured batch size, else 1). A run never submits more
+  crops than HailoRT's async queue holds (network.py): more would fail with
+  HAILO_QUEUE_IS_FULL and shut the model down.
 
 The ``load_model`` answer carries ``model_info`` with
 ``detection_input_shape`` (as the earlier daemon's did) and, as additions,
@@ -112,8 +112,7 @@ class OcrHandler(Handler):
     # -- device thread ------------------------------------------------------
 
     def load(self) -> None:
-        self.detection = Network(self.platform, self.vdevice,
-                                 self.params.get("detection_hef_path") or self.model_path,
+        self.detection = Network(self, self.params.get("detection_hef_path") or self.model_path,
                                  output_format="FLOAT32")
         self.recognition: dict[str, Network] = {}
         loaded: list[Network] = []
@@ -122,7 +121,7 @@ class OcrHandler(Handler):
             loaded.append(self.detection)
             self.detection.only_input("OCR detection")
             for language, path in self.params.get("recognition_hefs", {}).items():
-                network = Network(self.platform, self.vdevice, path, output_format="FLOAT32",
+                network = Network(self, path, output_format="FLOAT32",
                                   batch_size=self.params.get("batch_sizes", {}).get(language))
                 network.load()
                 loaded.append(network)

@@ -13,13 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol import optional_number
-from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, match_stream, prompt_field,
-                   require_object, tensor_field, tensor_list_field)
+from ..protocol import BAD_REQUEST, RequestError, optional_number
+from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, match_stream,
+                   prompt_field, require_object, tensor_field, tensor_list_field)
 
 MAX_GENERATED_TOKENS = 8192
 # generate_all(timeout_ms=) exists from 5.1.1 (docs/hailort-api.md).
 MINIMUM_HAILORT = (5, 1, 1)
+# The 5.1.1 server's MAX_FRAMES_IN_SINGLE_GENERATION (vlm_server.hpp:34).
+MAX_FRAMES_BEFORE_5_2 = 5
 
 
 def chat_prompt(text: str, image_count: int) -> list[dict]:
@@ -61,10 +63,18 @@ class VlmChatHandler(Handler):
         dtype = np.dtype(self.vlm.input_frame_format_type())
         frames = [match_stream(frame, shape, dtype, f"input_data frame {index}")
                   for index, frame in enumerate(inputs["frames"])]
+        if len(frames) > MAX_FRAMES_BEFORE_5_2 and hailort_version(self.platform) < (5, 2):
+            raise RequestError(BAD_REQUEST, f"input_data has {len(frames)} frames; HailoRT "
+                                            f"{self.platform.__version__} takes at most {MAX_FRAMES_BEFORE_5_2} "
+                                            "in one generation (5.2 and later take more)")
         options = {key: inputs[key] for key in ("temperature", "seed", "max_generated_tokens")
                    if inputs[key] is not None}
+        if options.get("temperature") == 0:
+            # HailoRT wants temperature > 0 (genai llm.cpp:553-565); 0 means greedy.
+            del options["temperature"]
+            options["do_sample"] = False
         try:
-            # Keywords only: HailoRT 5.2 inserted a positional parameter.
+            # Keywords only: HailoRT 5.2 inserted `videos` third (PY:4729).
             return self.vlm.generate_all(
                 prompt=chat_prompt(inputs["prompt"], len(frames)), frames=frames,
                 # Never past the daemon's infer budget, or the watchdog fires.

@@ -105,7 +105,7 @@ class WhisperHandler(Handler):
         speech2text = genai_class(self.platform, "Speech2Text", self.model_type, MINIMUM_HAILORT)
         # Speech2TextTask is exported by hailo_platform.genai only.
         self.tasks = self.platform.genai.Speech2TextTask
-        self.model = speech2text(self.vdevice, self.model_path)
+        self.speech2text = speech2text(self.vdevice, self.model_path)
 
     def run(self, inputs: dict, timeout_ms: int) -> dict:
         task = getattr(self.tasks, inputs["task"].upper())
@@ -116,7 +116,7 @@ class WhisperHandler(Handler):
                                             f"{getattr(self.platform, '__version__', 'unknown')}: name the "
                                             "language, e.g. \"en\"")
         # Audio positional (its name differs between sources), the rest by keyword.
-        segments = self.model.generate_all_segments(
+        segments = self.speech2text.generate_all_segments(
             inputs["audio"], task=task, language=inputs["language"],
             timeout_ms=min(timeout_ms, inputs["timeout_ms"] or timeout_ms))
         return {"segments": [
@@ -125,9 +125,7 @@ class WhisperHandler(Handler):
             for index, segment in enumerate(segments)]}
 
     def release(self) -> None:
-        # VLM and LLM have release(); HAILORT.md does not say it for
-        # Speech2Text (uncertain), so fall back on dropping the reference.
-        release = getattr(self.model, "release", None)
-        if release is not None:
-            release()
-        self.model = None
+        # Speech2Text.release() exists from 5.1.0 (PY:5214 in 5.2.0); the object
+        # must not be used afterwards (the binding keeps a null handle).
+        self.speech2text.release()
+        self.speech2text = None
