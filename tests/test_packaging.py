@@ -43,6 +43,8 @@ def test_lintian_reports_no_errors_or_warnings(debs):
 def test_daemon_package_contents_and_fields(debs):
     deb = debs["hailo-device-manager"]
     listing = contents(deb)
+    # debhelper puts units and udev rules under /lib on Debian 12, /usr/lib from 13 (merged /usr).
+    listing = listing.replace("./usr/lib/systemd/", "./lib/systemd/").replace("./usr/lib/udev/", "./lib/udev/")
     for path in ("./lib/systemd/system/hailo-device-manager.socket",
                  "./lib/systemd/system/hailo-device-manager.service",
                  "./usr/lib/sysusers.d/hailo-device-manager.conf",
