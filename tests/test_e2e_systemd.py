@@ -13,6 +13,7 @@ failure instead.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -184,11 +185,14 @@ def test_6b_hung_device_call_stops_watchdog_pings_and_systemd_restarts(box):
 def test_6c_sigterm_with_queued_work_stops_cleanly(box):
     dm(box, f"load {MODELS}/tiny.hef --type generic")
     infer = f"hailo-devmgr infer {MODELS}/tiny.hef --type generic --input '{TINY_INPUT}'"
-    box.sh(f"nohup {infer} --params '{{\"simulate_ms\": 800}}' > /tmp/running.out 2>&1 &", user="alice")
+    box.sh(f"nohup {infer} --params '{{\"simulate_ms\": 4000}}' > /tmp/running.out 2>&1 &", user="alice")
     time.sleep(0.3)
     for index in range(3):
         box.sh(f"nohup {infer} > /tmp/queued-{index}.out 2>&1 &", user="alice")
-    time.sleep(0.3)
+    # Every client connected and queued before the stop: a client that connects
+    # afterwards would (rightly) socket-activate the service again.
+    wait_for(lambda: json.loads(dm(box, "--json status").stdout)["queue_depth"] >= 3, "three queued requests",
+             timeout=30)
     box.sh(f"systemctl stop {SERVICE}", timeout=60)
     state = service_state(box)
     assert (state["ActiveState"], state["Result"], state["ExecMainStatus"]) == ("inactive", "success", "0")

@@ -487,3 +487,35 @@ def test_a_registration_cancelled_midway_is_kept_not_lost():
         finally:
             pool.close()
     run_async(main())
+
+
+def test_concurrent_first_requests_wait_for_hello_and_never_cross(start_daemon, model_dir):
+    """An AsyncClient not connected yet, or whose connection the daemon closed,
+    gets bursts of requests at once: they all wait for one connect and its
+    hello, so none goes out as v1 on a connection the daemon treats as v2
+    (seen as 'answer for request 3 received for 4' on Python 3.13)."""
+    daemon = start_daemon(idle_timeout_s=0.5, simulated={"infer_ms": 0, "load_ms": 0})
+    path = str(model_dir / "two.hef")
+
+    async def burst(client, size):
+        return await asyncio.gather(*(client.infer(path, {"inputs": {"a": A, "b": B * index}}, "generic")
+                                      for index in range(size)), return_exceptions=True)
+
+    async def main():
+        client = AsyncClient(daemon.socket_path, timeout=10)  # no connect(): the burst connects
+        try:
+            first = await burst(client, 10)
+            await asyncio.sleep(1.2)  # the daemon closes the idle connection
+            second = await burst(client, 10)
+            one_by_one = [await client.infer(path, {"inputs": {"a": A, "b": B * index}}, "generic")
+                          for index in range(10)]
+            return first, second, one_by_one, client.protocol
+        finally:
+            await client.close()
+    first, second, one_by_one, protocol = run_async(main())
+    assert protocol == 2
+    for answers in (first, second):
+        assert all(isinstance(answer, dict) and answer["status"] == "ok" for answer in answers), answers
+        for answer, alone in zip(answers, one_by_one):  # each request got its own answer
+            assert np.array_equal(answer["result"]["outputs"]["sum"], alone["result"]["outputs"]["sum"])
+    assert len({bytes(alone["result"]["outputs"]["sum"].tobytes()) for alone in one_by_one}) == 10

@@ -209,6 +209,9 @@ class AsyncClient(_Methods):
         self._pending: dict[int, asyncio.Future] = {}
         self._answers: asyncio.Task | None = None
         self._stream: t.SocketStream | None = None
+        # True once connect() finished, hello included: until then no request may
+        # use the stream, or it would go out as v1 on a connection becoming v2.
+        self._ready = False
 
     async def connect(self) -> "AsyncClient":
         started = time.monotonic()
@@ -226,6 +229,7 @@ class AsyncClient(_Methods):
         self._stream = t.SocketStream(sock, send_buffer=t.CLIENT_SEND_BUFFER)
         if self.pipelining:
             await self._negotiate()
+        self._ready = True
         return self
 
     async def _negotiate(self) -> None:
@@ -255,6 +259,7 @@ class AsyncClient(_Methods):
                                               int(limits.get("shm_buffer_max_bytes", 0)))
 
     async def close(self) -> None:
+        self._ready = False
         if self._buffers is not None:
             self._buffers.close()
             self._buffers = None
@@ -280,12 +285,14 @@ class AsyncClient(_Methods):
     async def _connected(self) -> None:
         """Connect if not connected; after the daemon closed a v2 connection, open a
         new one (once, whoever many requests notice it at the same time)."""
-        if self._stream is not None and not self._lost():
+        if self._ready and not self._lost():
             return
         async with self._connect_lock:
             if self._lost():
                 await self.close()
-            if self._stream is None:
+            if not self._ready:
+                if self._stream is not None:  # a connect() that did not finish
+                    await self.close()
                 await self.connect()
 
     def _lost(self) -> bool:
