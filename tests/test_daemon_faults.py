@@ -17,7 +17,9 @@ SMALL = np.zeros((224, 224, 3), np.uint8)
 
 
 def test_an_exception_storm_fails_only_those_requests(start_daemon, model_dir):
-    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 0})
+    # All 100 in flight at once: under the default limit (64) a slow machine
+    # answers some with `busy` before the device sees them.
+    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 0}, scheduling={"max_inflight_per_connection": 128})
     path = str(model_dir / "net.hef")
 
     async def storm():
