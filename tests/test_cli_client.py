@@ -130,3 +130,37 @@ def test_client_sees_a_daemon_that_dies_mid_request(start_daemon, model_dir):
     thread.join(30)
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], DaemonUnreachable)
+
+
+# ------------------------------------------------------------------ selftest
+
+def test_selftest_runs_one_model_of_each_type_and_leaves_nothing_loaded(start_daemon, tmp_path):
+    """Model files named as Hailo's model zoo names them, one per type (simulated HEFs)."""
+    import yaml
+    from test_handlers import NETS
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    for name, net in (("scdepthv3.hef", NETS["depth.hef"]), ("yolov8s_pose.hef", NETS["pose.hef"]),
+                      ("paddle_ocr_det.hef", NETS["ocr_det.hef"]), ("multi_input.hef", {
+                          "inputs": [{"name": "a", "shape": [4, 4, 3], "format": "UINT8"},
+                                     {"name": "b", "shape": [8], "format": "FLOAT32"}],
+                          "outputs": [{"name": "y", "shape": [8], "format": "FLOAT32"}]})):
+        (folder / name).write_text(yaml.safe_dump(net))
+    for name in ("clip_vit_b_32_image_encoder.hef", "whisper_base.hef", "qwen2_vl_2b_instruct.hef"):
+        (folder / name).write_text("a simulated HEF\n")
+    daemon = start_daemon(model_dirs=[str(folder)])
+    config = tmp_path / "selftest.yaml"
+    config.write_text(yaml.safe_dump({"model_dirs": [str(folder)]}))
+    sock = ["--socket", daemon.socket_path]
+    result = cli(*sock, "selftest", "--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"generic", "clip", "depth", "pose", "ocr", "whisper", "vlm"}, result.stdout
+    assert "FAILED" not in result.stdout and "HailoRT 5.2.0" in result.stdout
+    assert "float32 [64, 80, 1]" in rows["depth"] and "segment(s)" in rows["whisper"]
+    assert json.loads(cli(*sock, "--json", "status").stdout)["loaded_models"] == []
+
+    (folder / "broken.hef").write_bytes(b"")  # an empty HEF: HAILO_INVALID_HEF
+    failed = cli(*sock, "selftest", "--model", f"depth={folder / 'broken.hef'}")
+    assert failed.returncode == 1 and "FAILED" in failed.stdout and "HAILO_INVALID_HEF" in failed.stdout
+    assert cli(*sock, "selftest", "--model", "nonsense").returncode == 2

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from . import config, selftest
 from ._version import __version__
 from .client import Client, DaemonUnreachable, DeviceError, default_socket_path
 from .tensors import encode_results
@@ -33,6 +34,31 @@ def _json_arg(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc})")
 
 
+def _type_and_path(text: str) -> tuple[str, str]:
+    model_type, _, path = text.partition("=")
+    if model_type not in selftest.TYPES or not path:
+        raise argparse.ArgumentTypeError(f"want TYPE=PATH with TYPE one of {', '.join(selftest.TYPES)}")
+    return model_type, path
+
+
+def _selftest(client: Client, args) -> int:
+    if args.model:
+        models = dict(args.model)
+    else:
+        settings = config.load(args.config, required=False)
+        models = selftest.find_models(settings.model_dirs, settings.pin)
+        if not models:
+            print(f"hailo-devmgr: no model to test in {', '.join(settings.model_dirs)} (nor pinned in "
+                  f"{args.config}); name one with --model TYPE=PATH", file=sys.stderr)
+            return EXIT_ERROR
+    status = client.status()
+    print(f"backend {status.get('backend')}, HailoRT {status.get('hailort_version') or 'unknown'}, "
+          f"device {status.get('device_id') or 'none'}")
+    rows = selftest.run(client, models)
+    print(selftest.table(rows))
+    return EXIT_OK if all(row.ok for row in rows) else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hailo-devmgr", description=__doc__.split("\n")[0],
                                      epilog="Exit status: 0 ok, 1 error answer, 2 usage, "
@@ -47,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("ping", help="check that the daemon answers")
     wait = commands.add_parser("wait", help="wait until the daemon answers (for service scripts)")
     wait.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds (30)")
+    selftest = commands.add_parser("selftest", help="load and run one model of each installed type (first boot)")
+    selftest.add_argument("--config", default=config.DEFAULT_CONFIG_PATH, metavar="PATH",
+                          help=f"where model_dirs and pin: are read (default {config.DEFAULT_CONFIG_PATH})")
+    selftest.add_argument("--model", action="append", default=[], type=_type_and_path, metavar="TYPE=PATH",
+                          help="test this model (repeatable) instead of looking in the model folders")
     for name, text in (("load", "load a model"), ("unload", "unload a model"), ("infer", "run one inference")):
         command = commands.add_parser(name, help=text)
         command.add_argument("model_path")
@@ -72,7 +103,8 @@ def _describe_result(value):
 
 
 def _print_status(response: dict) -> None:
-    print(f"backend:     {response.get('backend')}  (hailo-device-manager {response.get('version')})")
+    print(f"backend:     {response.get('backend')}  (hailo-device-manager {response.get('version')}, "
+          f"HailoRT {response.get('hailort_version') or 'not loaded'})")
     print(f"device:      {response.get('device_id') or 'none'}")
     if response.get("runtime_broken_reason"):
         print(f"unavailable: {response['runtime_broken_reason']}")
@@ -115,6 +147,8 @@ def run(args) -> int:
     if args.command == "wait":
         return _wait(lambda: Client(socket_path, timeout=2.0), args.timeout)
     with client_factory() as client:
+        if args.command == "selftest":
+            return _selftest(client, args)
         if args.command in ("status", "ping"):
             response = client.request(args.command)
         elif args.command == "device":
