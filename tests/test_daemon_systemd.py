@@ -260,7 +260,7 @@ def test_unit_files_follow_the_design():
     service = (root / "hailo-device-manager.service").read_text()
     sock = (root / "hailo-device-manager.socket").read_text()
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure",
-                 "User=hailo-device-mgr", "SupplementaryGroups=hailo", "MemoryMax=512M",
+                 "User=hailo-device-mgr", "SupplementaryGroups=hailo", "MemoryMax=2G", "CPUQuota=200%",
                  "ProtectSystem=strict", "DevicePolicy=closed", "NoNewPrivileges=yes"):
         assert f"\n{line}\n" in service, line
     assert "\nRuntimeDirectory" not in service  # would delete /run/hailo and the socket
