@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 DEVICE_ID = "0001:01:00.0"
 ARCHITECTURE = "HAILO10H"
 FW_VERSION = "5.3.0 (simulated)"
-HAILORT_VERSION = "5.3.0"
 UNIQUE_GROUP = "UNIQUE"
 
 # hailort.h numbers the daemon never classifies, so hailort_status lacks them.
