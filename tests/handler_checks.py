@@ -218,7 +218,6 @@ BAD_INPUTS = [
     ("whisper", {"audio": [0.1, True]}, "input_data.audio must be a list of numbers"),
     ("whisper", {"audio": []}, "input_data.audio is empty"),
     ("whisper", {"audio": [0.5, 2.0]}, "input_data.audio samples must lie in [-1, 1]"),
-    ("whisper", {"audio": [0.0] * (30 * SAMPLE_RATE + 1)}, "over the limit of 480000 (30 s at 16000 Hz)"),
     ("whisper", {"audio": tensor(np.zeros(8, np.int16))}, "input_data.audio must be float32 samples"),
     ("whisper", {"audio": tensor(np.zeros((2, 8), np.float32))}, "input_data.audio must be mono"),
     ("whisper", {"audio": tensor(np.array([0.0, np.nan], np.float32))}, "NaN or infinite"),

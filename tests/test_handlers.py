@@ -16,7 +16,7 @@ import yaml
 
 import handler_checks as hc
 from hailo_devmgr import protocol as p
-from hailo_devmgr.client import tensor
+from hailo_devmgr.client import Client, tensor
 from test_daemon_v1 import frame, read_frame
 
 NETS = {
@@ -146,6 +146,35 @@ def test_whisper_segments_follow_the_audio(client, models):
     assert french[0]["text"].startswith(" Simulated translation (fr) ")
     detect = client.infer(path, {"audio": tensor(hc.tone(1.0)), "language": None}, "whisper")["result"]
     assert detect["segments"][0]["text"].startswith(" Simulated transcript (auto) ")
+    # hailo-whisper sends "auto" when no language is configured (hailo_whisper_server.py)
+    auto = client.infer(path, {"audio": tensor(hc.tone(1.0)), "language": "auto"}, "whisper")["result"]
+    assert auto == detect
+
+
+def test_whisper_hears_long_audio_in_windows_cut_where_it_is_quiet(client, models):
+    """70 s with silence at 26.0-26.4 s and 53.0-53.4 s: windows end in those gaps, and
+    the segments' times run on over the whole recording."""
+    audio = hc.tone(70.0)
+    for gap in (26.0, 53.0):
+        audio[int(gap * hc.SAMPLE_RATE):int((gap + 0.4) * hc.SAMPLE_RATE)] = 0.0
+    segments = client.infer(models["whisper.hef"], {"audio": tensor(audio)}, "whisper")["result"]["segments"]
+    assert [s["id"] for s in segments] == list(range(len(segments)))
+    # The simulated model gives a segment per started 5 s of each window: windows
+    # 0-26.05 s, 26.05-53.1 s (cut in the middle of a quiet 0.1 s) and 53.1-70 s.
+    assert [s["start"] for s in segments] == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0,
+                                              26.05, 31.05, 36.05, 41.05, 46.05, 51.05,
+                                              53.1, 58.1, 63.1, 68.1]
+    assert segments[-1]["end"] == 70.0
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))  # nothing heard twice
+
+
+def test_whisper_audio_longer_than_max_audio_s_is_refused(start_daemon, models):
+    daemon = start_daemon(max_audio_s=40)
+    with Client(daemon.socket_path, timeout=30) as client:
+        assert client.infer(models["whisper.hef"], {"audio": tensor(hc.tone(40.0))}, "whisper")["result"]
+        error = hc.refused(lambda: client.infer(models["whisper.hef"], {"audio": tensor(hc.tone(40.5))},
+                                                "whisper"))
+        assert "over the limit of 640000 (40 s at 16000 Hz; config max_audio_s)" in error.message
 
 
 def test_vlm_through_the_shared_checks(client, models):

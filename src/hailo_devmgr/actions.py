@@ -120,7 +120,7 @@ def prepare(request: p.Request, config) -> DeviceRequest:
         params, lambda path, name: resolve_model_path(path, dirs, f"model_params.{name}"))
     prepared.spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
     if action == "infer":
-        limits = InputLimits(max_tensor_elements=config.max_tensor_elements)
+        limits = InputLimits(max_tensor_elements=config.max_tensor_elements, max_audio_s=config.max_audio_s)
         prepared.inputs = handler_cls.parse_input(body["input_data"], limits)
     return prepared
 
@@ -152,7 +152,10 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
                     **model.handler.load_info()}
         return load, f"load {spec.key}", budgets.load_budget_s
 
-    budget_ms = int(budgets.infer_budget_s * 1000)
+    # Some requests are several device calls (whisper: one per 30 s window),
+    # each with the whole infer budget.
+    calls = spec.handler_cls.device_calls(request.inputs)
+    budget_ms = int(budgets.infer_budget_s * 1000) * calls
 
     def infer():
         check_thermal()
@@ -162,4 +165,4 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
         return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
                               request.keep_alive)
     # A load on demand may come first, so allow for both.
-    return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s
+    return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s * calls

@@ -264,6 +264,8 @@ class Config:
                                   "HAILO_DEVICE_MAX_MESSAGE_BYTES")
     max_pending_bytes: int = _key(_integer(1024, 4096 * MiB), 256 * MiB)
     max_tensor_elements: int = _key(_integer(1), 64 * MiB)
+    # whisper: longest audio accepted, in seconds (transcribed in 30 s windows).
+    max_audio_s: int = _key(_integer(1, 4 * 3600), 600)
     # Protocol v2: tensor results of at least this many bytes go back in a
     # sealed memfd to clients that asked for shared memory in hello.
     shm_result_min_bytes: int = _key(_integer(0), 1 * MiB)

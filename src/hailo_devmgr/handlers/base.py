@@ -25,7 +25,6 @@ from .. import tensors
 from ..hailort_status import version_tuple
 from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, json_type
 
-MAX_PROMPT_CHARS = 256 * 1024
 MAX_FRAMES = 32
 # Longest single HailoRT call we allow a request to ask for (ms).
 MAX_TIMEOUT_MS = 600_000
@@ -35,6 +34,7 @@ DEFAULT_RUN_TIMEOUT_MS = 10_000
 @dataclass(frozen=True)
 class InputLimits:
     max_tensor_elements: int = tensors.DEFAULT_MAX_ELEMENTS
+    max_audio_s: int = 600  # whisper: longer audio is refused (config max_audio_s)
 
 
 class Handler:
@@ -83,6 +83,12 @@ class Handler:
     def parse_input(cls, input_data: Any, limits: InputLimits) -> Any:
         """Validate ``input_data`` and decode its tensors."""
         raise NotImplementedError
+
+    @classmethod
+    def device_calls(cls, inputs: Any) -> int:
+        """How many HailoRT calls ``run`` makes for these inputs, each of which may
+        take the whole infer budget (the watchdog allows for all of them)."""
+        return 1
 
     # -- on the device thread ---------------------------------------------
 
@@ -163,15 +169,6 @@ def choice_field(data: dict, key: str, choices: tuple[str, ...], where: str = "i
         wanted = " or ".join(f'"{choice}"' for choice in choices)
         raise RequestError(BAD_REQUEST, f"{where}.{key} must be {wanted}, got {value!r}")
     return value
-
-
-def prompt_field(data: dict, where: str = "input_data") -> str:
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str):
-        raise RequestError(BAD_REQUEST, f"{where}.prompt must be a string, got {json_type(prompt)}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(BAD_REQUEST, f"{where}.prompt is longer than {MAX_PROMPT_CHARS} characters")
-    return prompt
 
 
 def match_stream(array: np.ndarray, shape: list, dtype: np.dtype, where: str) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 vlm: ``{"prompt", "image": tensor}`` → text.
 vlm_chat: ``{"prompt", "frames": [tensor, ...], "temperature"?, "seed"?,
-"max_generated_tokens"?}`` → text. The context is cleared after every call,
-so one client's conversation never leaks into the next request.
+"max_generated_tokens"?}`` → text. ``prompt`` is a string (one user turn
+with an image slot per frame) or a chat list with one ``{"type": "image"}``
+slot per frame (handlers/chat.py). ``temperature`` 0 means greedy. The
+context is cleared after every call, so one client's conversation never
+leaks into the next request.
 Frames must match the model's ``input_frame_shape()`` and
 ``input_frame_format_type()`` (336x336x3 uint8 on the public Qwen2-VL HEF).
 """
@@ -14,21 +17,15 @@ from typing import Any
 import numpy as np
 
 from ..protocol import BAD_REQUEST, RequestError, optional_number
+from . import chat
 from .base import (MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, match_stream,
-                   prompt_field, require_object, tensor_field, tensor_list_field)
+                   require_object, tensor_field, tensor_list_field)
 
 MAX_GENERATED_TOKENS = 8192
 # generate_all(timeout_ms=) exists from 5.1.1 (docs/hailort-api.md).
 MINIMUM_HAILORT = (5, 1, 1)
 # The 5.1.1 server's MAX_FRAMES_IN_SINGLE_GENERATION (vlm_server.hpp:34).
 MAX_FRAMES_BEFORE_5_2 = 5
-
-
-def chat_prompt(text: str, image_count: int) -> list[dict]:
-    """A one-turn chat with an image slot per frame, as genai expects."""
-    content = [{"type": "image"} for _ in range(image_count)]
-    content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
 
 
 class VlmChatHandler(Handler):
@@ -39,9 +36,10 @@ class VlmChatHandler(Handler):
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
         data = require_object(input_data, "input_data")
         where = "input_data."
+        frames = cls._frames(data, limits)
         return {
-            "prompt": prompt_field(data),
-            "frames": cls._frames(data, limits),
+            "prompt": chat.as_chat(chat.prompt_field(data), len(frames)),
+            "frames": frames,
             "temperature": optional_number(data, "temperature", None, minimum=0, maximum=100, where=where),
             "seed": optional_number(data, "seed", None, minimum=0, maximum=2**31 - 1, integer=True, where=where),
             "max_generated_tokens": optional_number(data, "max_generated_tokens", None, minimum=1,
@@ -76,7 +74,7 @@ class VlmChatHandler(Handler):
         try:
             # Keywords only: HailoRT 5.2 inserted `videos` third (PY:4729).
             return self.vlm.generate_all(
-                prompt=chat_prompt(inputs["prompt"], len(frames)), frames=frames,
+                prompt=inputs["prompt"], frames=frames,
                 # Never past the daemon's infer budget, or the watchdog fires.
                 timeout_ms=min(inputs["timeout_ms"] or timeout_ms, timeout_ms),
                 **options)

@@ -2,27 +2,36 @@
 
 input_data: ``{"audio": [float, ...] | tensor, "language"?: "en",
 "task"?: "transcribe"|"translate", "timeout_ms"?}``. Audio is 16 kHz mono
-float32 PCM in [-1, 1], at most 30 s (480000 samples); a tensor may be
-``[n]`` or ``[1, n]``. ``language`` null asks HailoRT to detect it (HailoRT
-5.2 and later; 5.1 wants a language). Result:
-``{"segments": [{"id", "start", "end", "text"}, ...]}`` with times in
-seconds.
+float32 PCM in [-1, 1], at most ``max_audio_s`` (config, default 600 s); a
+tensor may be ``[n]`` or ``[1, n]``. Longer than 30 s, it is transcribed in
+windows of at most 30 s, each cut at the quietest moment of its last 5 s,
+and the segments' times are offset to the whole recording. ``language``
+null or ``"auto"`` asks HailoRT to detect it (HailoRT 5.2 and later; 5.1
+wants a language). Result: ``{"segments": [{"id", "start", "end",
+"text"}, ...]}`` with times in seconds.
 """
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import numpy as np
 
 from .. import tensors
-from ..protocol import BAD_REQUEST, RequestError, json_type, optional_number
+from ..protocol import BAD_REQUEST, TIMEOUT, RequestError, json_type, optional_number
 from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, require_object
 
 SAMPLE_RATE = 16_000
-MAX_AUDIO_S = 30
-MAX_SAMPLES = SAMPLE_RATE * MAX_AUDIO_S
+# Whisper hears 30 s at a time: longer audio is cut into windows of at most
+# WINDOW_S, each cut at the quietest CUT_FRAME_S stretch of its last
+# CUT_SEARCH_S, so words are rarely split and nothing is heard twice.
+WINDOW_S = 30
+CUT_SEARCH_S = 5
+CUT_FRAME_S = 0.1
 DEFAULT_LANGUAGE = "en"
+# What services send to ask for detection, besides null (hailo-whisper sends "auto").
+DETECT_WORDS = ("auto",)
 TASKS = ("transcribe", "translate")
 # The keyword form of generate_all_segments is from 5.1.1; language=None
 # (detect) from 5.2 (docs/hailort-api.md).
@@ -40,8 +49,8 @@ def _audio(data: dict, limits: InputLimits) -> np.ndarray:
     if isinstance(value, list):
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
             raise RequestError(BAD_REQUEST, "input_data.audio must be a list of numbers (float samples)")
-        if len(value) > MAX_SAMPLES:
-            raise RequestError(BAD_REQUEST, _too_long(len(value)))
+        if len(value) > limits.max_audio_s * SAMPLE_RATE:
+            raise RequestError(BAD_REQUEST, _too_long(len(value), limits))
         try:
             # float64 first: the range check below sees 1e300 as it is, not as inf.
             audio = np.asarray(value, dtype=np.float64)
@@ -63,8 +72,8 @@ def _audio(data: dict, limits: InputLimits) -> np.ndarray:
                                         f"float32 tensor, got {json_type(value)}")
     if audio.size == 0:
         raise RequestError(BAD_REQUEST, "input_data.audio is empty")
-    if audio.size > MAX_SAMPLES:
-        raise RequestError(BAD_REQUEST, _too_long(audio.size))
+    if audio.size > limits.max_audio_s * SAMPLE_RATE:
+        raise RequestError(BAD_REQUEST, _too_long(audio.size, limits))
     if not np.all(np.isfinite(audio)):
         raise RequestError(BAD_REQUEST, "input_data.audio holds NaN or infinite samples")
     peak = float(np.max(np.abs(audio)))
@@ -74,9 +83,25 @@ def _audio(data: dict, limits: InputLimits) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def _too_long(samples: int) -> str:
+def _too_long(samples: int, limits: InputLimits) -> str:
     return (f"input_data.audio has {samples} samples ({samples / SAMPLE_RATE:.1f} s), over the limit "
-            f"of {MAX_SAMPLES} ({MAX_AUDIO_S} s at {SAMPLE_RATE} Hz)")
+            f"of {limits.max_audio_s * SAMPLE_RATE} ({limits.max_audio_s} s at {SAMPLE_RATE} Hz; config "
+            "max_audio_s)")
+
+
+def windows(audio: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` sample ranges of at most WINDOW_S that cover ``audio`` in order."""
+    size, frame = WINDOW_S * SAMPLE_RATE, int(CUT_FRAME_S * SAMPLE_RATE)
+    ranges, start = [], 0
+    while len(audio) - start > size:
+        search = audio[start + size - CUT_SEARCH_S * SAMPLE_RATE:start + size]
+        frames = search[:len(search) // frame * frame].reshape(-1, frame)
+        quietest = int(np.argmin(np.mean(frames.astype(np.float64) ** 2, axis=1)))
+        end = start + size - CUT_SEARCH_S * SAMPLE_RATE + quietest * frame + frame // 2
+        ranges.append((start, end))
+        start = end
+    ranges.append((start, len(audio)))
+    return ranges
 
 
 class WhisperHandler(Handler):
@@ -86,6 +111,8 @@ class WhisperHandler(Handler):
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
         data = require_object(input_data, "input_data")
         language = data.get("language", DEFAULT_LANGUAGE)
+        if language in DETECT_WORDS:
+            language = None
         if language is not None and (not isinstance(language, str) or not _LANGUAGE.fullmatch(language)):
             raise RequestError(BAD_REQUEST, f"input_data.language must be a language code like \"en\" "
                                             f"(or null to detect it), got {language!r}")
@@ -107,22 +134,34 @@ class WhisperHandler(Handler):
         self.tasks = self.platform.genai.Speech2TextTask
         self.speech2text = speech2text(self.vdevice, self.model_path)
 
+    @classmethod
+    def device_calls(cls, inputs: dict) -> int:
+        return len(windows(inputs["audio"]))
+
     def run(self, inputs: dict, timeout_ms: int) -> dict:
         task = getattr(self.tasks, inputs["task"].upper())
         if inputs["language"] is None and hailort_version(self.platform) < DETECTS_LANGUAGE:
             # Before 5.2 the C++ parameter is a string: None is a TypeError there.
-            raise RequestError(BAD_REQUEST, f"input_data.language null (detect the language) needs HailoRT "
-                                            f"5.2 or later; the installed HailoRT is "
+            raise RequestError(BAD_REQUEST, f"input_data.language null or \"auto\" (detect the language) "
+                                            f"needs HailoRT 5.2 or later; the installed HailoRT is "
                                             f"{getattr(self.platform, '__version__', 'unknown')}: name the "
                                             "language, e.g. \"en\"")
-        # Audio positional (its name differs between sources), the rest by keyword.
-        segments = self.speech2text.generate_all_segments(
-            inputs["audio"], task=task, language=inputs["language"],
-            timeout_ms=min(timeout_ms, inputs["timeout_ms"] or timeout_ms))
-        return {"segments": [
-            {"id": index, "start": round(float(segment.start_sec), 3),
-             "end": round(float(segment.end_sec), 3), "text": str(segment.text)}
-            for index, segment in enumerate(segments)]}
+        audio, segments = inputs["audio"], []
+        timeout_ms = min(timeout_ms, inputs["timeout_ms"] or timeout_ms)
+        deadline = time.monotonic() + timeout_ms / 1000  # one budget for every window
+        parts = windows(audio)
+        for number, (start, end) in enumerate(parts):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise RequestError(TIMEOUT, f"transcription ran out of time after {number} of {len(parts)} "
+                                            f"windows of {WINDOW_S} s (timeout {timeout_ms} ms)")
+            offset = start / SAMPLE_RATE
+            for segment in self.speech2text.generate_all_segments(
+                    np.ascontiguousarray(audio[start:end]), task=task, language=inputs["language"],
+                    timeout_ms=left_ms):
+                segments.append({"id": len(segments), "start": round(offset + float(segment.start_sec), 3),
+                                 "end": round(offset + float(segment.end_sec), 3), "text": str(segment.text)})
+        return {"segments": segments}
 
     def release(self) -> None:
         # Speech2Text.release() exists from 5.1.0 (PY:5214 in 5.2.0); the object
