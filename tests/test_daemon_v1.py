@@ -192,7 +192,7 @@ BAD_REQUESTS = [
     ({"action": "infer", "model_path": "{net}", "model_type": "clip", "input_data": {"mode": "audio"}},
      p.BAD_REQUEST, "input_data.mode must be"),
     ({"action": "infer", "model_path": "{vlm}", "model_type": "vlm_chat", "input_data": {"prompt": 3}},
-     p.BAD_REQUEST, "input_data.prompt must be a string"),
+     p.BAD_REQUEST, "input_data.prompt must be a string or a chat list of messages, got number"),
     ({"action": "infer", "model_path": "{vlm}", "model_type": "vlm_chat", "input_data": {
         "prompt": "hi", "frames": []}}, p.BAD_REQUEST, "input_data.frames must be a non-empty list"),
     ({"action": "infer", "model_path": "{vlm}", "model_type": "vlm_chat", "input_data": {

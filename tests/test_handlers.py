@@ -237,10 +237,36 @@ def test_unsuitable_hefs_fail_to_load_with_the_reason(client, models):
                             "pose")["result"]) == {"a", "b"}
 
 
+def test_image_inputs_also_take_chw_and_nchw(client, models):
+    """hailo-depth falls back to NCHW [1, 3, H, W] when it cannot read the HEF's shape."""
+    hwc = hc.sample((64, 80, 3), np.uint8, 4)
+    chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    expected = client.infer(models["depth.hef"], {"input": tensor(hwc)}, "depth")["result"]
+    for layout in (chw, chw[np.newaxis]):
+        got = client.infer(models["depth.hef"], {"input": tensor(layout)}, "depth")["result"]
+        assert np.array_equal(got, expected)
+    pose = client.infer(models["pose.hef"], {"input": tensor(np.zeros((1, 3, 96, 96), np.uint8))}, "pose")
+    assert set(pose["result"]) == {"boxes", "scores", "keypoints"}
+    image = hc.sample((224, 224, 3), np.uint8, 5)
+    clip = [client.infer(models["net.hef"], {"mode": "image", "tensor": tensor(array)}, "clip")["result"]
+            for array in (image, image.transpose(2, 0, 1).copy())]
+    assert np.array_equal(clip[0], clip[1])
+    generic = [client.infer(models["two.hef"], {"inputs": {"a": tensor(array), "b": tensor(np.ones(8, np.float32))}},
+                            "generic")["result"]["outputs"]["sum"] for array in (np.zeros((4, 4, 3), np.uint8),
+                                                                                 np.zeros((1, 3, 4, 4), np.uint8))]
+    assert np.array_equal(generic[0], generic[1])
+    # Not an image stream (the CLIP text encoder's [77, 512]): no other layout.
+    other = models["net.hef"].replace("net.hef", "other.hef")
+    error = hc.refused(lambda: client.infer(other, {"mode": "text", "tensor": tensor(
+        np.zeros((512, 77), np.float32))}, "clip", {"text_hef_path": models["clip_text.hef"]}))
+    assert "the model expects [77, 512]" in error.message and "CHW" not in error.message
+
+
 def test_wrong_shape_and_dtype_after_load_name_the_field(client, models):
     error = hc.refused(lambda: client.infer(models["depth.hef"], {"input": tensor(np.zeros((64, 80), np.uint8))},
                                             "depth"))
-    assert error.message == "input_data.input has shape [64, 80], the model expects [64, 80, 3]"
+    assert error.message == ("input_data.input has shape [64, 80], the model expects [64, 80, 3] "
+                             "(or CHW/NCHW of it)")
     error = hc.refused(lambda: client.infer(models["pose.hef"], {"input": tensor(
         np.zeros((96, 96, 3), np.float32))}, "pose"))
     assert error.message == "input_data.input has dtype float32, the model expects uint8"

@@ -174,15 +174,34 @@ def choice_field(data: dict, key: str, choices: tuple[str, ...], where: str = "i
 def match_stream(array: np.ndarray, shape: list, dtype: np.dtype, where: str) -> np.ndarray:
     """Check a tensor against a model stream; accept a leading batch dim of 1.
 
-    Returns a C-contiguous array of exactly the stream's shape (HailoRT
-    requires C-contiguous buffers).
+    An image stream (HWC with 3 channels, neither H nor W 3) also takes CHW
+    ``[3, H, W]`` and NCHW ``[1, 3, H, W]``, transposed here to HWC: the
+    layout is unambiguous, and services fall back to NCHW when they cannot
+    read the HEF's shape. Returns a C-contiguous array of exactly the
+    stream's shape (HailoRT requires C-contiguous buffers).
     """
     expected = tuple(int(size) for size in shape)
     got = tuple(array.shape)
     if got == (1, *expected):
         array = array.reshape(expected)
+    elif _is_chw_of(got, expected):
+        array = np.moveaxis(array.reshape(got[-3:]), 0, -1)
     elif got != expected:
-        raise RequestError(BAD_REQUEST, f"{where} has shape {list(got)}, the model expects {list(expected)}")
+        layouts = " (or CHW/NCHW of it)" if _is_image(expected) else ""
+        raise RequestError(BAD_REQUEST, f"{where} has shape {list(got)}, the model expects {list(expected)}"
+                                        f"{layouts}")
     if array.dtype != dtype:
         raise RequestError(BAD_REQUEST, f"{where} has dtype {array.dtype.name}, the model expects {dtype.name}")
     return np.ascontiguousarray(array)
+
+
+def _is_image(expected: tuple) -> bool:
+    return len(expected) == 3 and expected[2] == 3 and 3 not in expected[:2]
+
+
+def _is_chw_of(got: tuple, expected: tuple) -> bool:
+    """``got`` is ``expected`` (HWC, 3 channels) as CHW or NCHW with N = 1."""
+    if not _is_image(expected):
+        return False
+    height, width, channels = expected
+    return got in ((channels, height, width), (1, channels, height, width))

@@ -36,9 +36,10 @@ class VlmChatHandler(Handler):
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
         data = require_object(input_data, "input_data")
         where = "input_data."
+        prompt = chat.prompt_field(data)
         frames = cls._frames(data, limits)
         return {
-            "prompt": chat.as_chat(chat.prompt_field(data), len(frames)),
+            "prompt": chat.as_chat(prompt, len(frames)),
             "frames": frames,
             "temperature": optional_number(data, "temperature", None, minimum=0, maximum=100, where=where),
             "seed": optional_number(data, "seed", None, minimum=0, maximum=2**31 - 1, integer=True, where=where),

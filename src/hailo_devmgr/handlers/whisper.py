@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import tensors
-from ..protocol import BAD_REQUEST, TIMEOUT, RequestError, json_type, optional_number
+from ..protocol import BAD_REQUEST, INFERENCE_FAILED, RequestError, json_type, optional_number
 from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, require_object
 
 SAMPLE_RATE = 16_000
@@ -153,8 +153,10 @@ class WhisperHandler(Handler):
         for number, (start, end) in enumerate(parts):
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                raise RequestError(TIMEOUT, f"transcription ran out of time after {number} of {len(parts)} "
-                                            f"windows of {WINDOW_S} s (timeout {timeout_ms} ms)")
+                # Not `timeout`, which means "never started" (docs/protocol.md 7).
+                raise RequestError(INFERENCE_FAILED, f"Inference failed: transcription ran out of time after "
+                                                     f"{number} of {len(parts)} windows of {WINDOW_S} s "
+                                                     f"(timeout {timeout_ms} ms) [HAILO_TIMEOUT (4)]")
             offset = start / SAMPLE_RATE
             for segment in self.speech2text.generate_all_segments(
                     np.ascontiguousarray(audio[start:end]), task=task, language=inputs["language"],
