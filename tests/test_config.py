@@ -94,3 +94,30 @@ def test_hailo_device_config_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backend: simulated\n")
     assert cfg.load(None, {"HAILO_DEVICE_CONFIG": str(path)}).backend == "simulated"
+
+
+def test_drop_ins_add_model_folders_and_replace_other_keys(tmp_path):
+    """A service adds its folder in /etc/hailo/device-manager.d/ without editing the conffile."""
+    main = tmp_path / "device-manager.yaml"
+    main.write_text("log_level: info\n")
+    dropins = tmp_path / "device-manager.d"
+    dropins.mkdir()
+    (dropins / "20-hailo-ocr.yaml").write_text("model_dirs: [/var/lib/hailo-ocr/models]\nlog_level: debug\n")
+    (dropins / "10-hailo-clip.yaml").write_text("model_dirs: [/var/lib/hailo-clip/models]\n")
+    (dropins / "notes.txt").write_text("not a drop-in")
+    config = cfg.load(main, environ={})
+    assert config.model_dirs == (*cfg.DEFAULT_MODEL_DIRS, "/var/lib/hailo-clip/models", "/var/lib/hailo-ocr/models")
+    assert config.log_level == "debug"  # a later drop-in replaces a plain key
+
+    main.write_text("model_dirs: [/srv/models]\n")
+    assert cfg.load(main, environ={}).model_dirs == (
+        "/srv/models", "/var/lib/hailo-clip/models", "/var/lib/hailo-ocr/models")
+
+    (dropins / "30-broken.yaml").write_text("model_dirs: relative/path\n")
+    with pytest.raises(cfg.ConfigError, match=r"30-broken\.yaml: model_dirs"):
+        cfg.load(main, environ={})
+
+
+def test_default_model_folders_are_the_standard_system_locations():
+    assert cfg.DEFAULT_MODEL_DIRS == ("/usr/share/hailo-models", "/usr/local/hailo/resources/models",
+                                      "/var/lib/hailo/models")

@@ -16,7 +16,11 @@ import yaml
 
 DEFAULT_CONFIG_PATH = "/etc/hailo/device-manager.yaml"
 DEFAULT_SOCKET_PATH = "/run/hailo/device.sock"
-DEFAULT_MODEL_DIRS = ("/usr/share/hailo-models", "/var/lib/hailo/models")
+# Where HEFs are installed: Raspberry Pi's hailo-models package, hailo-apps'
+# resources (/usr/local/hailo/resources/models/<arch>/), and ours (group hailo).
+DEFAULT_MODEL_DIRS = ("/usr/share/hailo-models", "/usr/local/hailo/resources/models", "/var/lib/hailo/models")
+# Keys whose lists a drop-in adds to instead of replacing.
+ADDITIVE_KEYS = ("model_dirs", "pin")
 BACKENDS = ("hailo", "simulated")
 # HailoRT versions whose API is recorded (backends/hailort_api/*.yaml), oldest first.
 SIMULATED_HAILORT_VERSIONS = ("4.23.0", "5.1.1", "5.2.0")
@@ -343,10 +347,14 @@ def _env_overrides(config: Config, environ) -> Config:
 
 
 def load(path: str | os.PathLike | None = None, environ=None, *, required: bool | None = None) -> Config:
-    """Read the config file (if any) and apply environment overrides.
+    """Read the config file (if any) and its drop-ins, then apply environment overrides.
 
     ``path`` None means the default file, which may be absent (defaults
-    apply); a path given explicitly must exist.
+    apply); a path given explicitly must exist. Drop-ins are the ``*.yaml``
+    files of ``<path without .yaml>.d/`` (``/etc/hailo/device-manager.d/``),
+    read in name order: their ``model_dirs`` and ``pin`` entries are added to
+    the file's (a service adds its own model folder without editing the
+    conffile); any other key replaces the file's value.
     """
     environ = os.environ if environ is None else environ
     if path is None:
@@ -355,8 +363,28 @@ def load(path: str | os.PathLike | None = None, environ=None, *, required: bool 
     elif required is None:
         required = True
     source = str(path)
+    raw = _read_yaml(Path(path), required)
+    dropins = sorted(Path(path).with_suffix(".d").glob("*.yaml"))
+    for dropin in dropins:
+        extra = _read_yaml(dropin, True)
+        _build(Config, extra, str(dropin))  # each drop-in's own errors name it
+        raw = _merge(raw, extra)
+    if dropins:
+        source += f" (with {', '.join(dropin.name for dropin in dropins)})"
+    config = _env_overrides(_build(Config, raw, source), environ)
+    if config.thermal.resume_c >= config.thermal.limit_c:
+        raise ConfigError(f"{source}: thermal.resume_c: must be below thermal.limit_c "
+                          f"({config.thermal.limit_c}), got {config.thermal.resume_c}")
+    if config.max_pending_bytes < config.max_message_bytes:
+        raise ConfigError(f"{source}: max_pending_bytes: must be at least max_message_bytes "
+                          f"({config.max_message_bytes}), got {config.max_pending_bytes}")
+    return config
+
+
+def _read_yaml(path: Path, required: bool) -> dict:
+    source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if required:
             raise ConfigError(f"{source}: file not found") from None
@@ -370,14 +398,23 @@ def load(path: str | os.PathLike | None = None, environ=None, *, required: bool 
         at = f"line {where.line + 1}: " if where is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{source}: {at}YAML error: {problem}") from None
-    config = _env_overrides(_build(Config, raw if raw is not None else {}, source), environ)
-    if config.thermal.resume_c >= config.thermal.limit_c:
-        raise ConfigError(f"{source}: thermal.resume_c: must be below thermal.limit_c "
-                          f"({config.thermal.limit_c}), got {config.thermal.resume_c}")
-    if config.max_pending_bytes < config.max_message_bytes:
-        raise ConfigError(f"{source}: max_pending_bytes: must be at least max_message_bytes "
-                          f"({config.max_message_bytes}), got {config.max_pending_bytes}")
-    return config
+    return {} if raw is None else raw
+
+
+def _merge(base: Any, extra: dict) -> dict:
+    """``base`` with a drop-in's keys: additive lists appended, sections merged, the rest replaced."""
+    merged = dict(base) if isinstance(base, dict) else {}
+    for key, value in extra.items():
+        if key in ADDITIVE_KEYS and isinstance(value, list):
+            current = merged.get(key)
+            if current is None:
+                current = list(DEFAULT_MODEL_DIRS) if key == "model_dirs" else []
+            merged[key] = [*current, *value] if isinstance(current, list) else value
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def describe(config: Config) -> dict:

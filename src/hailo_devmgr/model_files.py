@@ -81,7 +81,9 @@ def _allowed(real: str, model_dirs: tuple[str, ...]) -> bool:
 
 def _forbidden(path: str, model_dirs: tuple[str, ...]) -> RequestError:
     return RequestError(
-        FORBIDDEN, f"Model path {path} is outside the allowed model folders ({', '.join(model_dirs)})")
+        FORBIDDEN, f"Model path {path} is outside the allowed model folders ({', '.join(model_dirs)}); "
+                   "to allow another folder, add it to model_dirs in a drop-in such as "
+                   "/etc/hailo/device-manager.d/<service>.yaml")
 
 
 def _not_found(path: str) -> RequestError:
