@@ -6,9 +6,10 @@
 PYTHON    ?= /usr/bin/python3
 RUN_DIR   ?= $(CURDIR)/run
 RUNTIME_DEPS = python3-systemd python3-sdnotify python3-numpy python3-yaml
+HTTP_DEPS    = python3-aiohttp python3-prometheus-client
 DEB_DEPS     = build-essential fakeroot dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
 E2E_DEPS     = systemd-container debootstrap
-TEST_DEPS    = $(RUNTIME_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd \
+TEST_DEPS    = $(RUNTIME_DEPS) $(HTTP_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd \
                python3-hypothesis python3-venv
 DEB_DIR     ?= $(CURDIR)/build/deb
 # Fuzzing: atheris run length for `make fuzz` and for the short run in `make test`.
@@ -39,7 +40,7 @@ deps-test:
 	$(call ensure_packages,$(TEST_DEPS))
 
 deps-deb:
-	$(call ensure_packages,$(DEB_DEPS) $(RUNTIME_DEPS))
+	$(call ensure_packages,$(DEB_DEPS) $(RUNTIME_DEPS) $(HTTP_DEPS))
 
 run: deps-runtime
 	@mkdir -p $(RUN_DIR)/models

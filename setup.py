@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "hailo-device-manager = hailo_devmgr.daemon:main",
             "hailo-devmgr = hailo_devmgr.cli:main",
+            "hailo-devmgr-http = hailo_devmgr.http.__main__:main",
         ],
     },
 )
