@@ -296,7 +296,8 @@ class Client(threading.Thread):
             check = self.crossed_or(key, lambda r: is_tensor(r, [4]))
         elif model_type == "pose":
             message["input_data"] = {"input": x}
-            check = self.crossed_or(key, lambda r: isinstance(r, dict) and is_tensor(r.get("y"), [4]))
+            # One output: the bare tensor, as the earlier daemon answered.
+            check = self.crossed_or(key, lambda r: is_tensor(r, [4]))
         elif model_type == "ocr":
             if k % 2:
                 message["input_data"] = {"mode": "detection", "image": x}

@@ -90,9 +90,9 @@ def test_device_status_is_the_daemons_with_the_peers_keys(daemon, http_server, m
     assert code == 200 and headers["Content-Type"].startswith("application/json")
     answer = json.loads(body)
     assert PEER_DEVICE_STATUS_KEYS <= set(answer) and set(answer["device"]) == PEER_DEVICE_KEYS
-    assert set(answer["networks"]) == PEER_NETWORKS_KEYS and answer["networks"]["source"] == "device-manager"
+    assert set(answer["networks"]) == PEER_NETWORKS_KEYS and answer["networks"]["source"] == "device_manager"
     [network] = answer["networks"]["networks"]
-    assert network["name"] == "net" and network["model_type"] == "generic"
+    assert network["name"] == "net.hef" and network["model_type"] == "generic"
     assert set(answer) == set(direct) - {"request_id"}
     assert answer["device"] == direct["device"]
 
@@ -135,4 +135,4 @@ def test_a_daemon_that_cannot_be_reached_is_503_with_the_reason(tmp_path, http_s
 def test_socket_activated_it_serves_on_the_socket_systemd_passed(daemon, http_server):
     base = http_server(daemon.socket_path, activated=True)
     code, _, body = get(base + "/v1/device/status")
-    assert code == 200 and json.loads(body)["networks"]["source"] == "device-manager"
+    assert code == 200 and json.loads(body)["networks"]["source"] == "device_manager"

@@ -159,8 +159,9 @@ def test_resource_exhausted_evicts_least_recently_used_first(start_daemon, model
         assert loaded_paths(client) == [c, d]
         status = client.status()
         assert status["total_lru_evictions"] == 2
-        assert status["last_capacity_event_model"] == f"generic:{d}"
-        assert "HAILO_RESOURCE_EXHAUSTED" in status["last_capacity_event_reason"]
+        assert status["last_capacity_event_model"] == a  # the last one evicted for d
+        assert status["last_capacity_event_reason"] == (
+            f"device memory exhausted (HAILO_RESOURCE_EXHAUSTED) while loading {os.path.basename(d)} (generic)")
     log = daemon.log()
     assert log.index(f"evicted generic:{b}") < log.index(f"evicted generic:{a}")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -318,7 +319,8 @@ class ModelRegistry:
             except Exception as exc:
                 status = hs.status_of(exc)
                 if status == hs.RESOURCE_EXHAUSTED:
-                    self._capacity_event("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key)
+                    self._capacity_event("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key,
+                                         spec.model_path)
                     if self._evict_one("device memory exhausted (HAILO_RESOURCE_EXHAUSTED)", spec.key,
                                        log_fields):
                         continue
@@ -351,7 +353,7 @@ class ModelRegistry:
         del self._models[victim.spec.key]
         self._release(victim)
         self.total_evictions += 1
-        self._capacity_event(reason, wanted)
+        self._capacity_event(reason, wanted, victim.spec.model_path)
         self._publish()
         log.info("evicted %s (least recently used) to load %s: %s", victim.spec.key, wanted, reason,
                  extra={**(log_fields or {}), "MODEL": victim.spec.model_path,
@@ -376,8 +378,13 @@ class ModelRegistry:
         return RequestError(error.code, f"{error.message} (the model was unloaded and loads again on the "
                                         "next request)", retry_after_ms=error.retry_after_ms)
 
-    def _capacity_event(self, reason: str, model_key: str) -> None:
-        self.last_capacity_event = (reason, model_key, time.time())
+    def _capacity_event(self, reason: str, wanted: str, model_path: str) -> None:
+        """Room ran out loading ``wanted`` (a cache key); ``model_path`` is the model
+        evicted for it, or ``wanted``'s own path when none could be (as the
+        earlier daemon reported it: its web portal shows these fields)."""
+        model_type, _, path = wanted.partition(":")
+        self.last_capacity_event = (f"{reason} while loading {os.path.basename(path)} ({model_type})",
+                                    model_path, time.time())
 
     def _release(self, model: LoadedModel) -> None:
         try:

@@ -527,20 +527,21 @@ class Server:
 
     def device_status_payload(self) -> dict:
         identity = self.runtime.identity
-        networks = [
-            {"name": os.path.splitext(os.path.basename(model["model_path"]))[0], **model}
-            for model in self.registry.snapshot
-        ]
+        # As the earlier daemon: name is the file name, source "device_manager".
+        networks = [{"name": os.path.basename(model["model_path"]), **model} for model in self.registry.snapshot]
+        device = {
+            "device_id": identity.device_id,
+            "architecture": identity.architecture,
+            "fw_version": identity.fw_version,
+        }
+        if self.runtime.temperature_c is not None:
+            # Left out when unknown: the earlier daemon's web portal fails on a null.
+            device["temperature_celsius"] = self.runtime.temperature_c
         return {
-            "device": {
-                "device_id": identity.device_id,
-                "architecture": identity.architecture,
-                "fw_version": identity.fw_version,
-                "temperature_celsius": self.runtime.temperature_c,
-            },
+            "device": device,
             "networks": {
                 "status": "ok" if self.runtime.vdevice is not None else "unavailable",
-                "source": "device-manager",
+                "source": "device_manager",
                 "network_count": len(networks),
                 "networks": networks,
             },

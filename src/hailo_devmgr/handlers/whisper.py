@@ -6,7 +6,7 @@ float32 PCM in [-1, 1], at most ``max_audio_s`` (config, default 600 s); a
 tensor may be ``[n]`` or ``[1, n]``. Longer than 30 s, it is transcribed in
 windows of at most 30 s, each cut at the quietest moment of its last 5 s,
 and the segments' times are offset to the whole recording. ``language``
-null or ``"auto"`` asks HailoRT to detect it (HailoRT 5.2 and later; 5.1
+null, ``""`` or ``"auto"`` asks HailoRT to detect it (HailoRT 5.2 and later; 5.1
 wants a language). Result: ``{"segments": [{"id", "start", "end",
 "text"}, ...]}`` with times in seconds.
 """
@@ -31,7 +31,7 @@ CUT_SEARCH_S = 5
 CUT_FRAME_S = 0.1
 DEFAULT_LANGUAGE = "en"
 # What services send to ask for detection, besides null (hailo-whisper sends "auto").
-DETECT_WORDS = ("auto",)
+DETECT_WORDS = ("auto", "")
 TASKS = ("transcribe", "translate")
 # The keyword form of generate_all_segments is from 5.1.1; language=None
 # (detect) from 5.2 (docs/hailort-api.md).
