@@ -130,6 +130,30 @@ def test_3_simulated_backend_load_infer_unload(box):
     assert forbidden.returncode == 1 and "(forbidden)" in forbidden.stderr
 
 
+HTTP_SOCKET, HTTP_SERVICE = "hailo-devmgr-http.socket", "hailo-devmgr-http.service"
+GET_STATUS = ("python3 -c \"import json, urllib.request; "
+              "print(json.dumps(json.load(urllib.request.urlopen('http://127.0.0.1:5099/v1/device/status'))))\"")
+
+
+def test_3b_http_status_is_socket_activated_unprivileged_and_apart(box):
+    """hailo-devmgr-http: its socket enabled and listening, the service started by the
+    first request, as its own user in group hailo; the daemon itself stays AF_UNIX-only."""
+    assert box.out(f"systemctl is-enabled {HTTP_SOCKET}") == "enabled"
+    assert box.out(f"systemctl is-active {HTTP_SOCKET}") == "active"
+    assert box.out(f"systemctl is-active {HTTP_SERVICE}", check=False) == "inactive"
+    answer = json.loads(box.out(GET_STATUS, user="bob"))  # any local user may read the status
+    assert answer["networks"]["source"] == "device_manager" and "device" in answer
+    state = box.show(HTTP_SERVICE, "ActiveState", "MainPID")
+    assert state["ActiveState"] == "active"
+    assert box.out(f"stat -c %U /proc/{state['MainPID']}") == "hailo-devmgr-http"
+    assert "hailo" in box.out("id -nG hailo-devmgr-http").split()
+    metrics = box.out("python3 -c \"import urllib.request; "
+                      "print(urllib.request.urlopen('http://127.0.0.1:5099/metrics').read().decode())\"")
+    assert "hailo_devmgr_device_up 1.0" in metrics
+    # The device-owning daemon may not even create an inet socket.
+    assert box.show(SERVICE, "RestrictAddressFamilies")["RestrictAddressFamilies"] == "AF_UNIX"
+
+
 # ------------------------------------------------------------------ 4. dependent unit
 
 def test_4_dependent_unit_with_requires_on_the_socket(box):
@@ -183,6 +207,11 @@ def test_6b_hung_device_call_stops_watchdog_pings_and_systemd_restarts(box):
 
 
 def test_6c_sigterm_with_queued_work_stops_cleanly(box):
+    # A 4 s inference needs more than test 3's 1 s budget: a drop-in raises it
+    # (drop-ins add to or replace the conffile's keys), removed at the end.
+    box.sh("mkdir -p /etc/hailo/device-manager.d && printf 'watchdog:\\n  infer_budget_s: 30\\n' "
+           "> /etc/hailo/device-manager.d/e2e-6c.yaml")
+    box.sh(f"systemctl restart {SERVICE}", timeout=60)
     dm(box, f"load {MODELS}/tiny.hef --type generic")
     infer = f"hailo-devmgr infer {MODELS}/tiny.hef --type generic --input '{TINY_INPUT}'"
     box.sh(f"nohup {infer} --params '{{\"simulate_ms\": 4000}}' > /tmp/running.out 2>&1 &", user="alice")
@@ -203,6 +232,7 @@ def test_6c_sigterm_with_queued_work_stops_cleanly(box):
         answer = box.out(f"cat /tmp/queued-{index}.out")
         assert "(shutting_down)" in answer or '"y"' in answer, answer  # answered either way, none lost
     assert "stopped" in journal(box)
+    box.sh("rm /etc/hailo/device-manager.d/e2e-6c.yaml")
 
 
 # ------------------------------------------------------------------ 7. broken conffile
