@@ -239,6 +239,30 @@ def test_sighup_reloads_and_keeps_connections(tmp_path, model_dir, notify):
         assert client.ping()["status"] == "ok"
 
 
+def test_reload_helper_checks_the_file_before_it_signals(tmp_path, model_dir, notify):
+    """ExecReload=hailo-device-manager --reload $MAINPID: a bad file fails the reload
+    (exit 1, the line at fault) and the daemon is not even signalled."""
+    daemon = start_notified(tmp_path, model_dir, notify, max_loaded_models=4)
+    config = tmp_path / "config.yaml"
+
+    def reload():
+        return subprocess.run([sys.executable, "-m", "hailo_devmgr", "--config", str(config), "--reload",
+                               str(daemon.process.pid)], env=env_with_src(), capture_output=True, text=True,
+                              timeout=30)
+    write_config(tmp_path, model_dir, max_loaded_models=2)
+    good = reload()
+    assert good.returncode == 0 and "reloads it" in good.stdout
+    notify.wait_for("RELOADING=1")
+    config.write_text(config.read_text() + "max_loaded_models: lots\n")
+    bad = reload()
+    assert bad.returncode == 1
+    assert bad.stderr.strip().endswith("max_loaded_models: must be an integer, got 'lots'")
+    time.sleep(0.3)
+    assert "reload failed" not in daemon.log()  # never signalled: nothing to keep
+    with Client(daemon.socket_path, timeout=30) as client:
+        assert client.ping()["status"] == "ok"
+
+
 def test_log_lines_carry_structured_fields(client, daemon, model_dir):
     path = str(model_dir / "net.hef")
     client.load_model(path, "generic")

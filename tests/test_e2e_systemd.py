@@ -237,6 +237,26 @@ def test_6c_sigterm_with_queued_work_stops_cleanly(box):
 
 # ------------------------------------------------------------------ 7. broken conffile
 
+def test_7_reload_takes_a_good_file_and_refuses_a_bad_one_where_the_admin_asked(box):
+    """No /bin/kill (procps) on a minimal install; a bad file fails `systemctl reload`."""
+    conffile = "/etc/hailo/device-manager.yaml"
+    assert dm(box, "ping").stdout.startswith("ok")
+    pid = service_state(box)["MainPID"]
+    box.sh(f"cp {conffile} /root/before-reload.yaml && printf 'max_loaded_models: 3\\n' >> {conffile}")
+    box.sh(f"systemctl reload {SERVICE}")
+    wait_for(lambda: "configuration reloaded" in journal(box), "the reload")
+    box.sh(f"printf 'max_loaded_models: lots\\n' >> {conffile}")
+    refused = box.sh(f"systemctl reload {SERVICE}", check=False)
+    assert refused.returncode != 0
+    assert "max_loaded_models: must be an integer, got 'lots'" in box.out(f"systemctl status {SERVICE}",
+                                                                          check=False)
+    state = service_state(box)
+    assert (state["ActiveState"], state["MainPID"]) == ("active", pid)  # still running, not restarted
+    assert dm(box, "ping").stdout.startswith("ok")
+    box.sh(f"cp /root/before-reload.yaml {conffile}")
+    box.sh(f"systemctl reload {SERVICE}")
+
+
 def test_7_broken_conffile_fails_clearly_and_fixing_it_recovers(box):
     conffile = "/etc/hailo/device-manager.yaml"
     box.sh(f"cp {conffile} /root/good.yaml && printf 'max_loaded_models: lots\\n' >> {conffile}")

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=config_mod.BACKENDS, help="override backend")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print it as JSON and exit")
+    parser.add_argument("--reload", type=int, metavar="PID",
+                        help="validate the configuration, then ask the daemon PID to reload it (SIGHUP); "
+                             "exit 1 naming the line at fault when it is not valid (systemctl reload)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
 
@@ -233,6 +236,19 @@ def refuse_while_misconfigured(listener, message: str) -> None:
     refuse_connections(listener, message.removeprefix("hailo-device-manager: "), CONFIG_ERROR_LINGER_S)
 
 
+def ask_to_reload(pid: int) -> int:
+    """``systemctl reload``: the file was valid, so the daemon may take it (it
+    checks again, and keeps the running configuration if the file changed
+    for the worse meanwhile). No /bin/kill needed: procps is not a dependency."""
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"hailo-device-manager: cannot signal the daemon (pid {pid}): {exc.strerror}", file=sys.stderr)
+        return EXIT_STARTUP
+    print(f"hailo-device-manager: configuration valid; daemon {pid} reloads it")
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -240,13 +256,15 @@ def main(argv=None) -> int:
     except config_mod.ConfigError as exc:
         message = f"hailo-device-manager: configuration error: {exc}"
         print(message, file=sys.stderr)
-        fds = [] if args.check_config else systemd.inherited_sockets()
+        fds = [] if args.check_config or args.reload else systemd.inherited_sockets()
         if fds:
             refuse_while_misconfigured(systemd.adopt_listener(fds), message)
         return EXIT_CONFIG
     if args.check_config:
         print(json.dumps(config_mod.describe(config), indent=2))
         return EXIT_OK
+    if args.reload:
+        return ask_to_reload(args.reload)
     systemd.setup_logging(config.log_level)
     try:
         return asyncio.run(Daemon(config, args).run())
