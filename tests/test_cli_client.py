@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -52,7 +53,30 @@ def test_exit_codes_scripts_rely_on(daemon, model_dir, tmp_path):
     unreachable = cli("--socket", str(tmp_path / "nobody.sock"), "status")
     assert unreachable.returncode == 3 and "cannot connect" in unreachable.stderr
     timed_out = cli("--socket", str(tmp_path / "nobody.sock"), "wait", "--timeout", "0.3")
-    assert timed_out.returncode == 4
+    assert timed_out.returncode == 75  # EX_TEMPFAIL: systemd does not call it a permission problem
+
+
+def test_wait_reports_a_daemon_that_answers_with_an_error_at_once(tmp_path):
+    """A socket-activated daemon with a broken file answers every client with the error."""
+    import shutil
+    socket_path = str(tmp_path / "broken.sock")
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_loaded_models: lots\n")
+    activate = subprocess.Popen([shutil.which("systemd-socket-activate"), "-l", socket_path, "-E", "PYTHONPATH",
+                                 sys.executable, "-m", "hailo_devmgr", "--config", str(config)],
+                                env=env_with_src(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(socket_path):
+                break
+            time.sleep(0.05)
+        started = time.monotonic()
+        result = cli("--socket", socket_path, "wait", "--timeout", "30")
+        assert result.returncode == 1 and time.monotonic() - started < 20
+        assert "the daemon answered" in result.stderr and "max_loaded_models" in result.stderr
+    finally:
+        activate.terminate()
+        activate.wait(10)
 
 
 def test_wait_returns_once_the_daemon_answers(tmp_path, model_dir):

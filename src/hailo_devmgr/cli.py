@@ -1,8 +1,9 @@
 """`hailo-devmgr`: talk to the device manager from a shell.
 
 Exit status, for scripts: 0 success; 1 the daemon answered with an error
-(its code is printed); 2 bad command line; 3 the daemon cannot be reached;
-4 `wait` timed out.
+(its code is printed), also to `wait`; 2 bad command line; 3 the daemon
+cannot be reached; 75 `wait` timed out (EX_TEMPFAIL, "TEMPFAIL" in
+systemctl status: try again later).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ._version import __version__
 from .client import Client, DaemonUnreachable, DeviceError, default_socket_path
 from .tensors import encode_results
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 75
 WAIT_POLL_S = 0.1
 
 
@@ -62,7 +63,7 @@ def _selftest(client: Client, args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hailo-devmgr", description=__doc__.split("\n")[0],
                                      epilog="Exit status: 0 ok, 1 error answer, 2 usage, "
-                                            "3 daemon unreachable, 4 wait timed out.")
+                                            "3 daemon unreachable, 75 wait timed out.")
     parser.add_argument("--socket", default=None,
                         help=f"daemon socket (default $HAILO_DEVICE_SOCKET or {default_socket_path()})")
     parser.add_argument("--json", action="store_true", help="print the daemon's raw JSON answer")
@@ -131,9 +132,14 @@ def _wait(client_factory, timeout_s: float) -> int:
             with client_factory() as client:
                 client.ping()
             return EXIT_OK
-        except (DaemonUnreachable, DeviceError):
+        except DeviceError as exc:
+            # The daemon answered, with an error (e.g. its configuration is broken):
+            # say what it said rather than wait for an answer that came.
+            print(f"hailo-devmgr: the daemon answered: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except DaemonUnreachable as exc:
             if time.monotonic() >= deadline:
-                print(f"hailo-devmgr: no answer within {timeout_s:g} s", file=sys.stderr)
+                print(f"hailo-devmgr: no answer within {timeout_s:g} s ({exc})", file=sys.stderr)
                 return EXIT_TIMEOUT
             time.sleep(WAIT_POLL_S)
 
