@@ -15,11 +15,14 @@ import time
 import numpy as np
 
 from . import config, selftest
+from . import protocol as p
 from ._version import __version__
 from .client import Client, DaemonUnreachable, DeviceError, default_socket_path
 from .tensors import encode_results
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 75
+# Answers that mean "a moment": a daemon stopping for a restart, or a full queue.
+TRANSIENT_CODES = (p.SHUTTING_DOWN, p.BUSY)
 WAIT_POLL_S = 0.1
 
 
@@ -133,15 +136,18 @@ def _wait(client_factory, timeout_s: float) -> int:
                 client.ping()
             return EXIT_OK
         except DeviceError as exc:
-            # The daemon answered, with an error (e.g. its configuration is broken):
-            # say what it said rather than wait for an answer that came.
-            print(f"hailo-devmgr: the daemon answered: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            if exc.code not in TRANSIENT_CODES:
+                # The daemon answered, with an error (e.g. its configuration is broken):
+                # say what it said rather than wait for an answer that came.
+                print(f"hailo-devmgr: the daemon answered: {exc}", file=sys.stderr)
+                return EXIT_ERROR
+            last = exc
         except DaemonUnreachable as exc:
-            if time.monotonic() >= deadline:
-                print(f"hailo-devmgr: no answer within {timeout_s:g} s ({exc})", file=sys.stderr)
-                return EXIT_TIMEOUT
-            time.sleep(WAIT_POLL_S)
+            last = exc
+        if time.monotonic() >= deadline:
+            print(f"hailo-devmgr: no answer within {timeout_s:g} s ({last})", file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(WAIT_POLL_S)
 
 
 def run(args) -> int:
