@@ -88,7 +88,11 @@ def test_conffile_in_package_selects_real_hardware(debs, tmp_path):
     run("dpkg-deb", "-x", str(debs["hailo-device-manager"]), str(tmp_path))
     text = (tmp_path / "etc/hailo/device-manager.yaml").read_text()
     assert "\nbackend: hailo\n" in text
-    unit = (tmp_path / "lib/systemd/system/hailo-device-manager.service").read_text()
+    # /lib on Debian 12, /usr/lib from 13 (debhelper follows the release's layout).
+    [unit_path] = [path for path in (tmp_path / "lib/systemd/system/hailo-device-manager.service",
+                                     tmp_path / "usr/lib/systemd/system/hailo-device-manager.service")
+                   if path.exists()]
+    unit = unit_path.read_text()
     assert "ExecStart=/usr/bin/hailo-device-manager\n" in unit
     assert "RestartPreventExitStatus=1\n" in unit  # a broken conffile does not crash-loop
 
