@@ -121,3 +121,13 @@ def test_drop_ins_add_model_folders_and_replace_other_keys(tmp_path):
 def test_default_model_folders_are_the_standard_system_locations():
     assert cfg.DEFAULT_MODEL_DIRS == ("/usr/share/hailo-models", "/usr/local/hailo/resources/models",
                                       "/var/lib/hailo/models")
+
+
+def test_a_broken_main_file_is_refused_even_with_drop_ins(tmp_path):
+    main = tmp_path / "device-manager.yaml"
+    (tmp_path / "device-manager.d").mkdir()
+    (tmp_path / "device-manager.d" / "a.yaml").write_text("model_dirs: [/srv/a]\n")
+    for text, key in (("model_dirs: /opt/x\n", "model_dirs"), ("watchdog: 5\n", "watchdog"), ("- a\n", "top level")):
+        main.write_text(text)
+        with pytest.raises(cfg.ConfigError, match=rf"{main}: {key}"):
+            cfg.load(main, environ={})

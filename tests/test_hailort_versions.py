@@ -126,11 +126,15 @@ def test_3_a_failed_run_unloads_the_model_and_the_next_request_reloads_it(client
     path = models["net.hef"]
     image = {"inputs": {"input_layer1": tensor(hc.sample((224, 224, 3), np.uint8))}}
     client.infer(path, image, "generic")
-    client.request("simulate", fault={"kind": "raise", "status": 8})
+    client.request("simulate", fault={"kind": "raise", "status": 82})  # HAILO_QUEUE_IS_FULL
     error = hc.refused(lambda: client.infer(path, image, "generic"), p.INFERENCE_FAILED)
     assert "the model was unloaded and loads again on the next request" in error.message
     assert client.status()["loaded_models"] == []
     assert client.infer(path, image, "generic")["result"]["outputs"]["output_layer1"].shape == (512,)
+    # Any other failure leaves the model loaded: a client cannot make the daemon unload models.
+    client.request("simulate", fault={"kind": "raise", "status": 8})
+    error = hc.refused(lambda: client.infer(path, image, "generic"), p.INFERENCE_FAILED)
+    assert "unloaded" not in error.message and len(client.status()["loaded_models"]) == 1
 
 
 def test_4_clip_text_encoder_with_quantized_inputs_takes_float32(client, models, model_dir):

@@ -160,12 +160,22 @@ def test_whisper_hears_long_audio_in_windows_cut_where_it_is_quiet(client, model
     segments = client.infer(models["whisper.hef"], {"audio": tensor(audio)}, "whisper")["result"]["segments"]
     assert [s["id"] for s in segments] == list(range(len(segments)))
     # The simulated model gives a segment per started 5 s of each window: windows
-    # 0-26.05 s, 26.05-53.1 s (cut in the middle of a quiet 0.1 s) and 53.1-70 s.
+    # 0-26.35 s, 26.35-53.3 s (cut in the middle of the last quiet 0.1 s) and 53.3-70 s.
     assert [s["start"] for s in segments] == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0,
-                                              26.05, 31.05, 36.05, 41.05, 46.05, 51.05,
-                                              53.1, 58.1, 63.1, 68.1]
+                                              26.35, 31.35, 36.35, 41.35, 46.35, 51.35,
+                                              53.3, 58.3, 63.3, 68.3]
     assert segments[-1]["end"] == 70.0
     assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))  # nothing heard twice
+
+
+def test_whisper_windows_leave_no_sliver_and_silence_makes_few_windows():
+    from hailo_devmgr.handlers.whisper import windows
+    rate = hc.SAMPLE_RATE
+    assert windows(hc.tone(30.0)) == [(0, 30 * rate)]
+    tail = windows(hc.tone(30.0 + 1 / rate))
+    assert len(tail) == 2 and tail[1][1] - tail[1][0] >= rate  # at least 1 s after the cut
+    silence = windows(np.zeros(600 * rate, np.float32))
+    assert len(silence) == 21 and max(end - start for start, end in silence) <= 30 * rate
 
 
 def test_whisper_audio_longer_than_max_audio_s_is_refused(start_daemon, models):

@@ -364,6 +364,7 @@ def load(path: str | os.PathLike | None = None, environ=None, *, required: bool 
         required = True
     source = str(path)
     raw = _read_yaml(Path(path), required)
+    _build(Config, raw, source)  # the file's own errors name it, before any drop-in is merged
     dropins = sorted(Path(path).with_suffix(".d").glob("*.yaml"))
     for dropin in dropins:
         extra = _read_yaml(dropin, True)

@@ -37,6 +37,13 @@ STATUS_INTERVAL_S = 1.0
 CONFIG_ERROR_LINGER_S = 1.0
 
 
+def _pid(text: str) -> int:
+    """A process id: a positive integer (0 and negatives would signal groups)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a process id (a positive integer), got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="hailo-device-manager",
@@ -49,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=config_mod.BACKENDS, help="override backend")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print it as JSON and exit")
-    parser.add_argument("--reload", type=int, metavar="PID",
+    parser.add_argument("--reload", type=_pid, metavar="PID",
                         help="validate the configuration, then ask the daemon PID to reload it (SIGHUP); "
                              "exit 1 naming the line at fault when it is not valid (systemctl reload)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -256,14 +263,14 @@ def main(argv=None) -> int:
     except config_mod.ConfigError as exc:
         message = f"hailo-device-manager: configuration error: {exc}"
         print(message, file=sys.stderr)
-        fds = [] if args.check_config or args.reload else systemd.inherited_sockets()
+        fds = [] if args.check_config or args.reload is not None else systemd.inherited_sockets()
         if fds:
             refuse_while_misconfigured(systemd.adopt_listener(fds), message)
         return EXIT_CONFIG
     if args.check_config:
         print(json.dumps(config_mod.describe(config), indent=2))
         return EXIT_OK
-    if args.reload:
+    if args.reload is not None:
         return ask_to_reload(args.reload)
     systemd.setup_logging(config.log_level)
     try:

@@ -114,3 +114,9 @@ def version_tuple(version: object) -> tuple[int, ...]:
             break
         parts.append(int(part))
     return tuple(parts)
+
+
+# A failed submit shuts an InferModel's configured model down for good
+# (hailort infer_model.cpp:600-604, v5.2.0): too full a queue (82), a buffer
+# of the wrong size (6), or a model already shut down (63, STREAM_ABORT).
+SHUTS_MODEL_DOWN = frozenset({6, 63, 82})

@@ -237,7 +237,8 @@ class ModelFiles:
         (so the chip cannot find it and the file is uploaded), and no one else
         can swap it after the check. Removed with the model's files."""
         real = next((f.real_path for f in self.files if f.path == fd_path), fd_path)
-        link = os.path.join(_private_link_dir(), f"{next(_link_count)}-{os.path.basename(real)}")
+        # The name only helps reading logs: cut it well below NAME_MAX.
+        link = os.path.join(_private_link_dir(), f"{next(_link_count)}-{os.path.basename(real)[-100:]}")
         os.symlink(fd_path, link)
         self.links[link] = fd_path
         return link

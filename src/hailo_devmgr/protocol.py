@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +216,16 @@ def request_id_of(message: Any) -> tuple[Any, bool]:
 
 
 # ---------------------------------------------------------------- field checks
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def shown(value: Any) -> str:
+    """A client's value in an error message, cut short: a 60 MB string must not
+    come back (or go to the log) whole."""
+    return _SHOWN.repr(value)
+
 
 def json_type(value: Any) -> str:
     """The JSON name of a value's type, for error messages."""

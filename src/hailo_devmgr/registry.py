@@ -190,7 +190,7 @@ class ModelRegistry:
             status = hs.status_of(exc)
             if status in hs.RUNTIME_BROKEN:
                 self.runtime.mark_broken(hs.describe(exc))
-            elif status != hs.TIMEOUT:
+            elif status in hs.SHUTS_MODEL_DOWN and model.handler.failed_run_breaks_model:
                 error = self._discard_broken(model, error)
             raise error from exc
         finally:
@@ -361,11 +361,12 @@ class ModelRegistry:
         return True
 
     def _discard_broken(self, model: LoadedModel, error: RequestError) -> RequestError:
-        """Unload a model whose run failed for a reason other than a timeout.
+        """Unload a model HailoRT shut down (a failed submit: SHUTS_MODEL_DOWN).
 
-        A failed submit shuts HailoRT's configured model down, so every later
-        run on it would fail: the next request loads it afresh (a pinned
-        model is reloaded by the restore chore)."""
+        Every later run on it would fail: the next request loads it afresh
+        (a pinned model is reloaded by the restore chore). Only these
+        statuses, only for InferModel handlers: a client cannot make the
+        daemon unload models with requests that merely fail."""
         key = model.spec.key
         if self._models.get(key) is model:
             del self._models[key]

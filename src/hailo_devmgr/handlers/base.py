@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import tensors
 from ..hailort_status import version_tuple
-from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, json_type
+from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, json_type, shown
 
 MAX_FRAMES = 32
 # Longest single HailoRT call we allow a request to ask for (ms).
@@ -46,6 +46,9 @@ class Handler:
     # True where HailoRT sends the path string to the chip (genai VLM, LLM):
     # the model then gets a host-only link, not /proc/self/fd/N (model_files).
     sends_path_to_device = False
+    # True where a failed HailoRT run leaves the model unusable (InferModel:
+    # a failed submit shuts the configured model down), so it must be reloaded.
+    failed_run_breaks_model = False
 
     def __init__(self, platform: Any, vdevice: Any, model_path: str, params: dict, *,
                  activate_to_run: bool = False):
@@ -167,7 +170,7 @@ def choice_field(data: dict, key: str, choices: tuple[str, ...], where: str = "i
     value = data.get(key)
     if value not in choices:
         wanted = " or ".join(f'"{choice}"' for choice in choices)
-        raise RequestError(BAD_REQUEST, f"{where}.{key} must be {wanted}, got {value!r}")
+        raise RequestError(BAD_REQUEST, f"{where}.{key} must be {wanted}, got {shown(value)}")
     return value
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..protocol import BAD_REQUEST, RequestError, json_type
+from ..protocol import BAD_REQUEST, RequestError, json_type, shown
 
 MAX_PROMPT_CHARS = 256 * 1024
 MAX_MESSAGES = 256
@@ -40,7 +40,7 @@ def _part(part: Any, where: str) -> dict:
         return {"type": "image"}
     if kind == "text":
         return {"type": "text", "text": _text(part.get("text"), f"{where}.text")}
-    raise _bad(f'{where}.type must be "text" or "image", got {kind!r}')
+    raise _bad(f'{where}.type must be "text" or "image", got {shown(kind)}')
 
 
 def _message(message: Any, where: str) -> dict:
@@ -48,7 +48,7 @@ def _message(message: Any, where: str) -> dict:
         raise _bad(f"{where} must be an object with role and content, got {json_type(message)}")
     role = message.get("role")
     if role not in ROLES:
-        raise _bad(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        raise _bad(f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
     content = message.get("content")
     if isinstance(content, str):
         return {"role": role, "content": content}

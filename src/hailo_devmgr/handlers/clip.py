@@ -22,6 +22,7 @@ MODES = ("image", "text")
 
 
 class ClipHandler(Handler):
+    failed_run_breaks_model = True  # a run through InferModel (network.py)
     model_type = "clip"
     path_params = ("image_hef_path", "text_hef_path")
 

@@ -11,6 +11,7 @@ from .network import Network
 
 
 class GenericHandler(Handler):
+    failed_run_breaks_model = True  # a run through InferModel (network.py)
     model_type = "generic"
 
     @classmethod

@@ -166,6 +166,8 @@ class SingleInputHandler(Handler):
     shape the result in ``result``.
     """
 
+    failed_run_breaks_model = True  # a run through InferModel (network.py)
+
     @classmethod
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
         data = require_object(input_data, "input_data")

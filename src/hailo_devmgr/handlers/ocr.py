@@ -49,6 +49,7 @@ def _outputs(outputs: dict[str, np.ndarray]) -> Any:
 
 
 class OcrHandler(Handler):
+    failed_run_breaks_model = True  # a run through InferModel (network.py)
     model_type = "ocr"
     path_params = ("detection_hef_path",)
 

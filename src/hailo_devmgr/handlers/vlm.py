@@ -53,6 +53,10 @@ class VlmChatHandler(Handler):
     def _frames(cls, data: dict, limits: InputLimits) -> list[np.ndarray]:
         return tensor_list_field(data, "frames", limits)
 
+    @staticmethod
+    def _frame_field(index: int) -> str:
+        return f"input_data.frames[{index}]"
+
     def load(self) -> None:
         vlm_class = genai_class(self.platform, "VLM", self.model_type, MINIMUM_HAILORT)
         self.vlm = vlm_class(self.vdevice, self.model_path)
@@ -60,7 +64,7 @@ class VlmChatHandler(Handler):
     def run(self, inputs: dict, timeout_ms: int) -> str:
         shape = list(self.vlm.input_frame_shape())
         dtype = np.dtype(self.vlm.input_frame_format_type())
-        frames = [match_stream(frame, shape, dtype, f"input_data frame {index}")
+        frames = [match_stream(frame, shape, dtype, self._frame_field(index))
                   for index, frame in enumerate(inputs["frames"])]
         if len(frames) > MAX_FRAMES_BEFORE_5_2 and hailort_version(self.platform) < (5, 2):
             raise RequestError(BAD_REQUEST, f"input_data has {len(frames)} frames; HailoRT "
@@ -94,3 +98,7 @@ class VlmHandler(VlmChatHandler):
     @classmethod
     def _frames(cls, data: dict, limits: InputLimits) -> list[np.ndarray]:
         return [tensor_field(data, "image", limits)]
+
+    @staticmethod
+    def _frame_field(index: int) -> str:
+        return "input_data.image"

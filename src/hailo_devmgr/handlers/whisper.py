@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import tensors
-from ..protocol import BAD_REQUEST, INFERENCE_FAILED, RequestError, json_type, optional_number
+from ..protocol import BAD_REQUEST, INFERENCE_FAILED, RequestError, json_type, optional_number, shown
 from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, require_object
 
 SAMPLE_RATE = 16_000
@@ -29,6 +29,7 @@ SAMPLE_RATE = 16_000
 WINDOW_S = 30
 CUT_SEARCH_S = 5
 CUT_FRAME_S = 0.1
+MIN_TAIL_S = 1
 DEFAULT_LANGUAGE = "en"
 # What services send to ask for detection, besides null (hailo-whisper sends "auto").
 DETECT_WORDS = ("auto", "")
@@ -90,14 +91,22 @@ def _too_long(samples: int, limits: InputLimits) -> str:
 
 
 def windows(audio: np.ndarray) -> list[tuple[int, int]]:
-    """``(start, end)`` sample ranges of at most WINDOW_S that cover ``audio`` in order."""
+    """``(start, end)`` sample ranges of at most WINDOW_S that cover ``audio`` in order.
+
+    Each cut is at the quietest CUT_FRAME_S of the window's last CUT_SEARCH_S
+    (the latest of equally quiet ones, so silence makes few windows), and
+    never leaves less than MIN_TAIL_S after it (Whisper invents words in a
+    few milliseconds of audio)."""
     size, frame = WINDOW_S * SAMPLE_RATE, int(CUT_FRAME_S * SAMPLE_RATE)
     ranges, start = [], 0
     while len(audio) - start > size:
-        search = audio[start + size - CUT_SEARCH_S * SAMPLE_RATE:start + size]
-        frames = search[:len(search) // frame * frame].reshape(-1, frame)
-        quietest = int(np.argmin(np.mean(frames.astype(np.float64) ** 2, axis=1)))
-        end = start + size - CUT_SEARCH_S * SAMPLE_RATE + quietest * frame + frame // 2
+        search_end = min(start + size, len(audio) - int(MIN_TAIL_S * SAMPLE_RATE))
+        search_start = max(search_end - CUT_SEARCH_S * SAMPLE_RATE, start + frame)
+        frames = audio[search_start:search_end]
+        frames = frames[:len(frames) // frame * frame].reshape(-1, frame)
+        energy = np.mean(frames.astype(np.float64) ** 2, axis=1)
+        quietest = len(energy) - 1 - int(np.argmin(energy[::-1]))
+        end = search_start + quietest * frame + frame // 2
         ranges.append((start, end))
         start = end
     ranges.append((start, len(audio)))
@@ -115,11 +124,11 @@ class WhisperHandler(Handler):
             language = None
         if language is not None and (not isinstance(language, str) or not _LANGUAGE.fullmatch(language)):
             raise RequestError(BAD_REQUEST, f"input_data.language must be a language code like \"en\" "
-                                            f"(or null to detect it), got {language!r}")
+                                            f"(or null to detect it), got {shown(language)}")
         task = data.get("task", "transcribe")
         if task not in TASKS:
             raise RequestError(BAD_REQUEST, f"input_data.task must be \"transcribe\" or \"translate\", "
-                                            f"got {task!r}")
+                                            f"got {shown(task)}")
         return {
             "audio": _audio(data, limits),
             "language": language,

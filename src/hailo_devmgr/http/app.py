@@ -13,16 +13,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from ..client import AsyncClient, DaemonUnreachable, DeviceError
+from ..client import AsyncClient
 from .prometheus import Snapshot
 
 log = logging.getLogger(__name__)
-DAEMON_TIMEOUT_S = 10.0
+# Below Prometheus' default scrape timeout (10 s), so a scrape gets our 503, not its own.
+DAEMON_TIMEOUT_S = 8.0
 CLIENT_KEY = web.AppKey("client", AsyncClient) if hasattr(web, "AppKey") else "client"
 
 
 def _unavailable(exc: Exception) -> web.Response:
-    return web.json_response({"error": f"device manager unavailable: {exc}", "code": "device_unavailable"},
+    reason = str(exc) or type(exc).__name__
+    log.warning("device manager unavailable: %s", reason)
+    return web.json_response({"error": f"device manager unavailable: {reason}", "code": "device_unavailable"},
                              status=503)
 
 
@@ -30,7 +33,7 @@ async def device_status(request: web.Request) -> web.Response:
     client: AsyncClient = request.app[CLIENT_KEY]
     try:
         answer = await client.device_status()
-    except (DaemonUnreachable, DeviceError, asyncio.TimeoutError) as exc:
+    except Exception as exc:  # whatever went wrong asking the daemon: say it, never a bare 500
         return _unavailable(exc)
     answer.pop("request_id", None)
     return web.json_response(answer)
@@ -40,7 +43,7 @@ async def metrics(request: web.Request) -> web.Response:
     client: AsyncClient = request.app[CLIENT_KEY]
     try:
         status, device, counters = await asyncio.gather(client.status(), client.device_status(), client.metrics())
-    except (DaemonUnreachable, DeviceError, asyncio.TimeoutError) as exc:
+    except Exception as exc:
         return _unavailable(exc)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Snapshot(status, device, counters.get("metrics", {})))

@@ -62,7 +62,7 @@ def families(status: dict, device: dict, metrics: dict) -> Iterable:
         counter.add_metric([], status.get(key) or 0)
         yield counter
     up = GaugeMetricFamily(PREFIX + "device_up", "1 while the device is open and usable")
-    up.add_metric([], 0 if status.get("runtime_broken_reason") else 1)
+    up.add_metric([], 1 if status.get("device_id") and not status.get("runtime_broken_reason") else 0)
     yield up
     temperature = (device.get("device") or {}).get("temperature_celsius")
     if temperature is not None:
