@@ -48,16 +48,10 @@ class ApiSurface:
         self.tag: str = str(data["tag"])
         self.modules: dict = data.get("modules") or {}
         self.classes: dict = data.get("classes") or {}
-        self.enums: dict = data.get("enums") or {}
         self.statuses: dict = {int(number): name for number, name in (data.get("statuses") or {}).items()}
         self.exceptions: dict = data.get("exceptions") or {}
-        self.behaviours: dict = {entry["id"]: entry for entry in data.get("behaviours") or []}
         # Numbers the sources fix, e.g. vlm_max_frames (5.1.1's server limit).
         self.limits: dict = dict(data.get("limits") or {})
-
-    @property
-    def version_tuple(self) -> tuple[int, ...]:
-        return version_tuple(self.version)
 
     def has_module(self, name: str) -> bool:
         module = self.modules.get(name)
@@ -87,12 +81,6 @@ class ApiSurface:
             default = entry.get("default", inspect.Parameter.empty)
             params.append(inspect.Parameter(entry["name"], _KINDS[entry["kind"]], default=_value(default)))
         return inspect.Signature(params)
-
-    def enum_members(self, name: str) -> dict[str, int]:
-        return dict((self.enums.get(name) or {}).get("members") or {})
-
-    def has_behaviour(self, behaviour_id: str) -> bool:
-        return behaviour_id in self.behaviours
 
 
 def _value(default: Any) -> Any:
