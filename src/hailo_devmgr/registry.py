@@ -214,8 +214,7 @@ class ModelRegistry:
         if not admin and model.loaded_by_uid is not None and uid != model.loaded_by_uid:
             raise RequestError(FORBIDDEN, f"Model {model_path} was loaded by another user (uid "
                                           f"{model.loaded_by_uid}); only that user or an admin may unload it")
-        del self._models[key]
-        self._release(model)
+        self._drop(model)
         self._publish()
         log.info("unloaded %s", model.spec.key,
                  extra={**(log_fields or {}), "MODEL": model_path, "MODEL_TYPE": model_type})
@@ -223,7 +222,7 @@ class ModelRegistry:
 
     def release_all(self) -> None:
         for key in list(self._models):
-            self._release(self._models.pop(key))
+            self._drop(self._models[key])
         self._publish()
 
     def set_limits(self, max_loaded_models: int, pins: frozenset[str], keep_alive: dict | None = None) -> None:
@@ -251,8 +250,7 @@ class ModelRegistry:
             expires = model.expires_mono()
             if expires is None or expires > now:
                 continue
-            del self._models[key]
-            self._release(model)
+            self._drop(model)
             log.info("unloaded %s: idle for %.1f s (keep_alive %g s)", key, now - model.idle_since_mono,
                      model.keep_alive_s,
                      extra={"MODEL": model.spec.model_path, "MODEL_TYPE": model.spec.model_type})
@@ -350,8 +348,7 @@ class ModelRegistry:
         if not order:
             return False
         victim = order[0]
-        del self._models[victim.spec.key]
-        self._release(victim)
+        self._drop(victim)
         self.total_evictions += 1
         self._capacity_event(reason, wanted, victim.spec.model_path)
         self._publish()
@@ -369,8 +366,7 @@ class ModelRegistry:
         daemon unload models with requests that merely fail."""
         key = model.spec.key
         if self._models.get(key) is model:
-            del self._models[key]
-            self._release(model)
+            self._drop(model)
             if key in self.pins:
                 self._schedule_restore()
             self._publish()
@@ -387,7 +383,9 @@ class ModelRegistry:
         self.last_capacity_event = (f"{reason} while loading {os.path.basename(path)} ({model_type})",
                                     model_path, time.time())
 
-    def _release(self, model: LoadedModel) -> None:
+    def _drop(self, model: LoadedModel) -> None:
+        """Take a model out of the cache and release its HailoRT objects, then its files."""
+        del self._models[model.spec.key]
         try:
             model.handler.release()
         except Exception:
