@@ -16,6 +16,7 @@ real and the simulated accelerator.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -110,6 +111,12 @@ class Handler:
 
     def release(self) -> None:
         raise NotImplementedError
+
+
+def ms_left(deadline: float) -> int:
+    """Milliseconds until a ``time.monotonic()`` deadline (0 or less once it passed):
+    one budget spread over several HailoRT calls."""
+    return int((deadline - time.monotonic()) * 1000)
 
 
 # ---------------------------------------------------------------- HailoRT versions

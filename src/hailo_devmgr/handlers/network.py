@@ -6,13 +6,14 @@ Device thread only, except the class methods that parse input.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import numpy as np
 
 from ..protocol import BAD_REQUEST, LOAD_FAILED, RequestError, optional_number
-from .base import MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, require_object, tensor_field
+from .base import MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, ms_left, require_object, tensor_field
 
 # FormatType values (HailoRT: AUTO=0, UINT8=1, UINT16=2, FLOAT32=3) by name,
 # so this module needs no import of the platform to map them.
@@ -122,8 +123,7 @@ class Network:
         results: list[dict] = []
         deadline = time.monotonic() + timeout_ms / 1000  # one budget for every chunk
         for start in range(0, len(frames), self.queue_size):
-            left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-            results.extend(self._run_queued(frames[start:start + self.queue_size], left_ms))
+            results.extend(self._run_queued(frames[start:start + self.queue_size], max(ms_left(deadline), 1)))
         return results
 
     def _run_queued(self, frames: list[dict[str, np.ndarray]], timeout_ms: int) -> list[dict]:
@@ -141,16 +141,21 @@ class Network:
             bindings_list.append(bindings)
             results.append(outputs)
         self.configured.wait_for_async_ready(timeout_ms, frames_count=len(bindings_list))
-        if not self.activate_to_run:
+        with self._activated():
             self.configured.run(bindings_list, timeout_ms)
-            return results
-        # No scheduler: HailoRT runs only the one activated model (72 otherwise).
+        return results
+
+    @contextlib.contextmanager
+    def _activated(self):
+        """No scheduler: HailoRT runs only the one activated model (72 otherwise)."""
+        if not self.activate_to_run:
+            yield
+            return
         self.configured.activate()
         try:
-            self.configured.run(bindings_list, timeout_ms)
+            yield
         finally:
             self.configured.deactivate()
-        return results
 
     def release(self) -> None:
         if self.configured is not None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import tensors
 from ..protocol import BAD_REQUEST, INFERENCE_FAILED, RequestError, json_type, optional_number, shown
-from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, require_object
+from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, ms_left, require_object
 
 SAMPLE_RATE = 16_000
 # Whisper hears 30 s at a time: longer audio is cut into windows of at most
@@ -160,7 +160,7 @@ class WhisperHandler(Handler):
         deadline = time.monotonic() + timeout_ms / 1000  # one budget for every window
         parts = windows(audio)
         for number, (start, end) in enumerate(parts):
-            left_ms = int((deadline - time.monotonic()) * 1000)
+            left_ms = ms_left(deadline)
             if left_ms <= 0:
                 # Not `timeout`, which means "never started" (docs/protocol.md 7).
                 raise RequestError(INFERENCE_FAILED, f"Inference failed: transcription ran out of time after "
