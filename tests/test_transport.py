@@ -19,6 +19,7 @@ import pytest
 
 from hailo_devmgr import protocol as p
 from hailo_devmgr import shm
+from hailo_devmgr import references as refs
 from hailo_devmgr import transport as t
 from hailo_devmgr.client import AsyncClient, Client, DeviceError
 from hailo_devmgr.tensors import DecodedTensor, decode_v1
@@ -41,8 +42,8 @@ def test_pack_then_resolve_gives_the_same_arrays():
     assert header["attachments"] == [48, 32]
     assert header["input_data"]["inputs"]["a"] == {"dtype": "uint8", "shape": [4, 4, 3], "attachment": 0}
     assert header["input_data"]["inputs"]["s"] == 2.5
-    blocks = t.Blocks([np.frombuffer(bytes(memoryview(b).cast("B")), np.uint8) for b in buffers])
-    resolved = t.resolve(header["input_data"], blocks, 1000, "input_data")
+    blocks = refs.Blocks([np.frombuffer(bytes(memoryview(b).cast("B")), np.uint8) for b in buffers])
+    resolved = refs.resolve(header["input_data"], blocks, 1000, "input_data")
     assert isinstance(resolved["inputs"]["a"], DecodedTensor)
     assert np.array_equal(decode_v1(resolved["inputs"]["a"]), A)
     assert np.array_equal(decode_v1(resolved["inputs"]["b"]), B)
@@ -55,8 +56,8 @@ def test_shared_memory_round_trip_and_fds_closed():
     assert header["fds"] == 1 and header["x"] == {"dtype": "uint8", "shape": [4, 4, 3], "shm": 0, "offset": 0}
     seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
     assert seals & shm.REQUIRED_SEALS == shm.REQUIRED_SEALS and seals & fcntl.F_SEAL_SEAL
-    blocks = t.Blocks([], fds)
-    out = t.resolve(header["x"], blocks, 1000, as_array=True)
+    blocks = refs.Blocks([], fds)
+    out = refs.resolve(header["x"], blocks, 1000, as_array=True)
     blocks.close()
     assert fds == []  # closed
     assert np.array_equal(out, A) and not out.flags.writeable
@@ -66,8 +67,8 @@ def test_zero_dimensional_and_non_contiguous_arrays_keep_their_shape():
     frame, buffers, _ = t.pack({"x": np.array(1.0, np.float32), "y": A[:, ::2]}, shm_min_bytes=None)
     header = json.loads(frame[4:])
     assert header["x"]["shape"] == [] and header["y"]["shape"] == [4, 2, 3]
-    blocks = t.Blocks([np.frombuffer(bytes(memoryview(b).cast("B")), np.uint8) for b in buffers])
-    assert np.array_equal(t.resolve(header["y"], blocks, 100, as_array=True), A[:, ::2])
+    blocks = refs.Blocks([np.frombuffer(bytes(memoryview(b).cast("B")), np.uint8) for b in buffers])
+    assert np.array_equal(refs.resolve(header["y"], blocks, 100, as_array=True), A[:, ::2])
 
 
 @pytest.mark.parametrize("ref, message", [
@@ -80,9 +81,9 @@ def test_zero_dimensional_and_non_contiguous_arrays_keep_their_shape():
     ({"dtype": "uint8", "shape": [0, 2 ** 70], "attachment": 0}, "shape"),
 ])
 def test_bad_references_are_bad_requests(ref, message):
-    blocks = t.Blocks([np.zeros(48, np.uint8)])
+    blocks = refs.Blocks([np.zeros(48, np.uint8)])
     with pytest.raises(p.RequestError) as error:
-        t.resolve({"x": ref}, blocks, 10 ** 6, "input_data")
+        refs.resolve({"x": ref}, blocks, 10 ** 6, "input_data")
     assert error.value.code == p.BAD_REQUEST and message in error.value.message
     assert error.value.message.startswith("input_data.x: ")
 
@@ -96,10 +97,10 @@ def test_bad_references_are_bad_requests(ref, message):
 ])
 def test_bad_shared_memory_is_refused(make, message):
     fd = make()
-    blocks = t.Blocks([], [fd])
+    blocks = refs.Blocks([], [fd])
     try:
         with pytest.raises(p.RequestError) as error:
-            t.resolve({"dtype": "uint8", "shape": [48], "shm": 0}, blocks, 1000)
+            refs.resolve({"dtype": "uint8", "shape": [48], "shm": 0}, blocks, 1000)
         assert message in error.value.message
     finally:
         blocks.close()

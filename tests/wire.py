@@ -15,7 +15,7 @@ import numpy as np
 
 from hailo_devmgr import protocol as p
 from hailo_devmgr import shm
-from hailo_devmgr import transport as t
+from hailo_devmgr import references as refs
 from hailo_devmgr.client import Client
 
 
@@ -67,7 +67,7 @@ class Raw:
         blocks = [np.frombuffer(self._exactly(n), np.uint8) for n in answer.get("attachments", [])]
         assert "fds" not in answer  # these tests do not ask for shm results here
         if blocks and "result" in answer:
-            answer["result"] = t.resolve(answer["result"], t.Blocks(blocks), 10 ** 9, as_array=True)
+            answer["result"] = refs.resolve(answer["result"], refs.Blocks(blocks), 10 ** 9, as_array=True)
         return answer
 
     def _exactly(self, size: int) -> bytes | None:

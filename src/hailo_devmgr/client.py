@@ -31,6 +31,7 @@ import numpy as np
 
 from . import protocol as p
 from . import shm
+from . import references as refs
 from . import transport as t
 from ._version import __version__
 from .tensors import decode_results, encode_results, encode_v1
@@ -431,10 +432,10 @@ class AsyncClient(_Methods):
     async def _read_message(self) -> dict:
         """The next answer, its attachment and shm tensors as ndarrays."""
         answer, attachments, fds = await t.read_message(self._stream, self.max_message_bytes)
-        blocks = t.Blocks(attachments, fds)
+        blocks = refs.Blocks(attachments, fds)
         try:
             if (attachments or fds) and "result" in answer:
-                answer["result"] = t.resolve(answer["result"], blocks, 2 ** 62, "result", as_array=True)
+                answer["result"] = refs.resolve(answer["result"], blocks, 2 ** 62, "result", as_array=True)
         finally:
             blocks.close()
         return answer

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol as p
-from . import shm, transport
+from . import references, shm, transport
 from .protocol import RequestError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Frame:
     attachments: list = field(default_factory=list)
     fds: list = field(default_factory=list)
     fds_truncated: bool = False
-    blocks: "transport.Blocks | None" = None   # owns the fds once the request uses them
+    blocks: "references.Blocks | None" = None   # owns the fds once the request uses them
 
 
 class ByteBudget:

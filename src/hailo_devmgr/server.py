@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import replace
 
-from . import actions, scheduler, shm, simulate, transport
+from . import actions, references, scheduler, shm, simulate, transport
 from . import protocol as p
 from ._version import __version__
 from .connection import ByteBudget, Connection, Frame, Peer
@@ -247,11 +247,11 @@ class Server:
         except RequestError as error:
             return self.error_answer(None, message, error, connection)
         if connection.protocol >= 2:
-            frame.blocks = transport.Blocks(frame.attachments, frame.fds, connection.shm_buffers)
+            frame.blocks = references.Blocks(frame.attachments, frame.fds, connection.shm_buffers)
         return await self.handle_message(message, connection, frame.blocks)
 
     async def handle_message(self, message: dict, connection: Connection | None = None,
-                             blocks: transport.Blocks | None = None) -> dict:
+                             blocks: references.Blocks | None = None) -> dict:
         """Answer one decoded request (also used, without a connection, to pre-warm pins).
 
         ``blocks``: the attachments and descriptors of a v2 frame, which
@@ -279,7 +279,7 @@ class Server:
         return p.error_response(request, error)
 
     async def _dispatch(self, request: p.Request, connection: Connection | None,
-                        blocks: transport.Blocks | None = None) -> dict:
+                        blocks: references.Blocks | None = None) -> dict:
         action = request.action
         if action in ("ping", "status"):
             return self.status_payload()
@@ -301,7 +301,7 @@ class Server:
         return await self._device_action(request, connection, blocks)
 
     async def _device_action(self, request: p.Request, connection: Connection | None,
-                             blocks: transport.Blocks | None = None) -> dict:
+                             blocks: references.Blocks | None = None) -> dict:
         received = time.monotonic()  # queue order is arrival order, whatever validation takes
         tracked = connection is not None and request.has_request_id
         if tracked and request.request_id in connection.inflight:
@@ -318,7 +318,7 @@ class Server:
                 connection.cancel_requested.discard(request.request_id)
 
     async def _run_device_action(self, request, connection, received: float, tracked: bool,
-                                 blocks: transport.Blocks | None = None) -> dict:
+                                 blocks: references.Blocks | None = None) -> dict:
         prepared = await asyncio.to_thread(self._prepare, request, blocks)
         if request.action != "unload_model":
             # The thermal guard, from the device thread's latest reading
@@ -350,14 +350,14 @@ class Server:
             result = await self._infer_payload(result, connection)
         return result
 
-    def _prepare(self, request: p.Request, blocks: transport.Blocks | None):
+    def _prepare(self, request: p.Request, blocks: references.Blocks | None):
         """actions.prepare, after v2 tensor references in input_data are resolved
         (worker thread). The frame's descriptors are closed here: mappings
         stay valid for as long as the arrays on them live."""
         try:
             if blocks is not None and request.action == "infer" and \
-                    transport.has_references(request.body.get("input_data")):
-                resolved = transport.resolve(request.body["input_data"], blocks,
+                    references.has_references(request.body.get("input_data")):
+                resolved = references.resolve(request.body["input_data"], blocks,
                                              self.config.max_tensor_elements, "input_data")
                 request = replace(request, body={**request.body, "input_data": resolved})
             return actions.prepare(request, self.config)
@@ -433,7 +433,7 @@ class Server:
         return [name for name in p.FEATURES_V2 if name != "shm_buffers" or self.config.shm_buffer_max_bytes]
 
     def _buffer_action(self, request: p.Request, connection: Connection | None,
-                       blocks: transport.Blocks | None) -> dict:
+                       blocks: references.Blocks | None) -> dict:
         """register_buffer (one memfd with the frame) and unregister_buffer {buffer}."""
         if connection is None or connection.protocol < 2 or blocks is None:
             raise RequestError(p.BAD_REQUEST, f"{request.action} needs protocol 2 (send hello first)")
