@@ -123,13 +123,13 @@ class DaemonProcess:
     """A running daemon; ``socket_path``, ``log()``, ``stop()``."""
 
     def __init__(self, tmp_path: Path, config_path: Path, socket_path: str, env: dict | None = None,
-                 argv_prefix: list[str] | None = None):
+                 argv_prefix: list[str] | None = None, preexec=die_with_parent):
         self.socket_path = socket_path
         self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         argv = [*(argv_prefix or []), sys.executable, "-m", "hailo_devmgr", "--config", str(config_path)]
         self.process = subprocess.Popen(argv, env=env_with_src(env), stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                        stdin=subprocess.DEVNULL, preexec_fn=preexec)
 
     def wait_ready(self) -> "DaemonProcess":
         try:
@@ -163,10 +163,10 @@ def start_daemon(tmp_path, model_dir):
     """Factory: start_daemon(**config_overrides) → a ready DaemonProcess."""
     started = []
 
-    def start(env: dict | None = None, **overrides) -> DaemonProcess:
+    def start(env: dict | None = None, preexec=die_with_parent, **overrides) -> DaemonProcess:
         config_path = write_config(tmp_path, model_dir, **overrides)
         socket_path = yaml.safe_load(config_path.read_text())["socket_path"]
-        daemon = DaemonProcess(tmp_path, config_path, socket_path, env)
+        daemon = DaemonProcess(tmp_path, config_path, socket_path, env, preexec=preexec)
         started.append(daemon)
         return daemon.wait_ready()
 
