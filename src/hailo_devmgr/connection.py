@@ -153,8 +153,9 @@ class Connection:
 
     @property
     def client_key(self):
-        """Fairness key: the peer process (more connections buy no more share)."""
-        return self.peer.pid if self.peer.pid is not None else f"connection {self.id}"
+        """Fairness key: the peer's uid. More connections or more processes buy no
+        more share; a uid is what a client cannot make more of (a unit it can)."""
+        return f"uid {self.peer.uid}" if self.peer.uid is not None else f"connection {self.id}"
 
     async def run(self) -> None:
         in_order = asyncio.ensure_future(self._answer_in_order())
