@@ -105,9 +105,83 @@ def test_queue_limits_answer_busy_with_a_retry_estimate():
     assert per_client.value.code == BUSY and per_client.value.retry_after_ms > 0
     queue.put(job("b1", client="b"))
     with pytest.raises(RequestError) as total:
-        queue.put(job("c1", client="c"))
+        queue.put(job("b2", client="b"))  # full, and b holds its share (3 // 2 clients)
     assert total.value.code == BUSY and "queue is full" in total.value.message
+    assert total.value.retry_after_ms == 180  # 3 requests ahead x the 60 ms average
     assert len(queue) == 3  # nothing was silently dropped or added
+
+
+def fill(queue, client, count, priority=NORMAL) -> list[Job]:
+    jobs = [job(f"{client}{index}", client=client, priority=priority) for index in range(count)]
+    for item in jobs:
+        queue.put(item)
+    return jobs
+
+
+def test_a_full_queue_admits_a_client_below_its_share_by_displacing_the_heaviest():
+    queue = FairScheduler(QueueLimits(max_queue=4, max_queue_per_client=4))
+    queue.record_run(0.1)
+    hog = fill(queue, "hog", 4, priority=BATCH)
+    queue.put(job("victim", client="victim", priority=INTERACTIVE))
+    assert queue.depth_by_client() == {"hog": 3, "victim": 1}
+    # The hog's newest request is answered busy, as a refused one is, and never runs.
+    refusal = hog[-1].future.exception(0)
+    assert refusal.code == BUSY and "fair share" in refusal.message
+    assert refusal.retry_after_ms == 180  # its 3 requests still ahead x the 60 ms average
+    assert not queue.remove(hog[-1], RequestError(CANCELLED, "too late"))
+    assert drain(queue) == ["victim", "hog0", "hog1", "hog2"]
+
+
+def test_two_clients_filling_the_queue_cannot_lock_a_third_out():
+    queue = FairScheduler(QueueLimits(max_queue=6, max_queue_per_client=3))
+    first, second = fill(queue, "first", 3), fill(queue, "second", 3)
+    fill(queue, "third", 2)  # its share: 6 // 3 clients
+    assert queue.depth_by_client() == {"first": 2, "second": 2, "third": 2}
+    # Equally heavy: the one that queued last gave way first.
+    assert second[-1].future.exception(0).code == BUSY and first[-1].future.exception(0).code == BUSY
+    for client in ("third", "first", "second"):  # each at its share: nobody displaces anybody
+        with pytest.raises(RequestError) as full:
+            queue.put(job("more", client=client))
+        assert full.value.code == BUSY and "queue is full" in full.value.message
+    assert queue.depth_by_client() == {"first": 2, "second": 2, "third": 2}
+
+
+def test_priority_buys_no_larger_share_and_the_displaced_job_is_the_holders_least_urgent():
+    queue = FairScheduler(QueueLimits(max_queue=4, max_queue_per_client=4))
+    older_batch = job("older-batch", client="hog", priority=BATCH)
+    queue.put(older_batch)
+    urgent = fill(queue, "hog", 3, priority=INTERACTIVE)
+    queue.put(job("modest", client="modest", priority=BATCH))
+    assert older_batch.future.exception(0).code == BUSY  # not the hog's newer interactive ones
+    queue.put(job("modest2", client="modest", priority=BATCH))
+    assert urgent[-1].future.exception(0).code == BUSY   # the hog had only interactive left
+    with pytest.raises(RequestError):  # interactive does not win the slots back
+        queue.put(job("hog-again", client="hog", priority=INTERACTIVE))
+    assert queue.depth_by_client() == {"hog": 2, "modest": 2}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_client_that_keeps_asking_ends_with_at_least_its_share(seed):
+    """Whatever the order of arrivals, a full queue ends split fairly."""
+    import random
+    chance = random.Random(seed)
+    queue = FairScheduler(QueueLimits(max_queue=32, max_queue_per_client=20))
+    clients = ["a", "b", "c", "d", "e"]
+    for index in range(400):
+        client = chance.choice(clients)
+        try:
+            queue.put(job(f"{client}{index}", client=client, priority=chance.randrange(3)))
+        except RequestError as error:
+            assert error.code == BUSY
+    for client in clients:  # then everyone asks until refused
+        while True:
+            try:
+                queue.put(job(f"{client}-last", client=client))
+            except RequestError:
+                break
+    depths = queue.depth_by_client()
+    assert len(queue) == 32 and min(depths.values()) >= 32 // len(clients)
+    assert max(depths.values()) - min(depths.values()) <= 32 % len(clients) + 1
 
 
 def test_affinity_prefers_loaded_models_within_its_bound():

@@ -9,12 +9,24 @@ order of what waits. :class:`FairScheduler` (the default) picks, in turn:
    as ``interactive``; nothing starves.
 2. **Round robin across clients** within that class: the client served
    longest ago goes first, so one client with 100 queued jobs delays
-   another by one job, not 100. A client is a process (peer pid), so
-   opening more connections buys no extra share.
+   another by one job, not 100. A client is a uid (``Job.client`` is the
+   connection's ``client_key``), so more connections or processes buy no
+   extra share.
 3. Its oldest job in that class, unless **model affinity** applies: when
    that job's model is not loaded and another job of the same class is for
    a loaded model, the latter runs first. A job can be passed over this way
    at most ``affinity_max_skips`` times, which bounds the unfairness.
+
+Admission (both policies): a client may hold at most ``max_queue_per_client``
+waiting jobs, and the queue ``max_queue``. A full queue does not belong to
+whoever filled it first: a client holding less than its **fair share**
+(``max_queue`` divided by the number of clients with jobs waiting, itself
+counted) is admitted by **displacing** one job of the client holding the
+most, which is answered ``busy`` as if it had been refused. Counts ignore
+priority, so a higher class buys no larger share. The displaced client
+keeps at least the share (it held more than the newcomer will), so two
+clients never take turns displacing each other, and no set of other
+clients can keep one out of the queue (below ``max_queue`` clients).
 
 Jobs whose deadline passed before they started are answered ``timeout`` and
 never run. :class:`FifoQueue` keeps the core's first-come order (config
@@ -48,7 +60,7 @@ class Job:
     label: str
     budget_s: float
     priority: int = PRIORITIES.index(DEFAULT_PRIORITY)
-    client: Hashable = None          # fairness key (the peer process)
+    client: Hashable = None          # fairness key (the peer's uid, "uid N")
     owner: Hashable = None           # the connection (cancel and disconnect act per connection)
     request_id: Any = None
     deadline: float | None = None    # monotonic; not started by then -> timeout
@@ -86,20 +98,52 @@ class JobQueue:
         with self._cond:
             if self._closed:
                 raise RequestError(SHUTTING_DOWN, "The device manager is shutting down")
-            self._check_limits(job)
+            displaced = self._admit(job)
+            if displaced is not None:
+                self._jobs.remove(displaced)
+                refusal = self._displaced_error(displaced)
             self._jobs.append(job)
             self._cond.notify()
+        if displaced is not None:
+            displaced.future.set_exception(refusal)  # answered as a refused request is
 
-    def _check_limits(self, job: Job) -> None:
-        mine = sum(1 for queued in self._jobs if queued.client == job.client)
-        if len(self._jobs) >= self.limits.max_queue:
-            ahead, what = len(self._jobs), f"the device queue is full ({self.limits.max_queue} requests)"
-        elif mine >= self.limits.max_queue_per_client:
-            ahead, what = mine, f"this client already has {mine} requests queued (the limit)"
-        else:
-            return
+    def _admit(self, job: Job) -> Job | None:
+        """Raise ``busy`` if ``job`` may not enter; else the job it displaces, if any."""
+        counts = Counter(queued.client for queued in self._jobs)
+        mine = counts[job.client]
+        if mine >= self.limits.max_queue_per_client:
+            raise self._busy(mine, f"this client already has {mine} requests queued (the limit)")
+        if len(self._jobs) < self.limits.max_queue:
+            return None
+        share = self._fair_share(counts, job.client)
+        if mine >= share:
+            raise self._busy(len(self._jobs), f"the device queue is full ({self.limits.max_queue} requests)")
+        # mine < share and the queue is full, so some other client holds more than
+        # the share: it still holds at least the share after losing one job.
+        return self._displaceable(counts)
+
+    def _fair_share(self, counts: Counter, client: Hashable) -> int:
+        holders = len(counts) + (client not in counts)
+        return self.limits.max_queue // holders
+
+    def _displaceable(self, counts: Counter) -> Job:
+        """The heaviest client's least urgent, newest job: losing it costs that
+        client least. Among equally heavy clients, the one that queued last."""
+        newest = {}
+        for queued in self._jobs:
+            newest[queued.client] = max(newest.get(queued.client, queued.enqueued_at), queued.enqueued_at)
+        heaviest = max(counts, key=lambda client: (counts[client], newest[client]))
+        return max((queued for queued in self._jobs if queued.client == heaviest),
+                   key=lambda queued: (queued.priority, queued.enqueued_at))
+
+    def _displaced_error(self, job: Job) -> RequestError:
+        left = sum(1 for queued in self._jobs if queued.client == job.client)
+        return self._busy(left, "the device queue is full and this client held more than its fair share "
+                                "of it; this request made room for another client's")
+
+    def _busy(self, ahead: int, what: str) -> RequestError:
         retry_ms = max(1, int(ahead * self._run_s * 1000))
-        raise RequestError(BUSY, f"Busy: {what}; retry in about {retry_ms} ms", retry_after_ms=retry_ms)
+        return RequestError(BUSY, f"Busy: {what}; retry in about {retry_ms} ms", retry_after_ms=retry_ms)
 
     def remove(self, job: Job, error: RequestError) -> bool:
         """Take a job out before it starts and answer it with ``error``.
