@@ -357,3 +357,52 @@ def test_buffer_pool_never_hands_out_memory_still_in_use():
     again = pool.get(size)
     assert again is base or again.size == size  # free again: reused
     assert pool.get(10).size == 10  # small sizes are never pooled
+
+
+# ---------------------------------------------------------------- references: bounds and one mapping per memfd
+
+def test_references_past_the_count_or_byte_bound_are_refused_before_any_mapping():
+    """Checked from dtype and shape alone: the descriptor is never even looked at."""
+    ref = {"dtype": "uint8", "shape": [1 << 20], "shm": 0}
+    blocks = refs.Blocks([], [-1])  # mapping it would fail with EBADF
+    with pytest.raises(p.RequestError) as many:
+        refs.resolve({"x": [ref] * 300}, blocks, 1 << 30, "input_data", max_count=256, max_bytes=1 << 40)
+    with pytest.raises(p.RequestError) as large:
+        refs.resolve({"x": [ref] * 100}, blocks, 1 << 30, "input_data", max_count=256, max_bytes=64 << 20)
+    assert many.value.code == large.value.code == p.TOO_LARGE
+    assert "more than 256 tensor references" in many.value.message
+    assert "104857600 bytes" in large.value.message and "67108864" in large.value.message
+
+
+def test_many_references_to_one_memfd_share_one_mapping():
+    data = np.arange(1 << 20, dtype=np.uint8)
+    fd = memfd(data.tobytes())
+    blocks = refs.Blocks([], [fd])
+    name = "/memfd:test"
+    before = sum(name in line for line in open("/proc/self/maps"))
+    many = [{"dtype": "uint8", "shape": [1 << 20], "shm": 0}] * 50 + \
+           [{"dtype": "uint8", "shape": [16], "shm": 0, "offset": 4096}]
+    out = refs.resolve(many, blocks, 1 << 30, as_array=True)
+    blocks.close()
+    assert sum(name in line for line in open("/proc/self/maps")) - before == 1
+    assert all(np.array_equal(array_, data) for array_ in out[:50])
+    assert np.array_equal(out[50], data[4096:4112])
+
+
+def test_references_far_apart_map_only_the_pages_they_use():
+    """Two small tensors 512 MiB apart in a sparse memfd: one mapping spans them,
+    the gap (never written) is never touched, so it costs no memory."""
+    fd = os.memfd_create("far", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, (512 << 20) + 4096)
+    os.pwrite(fd, A.tobytes(), 0)
+    os.pwrite(fd, B.tobytes(), 512 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, shm.REQUIRED_SEALS)
+    kept = os.dup(fd)
+    blocks = refs.Blocks([], [fd])
+    out = refs.resolve({"a": {"dtype": "uint8", "shape": [4, 4, 3], "shm": 0},
+                        "b": {"dtype": "float32", "shape": [8], "shm": 0, "offset": 512 << 20}},
+                       blocks, 1000, as_array=True)
+    blocks.close()
+    assert np.array_equal(out["a"], A) and np.array_equal(out["b"], B)
+    assert os.fstat(kept).st_blocks * 512 <= 64 * 1024  # two pages written, no hole filled
+    os.close(kept)

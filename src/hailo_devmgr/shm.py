@@ -20,9 +20,12 @@ Why the seals matter to the daemon: a memfd that shrank under a mapping
 would kill the daemon with SIGBUS, and reading a page the client never
 wrote (a hole) would allocate it in the *daemon's* memory cgroup; so sizes
 are sealed and the bytes a tensor uses must all be written (checked with
-``SEEK_HOLE``). The daemon maps only the bytes a tensor uses, read-only,
-with ``MAP_POPULATE``, and closes every descriptor once it is mapped: a
-mapping holds the memory, not a descriptor.
+``SEEK_HOLE``). The daemon maps a one-shot memfd once per request,
+read-only, however many tensors refer to it, populates only the pages
+those tensors use, and closes every descriptor once it is mapped: a
+mapping holds the memory, not a descriptor. (Mapping it once per tensor
+let 400 references to one 512 MiB memfd cost the daemon 392 MiB of page
+tables.)
 """
 from __future__ import annotations
 
@@ -113,7 +116,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+MADV_POPULATE_READ = 22        # Linux 5.14; not in Python 3.11's mmap
 
 
 @dataclass
@@ -125,15 +130,17 @@ class Mapped:
     start: int
 
 
-def map_read_only(fd: int, offset: int, nbytes: int) -> Mapped:
+def map_read_only(fd: int, offset: int, nbytes: int, populate: bool = True) -> Mapped:
     """A read-only shared mapping of ``nbytes`` at ``offset`` (whole pages around them).
 
     Unlike ``mmap.mmap`` (which keeps a dup of the descriptor as long as the
     mapping), it holds no descriptor: the caller closes ``fd`` at once.
-    MAP_POPULATE maps every page in one call instead of a fault per page."""
+    MAP_POPULATE maps every page in one call instead of a fault per page;
+    without ``populate`` no page is touched (see :func:`populate_read`)."""
     first = offset - offset % PAGE_SIZE
     size = offset + nbytes - first
-    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, first)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    address = _libc.mmap(None, size, mmap.PROT_READ, flags, fd, first)
     if address is None or address == _MAP_FAILED:
         code = ctypes.get_errno()
         raise RequestError(BAD_REQUEST, f"the shared memory could not be mapped: {os.strerror(code)}")
@@ -142,20 +149,56 @@ def map_read_only(fd: int, offset: int, nbytes: int) -> Mapped:
     return Mapped(memory, offset - first)
 
 
+def populate_read(mapped: Mapped, start: int, nbytes: int) -> None:
+    """Map the pages of ``nbytes`` from ``start`` (bytes into ``mapped.memory``) in one call.
+
+    Only an optimisation: on a kernel without MADV_POPULATE_READ the pages
+    are faulted in as they are read (they exist: holes were refused)."""
+    first = start - start % PAGE_SIZE
+    _libc.madvise(ctypes.addressof(mapped.memory) + first, start + nbytes - first, MADV_POPULATE_READ)
+
+
 def array_over(mapped: Mapped, dtype: np.dtype, count: int) -> np.ndarray:
     return np.frombuffer(mapped.memory, dtype=dtype, count=count, offset=mapped.start)
 
 
-def map_one_shot(fd: int, offset: int, nbytes: int, where: str) -> Mapped | None:
-    """Check a one-shot memfd and map the bytes a tensor uses (None when there are none)."""
+def used_ranges(uses: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (start, end) byte ranges that ``(offset, nbytes)`` uses cover, merged and sorted."""
+    merged: list[list[int]] = []
+    for offset, nbytes in sorted(use for use in uses if use[1]):
+        if merged and offset <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], offset + nbytes)
+        else:
+            merged.append([offset, offset + nbytes])
+    return [(start, end) for start, end in merged]
+
+
+def map_one_shot(fd: int, uses: list[tuple[int, int, str]], where: str) -> Mapped | None:
+    """Check a one-shot memfd and map, once, the bytes a request's tensors use in it.
+
+    ``uses``: ``(offset, nbytes, where)`` of each tensor in it. One mapping
+    spans them all and every tensor's view is sliced from it; only the
+    pages some tensor uses are checked for holes and populated, so time and
+    page tables grow with the distinct bytes used, not with the number of
+    references. The mapping's ``start`` is where the lowest used byte is
+    (None when no tensor has bytes)."""
     size = check_memfd(fd, where)
-    if offset + nbytes > size:
-        raise RequestError(BAD_REQUEST, f"{where} has {size} bytes, too small for {nbytes} bytes at "
-                                        f"offset {offset}")
-    if not nbytes:
+    for offset, nbytes, name in uses:
+        if offset + nbytes > size:
+            raise RequestError(BAD_REQUEST, f"{name} has {size} bytes, too small for {nbytes} bytes at "
+                                            f"offset {offset}")
+    ranges = used_ranges([(offset, nbytes) for offset, nbytes, _ in uses])
+    if not ranges:
         return None
-    check_written(fd, offset, nbytes, where)
-    return map_read_only(fd, offset, nbytes)
+    for start, end in ranges:
+        check_written(fd, start, end - start, where)
+    low, high = ranges[0][0], ranges[-1][1]
+    whole = len(ranges) == 1  # no gap: MAP_POPULATE does it all
+    mapped = map_read_only(fd, low, high - low, populate=whole)
+    if not whole:  # gaps (perhaps holes, perhaps large) are never touched
+        for start, end in ranges:
+            populate_read(mapped, mapped.start + start - low, end - start)
+    return mapped
 
 
 # ---------------------------------------------------------------- daemon side
