@@ -44,6 +44,12 @@ class Handler:
     model_type = ""
     # Extra model files named in model_params (checked like model_path).
     path_params: tuple[str, ...] = ()
+    # The other model_params a loaded model uses. check_params keeps these and
+    # path_params only, so a loaded model depends on exactly the parameters
+    # its cache key holds (registry.ModelSpec.identity): a parameter not
+    # listed here never reaches the handler, rather than letting two requests
+    # that differ in it share one loaded model.
+    option_params: tuple[str, ...] = ()
     # True where HailoRT sends the path string to the chip (genai VLM, LLM):
     # the model then gets a host-only link, not /proc/self/fd/N (model_files).
     sends_path_to_device = False
@@ -73,8 +79,9 @@ class Handler:
         device thread when the model loads, on its own result, with an
         opener that returns ``/proc/self/fd/N`` (see model_files.py). So it
         must accept what it returned, and every model file it names must go
-        through ``resolve_path``."""
-        checked = dict(params)
+        through ``resolve_path``. Keys outside ``path_params`` and
+        ``option_params`` are dropped (unknown ones are ignored, as documented)."""
+        checked = {key: params[key] for key in cls.path_params + cls.option_params if key in params}
         for key in cls.path_params:
             if checked.get(key) is not None:
                 value = checked[key]

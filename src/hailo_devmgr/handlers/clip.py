@@ -25,6 +25,7 @@ class ClipHandler(Handler):
     failed_run_breaks_model = True  # a run through InferModel (network.py)
     model_type = "clip"
     path_params = ("image_hef_path", "text_hef_path")
+    option_params = ("text_input_layer", "text_output_layer")
 
     @classmethod
     def check_params(cls, params, resolve_path):

@@ -52,6 +52,7 @@ class OcrHandler(Handler):
     failed_run_breaks_model = True  # a run through InferModel (network.py)
     model_type = "ocr"
     path_params = ("detection_hef_path",)
+    option_params = ("recognition_hefs", "batch_sizes")  # files too, checked below
 
     @classmethod
     def check_params(cls, params, resolve_path):
