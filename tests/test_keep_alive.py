@@ -5,6 +5,8 @@ and check that models which must stay are still there once others left.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -31,7 +33,9 @@ def test_request_keep_alive_zero_unloads_right_after_use(start_daemon, model_dir
         wait_until(lambda: path not in loaded_paths(client), what="the keep_alive 0 unload")
         assert loaded_paths(client) == [other]
         assert models_of(client)[other]["keep_alive_s"] is None  # -1: forever
-    assert f"unloaded generic:{path}: idle for" in daemon.log()
+    # The unload line carries the fields of the request whose keep_alive chose it.
+    [line] = [line for line in daemon.log().splitlines() if f"unloaded generic:{path}: idle for" in line]
+    assert f"CLIENT_UID={os.getuid()}" in line and f"CLIENT_PID={os.getpid()}" in line
 
 
 def test_configured_keep_alive_per_type_and_pins_are_never_unloaded(start_daemon, model_dir):

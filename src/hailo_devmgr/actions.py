@@ -42,7 +42,8 @@ class DeviceRequest:
     keep_alive: float | None = None     # seconds (negative = forever); None = configured
     priority: str | None = None         # scheduling class; None = the client's default
     deadline: float | None = None       # monotonic; not started by then -> timeout
-    admin: bool = True                  # the client may unload models other uids loaded
+    admin: bool = True                  # the client may unload, or shorten the keep-alive of,
+                                        # models other uids loaded
 
 
 def _model_type(body: dict) -> str:
@@ -146,7 +147,7 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
     if request.action == "load_model":
         def load():
             check_thermal()
-            model, already = registry.load(spec, request.log_fields, request.keep_alive)
+            model, already = registry.load(spec, request.log_fields, request.keep_alive, request.admin)
             return {"model_path": model_path, "model_type": model_type,
                     "message": "Model already loaded" if already else "Model loaded",
                     **model.handler.load_info()}
@@ -160,9 +161,9 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
     def infer():
         check_thermal()
         # A load on demand first, so the HailoRT timeout is what is left of the deadline after it.
-        registry.load(spec, request.log_fields, request.keep_alive)
+        registry.load(spec, request.log_fields, request.keep_alive, request.admin)
         timeout_ms = hailort_timeout_ms(budget_ms, request.deadline)
         return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
-                              request.keep_alive)
+                              request.keep_alive, request.admin)
     # A load on demand may come first, so allow for both.
     return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s * calls

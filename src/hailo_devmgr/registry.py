@@ -4,9 +4,13 @@ Runs on the device thread only (it creates and releases HailoRT objects).
 The event loop reads ``snapshot`` and the counters, which are replaced
 whole after every change (atomic reference assignment), never mutated.
 
-Cache key ``model_type:model_path`` with the path as the client gave it
-(v1 services see their own path in ``status``); the file opened is the
-resolved one (see model_files.py). Every model file (the HEF and those in
+A model's name is ``model_type:model_path`` with the path as the client
+gave it (v1 services see their own path in ``status``); the file opened is
+the resolved one (see model_files.py). Its cache key (``ModelSpec.identity``)
+adds the ``model_params`` it was loaded with, so requests whose parameters
+differ never share a loaded model: one uid cannot make another's requests
+run on files it chose. Pins, ``unload_model`` and the scheduler's affinity
+go by name. Every model file (the HEF and those in
 ``model_params``) is opened here, on the device thread, checked once more
 as an open descriptor, and handed to HailoRT as ``/proc/self/fd/N``; a
 ``LoadedModel`` owns those descriptors and closes them when it is released.
@@ -14,16 +18,20 @@ as an open descriptor, and handed to HailoRT as ``/proc/self/fd/N``; a
 Keep-alive (as Ollama's): every load_model or infer sets how long the model
 may stay idle afterwards, from the request's ``keep_alive`` or else the
 configured one for its type; the device thread's chore ``unload_idle``
-unloads models past it. Pinned models are never unloaded, and after a
+unloads models past it. Only the uid that loaded a model, or an admin, may
+make it expire earlier than it would (see ``_keep``): others may only
+extend it. Pinned models are never unloaded, and after a
 VDevice rebuild ``restore_next_pin`` loads them again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from . import hailort_status as hs
@@ -43,14 +51,29 @@ class ModelSpec:
     """A model as a request names it, already validated and resolved."""
 
     model_type: str
-    model_path: str          # as the client wrote it (the cache key uses this)
+    model_path: str          # as the client wrote it (the name uses this)
     real_path: str           # what is opened (a model_files.AllowedPath from the request's check)
-    params: dict             # model_params, paths resolved (AllowedPaths too)
+    params: dict             # model_params as check_params returns them: paths resolved (AllowedPaths)
     handler_cls: type[Handler]
 
     @property
     def key(self) -> str:
+        """The model's name, as pins, unload_model, status and the scheduler know it."""
         return f"{self.model_type}:{self.model_path}"
+
+    @cached_property
+    def params_json(self) -> str:
+        """The parameters the loaded model depends on, as canonical JSON ('' for none).
+
+        check_params keeps only the keys the handler uses; an empty value
+        means what an absent one does (ocr's ``recognition_hefs: {}``)."""
+        used = {key: value for key, value in self.params.items() if value not in (None, "", {})}
+        return json.dumps(used, sort_keys=True, separators=(",", ":")) if used else ""
+
+    @property
+    def identity(self) -> str:
+        """The cache key: the name and the parameters (two loads share a model only if both match)."""
+        return f"{self.key} {self.params_json}" if self.params_json else self.key
 
 
 @dataclass
@@ -67,7 +90,10 @@ class LoadedModel:
     idle_since: float = 0.0             # Unix time of the last request that touched it
     idle_since_mono: float = 0.0
     files: ModelFiles = field(default_factory=ModelFiles)  # open until the model is released
-    loaded_by_uid: int | None = None    # who loaded it (only that uid or an admin may unload it)
+    loaded_by_uid: int | None = None    # who loaded it (only that uid or an admin may unload it
+                                        # or shorten its keep-alive); None: the daemon (a pin)
+    loaded_by_admin: bool = False
+    keep_alive_fields: dict = field(default_factory=dict)  # log fields of the request that set it
 
     def expires_mono(self) -> float | None:
         """When keep-alive unloads it (monotonic), or None for never."""
@@ -87,13 +113,48 @@ class LoadedModel:
             "pinned": self.pinned,
             "keep_alive_s": None if forever else self.keep_alive_s,
             "expires_at": None if forever else round(self.idle_since + self.keep_alive_s, 3),
+            "model_params": json.loads(self.spec.params_json or "{}"),
         }
 
 
 def eviction_order(models: list[LoadedModel]) -> list[LoadedModel]:
-    """Unpinned models, least recently used first; ties broken by key."""
+    """Unpinned models, least recently used first; ties broken by cache key."""
     candidates = [model for model in models if not model.pinned]
-    return sorted(candidates, key=lambda model: (model.last_used_mono, model.spec.key))
+    return sorted(candidates, key=lambda model: (model.last_used_mono, model.spec.identity))
+
+
+def _uid(log_fields: dict | None) -> int | None:
+    """The requester's uid; None for the daemon's own requests (pins)."""
+    return (log_fields or {}).get("CLIENT_UID")
+
+
+def _may_manage(model: LoadedModel, uid: int | None, admin: bool) -> bool:
+    """Whether a requester may unload ``model`` or shorten its keep-alive."""
+    return admin or model.loaded_by_uid is None or model.loaded_by_uid == uid
+
+
+def _trusted(model: LoadedModel, uid: int | None) -> bool:
+    """Whether a request without model_params may use ``model``, loaded with some:
+    its own uid, an admin or the daemon (a pin) chose them."""
+    return model.loaded_by_admin or model.loaded_by_uid is None or model.loaded_by_uid == uid
+
+
+def _shortens(model: LoadedModel, keep_s: float | None) -> bool:
+    """Whether a keep-alive of ``keep_s`` (None = forever), starting now, would
+    unload ``model`` earlier than its current one will."""
+    if model.pinned or keep_s is None:
+        return False  # a pinned model never expires, whatever its keep-alive
+    expires = model.expires_mono()
+    return expires is None or time.monotonic() + keep_s < expires
+
+
+def _shorten_refused(model: LoadedModel, keep_s: float) -> RequestError:
+    expires = model.expires_mono()
+    now = "never" if expires is None else f"in {max(0.0, expires - time.monotonic()):.0f} s"
+    return RequestError(FORBIDDEN, f"Model {model.spec.model_path} was loaded by another user (uid "
+                                   f"{model.loaded_by_uid}); only that user or an admin may shorten its "
+                                   f"keep_alive (it expires {now}; keep_alive {keep_s:g} s would end it "
+                                   "sooner): send a longer keep_alive, or none")
 
 
 def _failure(prefix: str, exc: Exception, default_code: str, files: ModelFiles) -> RequestError:
@@ -126,9 +187,10 @@ class ModelRegistry:
         self.max_loaded_models = max_loaded_models
         self.pins = pins
         self.keep_alive = dict(keep_alive or {"default": FOREVER})  # model type → seconds
-        self._models: dict[str, LoadedModel] = {}
-        # Pinned models as requests named them (to reload them after a rebuild),
-        # and the ones still to reload.
+        self._models: dict[str, LoadedModel] = {}  # by ModelSpec.identity
+        # Pinned models as the daemon's own load_model named them (name → spec:
+        # only the pin's own model_params are pinned; to reload them after a
+        # rebuild), and the names still to reload.
         self._pin_specs: dict[str, ModelSpec] = {}
         self._restore: list[str] = []
         # Read by the event loop; replaced whole, never mutated.
@@ -141,17 +203,19 @@ class ModelRegistry:
     # -- requests -------------------------------------------------------------
 
     def load(self, spec: ModelSpec, log_fields: dict | None = None,
-             keep_alive: float | None = None) -> tuple[LoadedModel, bool]:
+             keep_alive: float | None = None, admin: bool = True) -> tuple[LoadedModel, bool]:
         """The loaded model for ``spec``; True if it was loaded already.
 
         ``log_fields`` (client pid/uid, request id) go into the log line;
         ``keep_alive`` is the request's (seconds, negative = forever; None =
-        the configured one)."""
-        if spec.key in self.pins:
+        the configured one); ``admin``: the requester may shorten any model's
+        keep-alive."""
+        if spec.key in self.pins and _uid(log_fields) is None:
             self._pin_specs[spec.key] = spec
-        model = self._models.get(spec.key)
+            self._refresh_pins()
+        model = self._find(spec, _uid(log_fields))
         if model is not None:
-            self._keep(model, keep_alive)
+            self._keep(model, keep_alive, log_fields, admin)
             self._publish()
             return model, True
         vdevice = self.runtime.require()
@@ -163,12 +227,12 @@ class ModelRegistry:
                                        log_fields):
                     raise RequestError(RESOURCE_EXHAUSTED, f"Failed to load model: max_loaded_models "
                                        f"({self.max_loaded_models}) reached and every loaded model is pinned")
-            model = self._load_evicting(spec, vdevice, files, path, params, log_fields)
+            model = self._load_evicting(spec, vdevice, files, path, params, log_fields, admin)
         except BaseException:
             files.close()
             raise
-        self._keep(model, keep_alive)
-        self._models[spec.key] = model
+        self._keep(model, keep_alive, log_fields, admin)
+        self._models[spec.identity] = model
         self._publish()
         log.info("loaded %s in %.0f ms", spec.key, model.load_ms,
                  extra={**(log_fields or {}), "MODEL": spec.model_path, "MODEL_TYPE": spec.model_type,
@@ -176,9 +240,10 @@ class ModelRegistry:
         return model, False
 
     def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, scope_params: dict,
-              log_fields: dict | None = None, keep_alive: float | None = None) -> tuple[Any, float]:
+              log_fields: dict | None = None, keep_alive: float | None = None,
+              admin: bool = True) -> tuple[Any, float]:
         """Run one inference (loading first if needed); returns (result, run ms)."""
-        model, _ = self.load(spec, log_fields, keep_alive)
+        model, _ = self.load(spec, log_fields, keep_alive, admin)
         started = time.perf_counter()
         try:
             with self.runtime.backend.request_scope(scope_params):
@@ -191,7 +256,7 @@ class ModelRegistry:
             if status in hs.RUNTIME_BROKEN:
                 self.runtime.mark_broken(hs.describe(exc))
             elif status in hs.SHUTS_MODEL_DOWN and model.handler.failed_run_breaks_model:
-                error = self._discard_broken(model, error)
+                error = self._discard_broken(model, error, log_fields)
             raise error from exc
         finally:
             model.uses += 1
@@ -202,23 +267,25 @@ class ModelRegistry:
 
     def unload(self, model_type: str, model_path: str, log_fields: dict | None = None,
                admin: bool = True) -> bool:
-        """Unload a model; a non-admin may unload only models its own uid loaded."""
+        """Unload every unpinned model of this name (whatever its model_params) the
+        requester may unload: a non-admin only those its own uid loaded."""
         key = f"{model_type}:{model_path}"
+        named = [model for model in self._models.values() if model.spec.key == key]
+        mine = [model for model in named if not model.pinned and _may_manage(model, _uid(log_fields), admin)]
+        for model in mine:
+            self._drop(model)
+            log.info("unloaded %s", model.spec.identity,
+                     extra={**(log_fields or {}), "MODEL": model_path, "MODEL_TYPE": model_type})
+        self._publish()
+        if mine:
+            return True
         if key in self.pins:
             raise RequestError(FORBIDDEN, f"Model {model_path} is pinned by the configuration (pin:) "
                                           "and cannot be unloaded")
-        model = self._models.get(key)
-        if model is None:
-            return False
-        uid = (log_fields or {}).get("CLIENT_UID")
-        if not admin and model.loaded_by_uid is not None and uid != model.loaded_by_uid:
+        if named:
             raise RequestError(FORBIDDEN, f"Model {model_path} was loaded by another user (uid "
-                                          f"{model.loaded_by_uid}); only that user or an admin may unload it")
-        self._drop(model)
-        self._publish()
-        log.info("unloaded %s", model.spec.key,
-                 extra={**(log_fields or {}), "MODEL": model_path, "MODEL_TYPE": model_type})
-        return True
+                                          f"{named[0].loaded_by_uid}); only that user or an admin may unload it")
+        return False
 
     def release_all(self) -> None:
         for key in list(self._models):
@@ -232,8 +299,7 @@ class ModelRegistry:
         self.pins = pins
         if keep_alive is not None:
             self.keep_alive = dict(keep_alive)
-        for key, model in self._models.items():
-            model.pinned = key in pins
+        self._refresh_pins()
         self._publish()
 
     # -- chores (the device thread runs them between jobs) ---------------------
@@ -246,14 +312,16 @@ class ModelRegistry:
     def unload_idle(self) -> None:
         """Unload every unpinned model idle past its keep-alive; one log line each."""
         now = time.monotonic()
-        for key, model in list(self._models.items()):
+        for model in list(self._models.values()):
             expires = model.expires_mono()
             if expires is None or expires > now:
                 continue
             self._drop(model)
-            log.info("unloaded %s: idle for %.1f s (keep_alive %g s)", key, now - model.idle_since_mono,
-                     model.keep_alive_s,
-                     extra={"MODEL": model.spec.model_path, "MODEL_TYPE": model.spec.model_type})
+            # With the fields of the request that set the keep-alive (and so chose this unload).
+            log.info("unloaded %s: idle for %.1f s (keep_alive %g s)", model.spec.identity,
+                     now - model.idle_since_mono, model.keep_alive_s,
+                     extra={**model.keep_alive_fields, "MODEL": model.spec.model_path,
+                            "MODEL_TYPE": model.spec.model_type})
         self._publish()
 
     def restore_due(self) -> float | None:
@@ -266,7 +334,7 @@ class ModelRegistry:
         """Reload one pinned model dropped by a device rebuild."""
         key = self._restore.pop(0)
         spec = self._pin_specs.get(key)
-        if spec is None or key not in self.pins or key in self._models:
+        if spec is None or key not in self.pins or spec.identity in self._models:
             return
         try:
             self.load(spec)
@@ -279,7 +347,31 @@ class ModelRegistry:
 
     def _schedule_restore(self) -> None:
         """After the device (re)opened: every pinned model we know of that is not loaded."""
-        self._restore = [key for key in self._pin_specs if key in self.pins and key not in self._models]
+        self._restore = [key for key, spec in self._pin_specs.items()
+                         if key in self.pins and spec.identity not in self._models]
+
+    def _is_pinned(self, spec: ModelSpec) -> bool:
+        """Pinned: the name is in config ``pin:`` and the parameters are the pin's own
+        (a client's other model_params for that name get a model of their own, unpinned)."""
+        pin = self._pin_specs.get(spec.key)
+        return spec.key in self.pins and pin is not None and pin.identity == spec.identity
+
+    def _refresh_pins(self) -> None:
+        for model in self._models.values():
+            model.pinned = self._is_pinned(model.spec)
+
+    def _find(self, spec: ModelSpec, uid: int | None) -> LoadedModel | None:
+        """The loaded model a request for ``spec`` gets: the one loaded with exactly its
+        model_params. A client's request without any also gets one loaded with some
+        by its own uid, an admin or the daemon (the most recently used): v1 services
+        load with model_params and infer without them, and pins carry them. Never
+        another uid's: it would run the request on files that uid chose."""
+        exact = self._models.get(spec.identity)
+        if spec.params_json or uid is None:
+            return exact
+        tuned = [model for model in self._models.values()
+                 if model.spec.key == spec.key and model.spec.params_json and _trusted(model, uid)]
+        return max(tuned, key=lambda model: model.idle_since_mono) if tuned else exact
 
     # -- internals ------------------------------------------------------------
 
@@ -303,7 +395,7 @@ class ModelRegistry:
         return files, path, params
 
     def _load_evicting(self, spec: ModelSpec, vdevice: Any, files: ModelFiles, path: str, params: dict,
-                       log_fields: dict | None) -> LoadedModel:
+                       log_fields: dict | None, admin: bool) -> LoadedModel:
         """Load; on RESOURCE_EXHAUSTED evict the LRU model and retry, while any is left."""
         while True:
             handler = spec.handler_cls(self.runtime.platform, vdevice, path, params,
@@ -329,17 +421,29 @@ class ModelRegistry:
             return LoadedModel(spec, handler, loaded_at=now, last_used=now,
                                last_used_mono=time.monotonic(),
                                load_ms=(time.perf_counter() - started) * 1000,
-                               pinned=spec.key in self.pins, files=files,
-                               loaded_by_uid=(log_fields or {}).get("CLIENT_UID"))
+                               pinned=self._is_pinned(spec), files=files,
+                               loaded_by_uid=_uid(log_fields), loaded_by_admin=admin)
 
-    def _keep(self, model: LoadedModel, requested: float | None) -> None:
-        """Start the model's idle time now, with the request's keep-alive or the configured one."""
+    def _keep(self, model: LoadedModel, requested: float | None, log_fields: dict | None,
+              admin: bool) -> None:
+        """Start the model's idle time now, with the request's keep-alive or the configured one.
+
+        A requester that may not unload the model may not bring its end
+        closer either (keep_alive 0 would be an unload): an explicit
+        ``keep_alive`` that would is ``forbidden``; the configured one is
+        then not applied (the current one restarts)."""
         seconds = requested
         if seconds is None:
             seconds = self.keep_alive.get(model.spec.model_type, self.keep_alive.get("default", FOREVER))
         # Negative is forever; so is a non-finite one (JSON lets NaN and 1e999 through),
         # which status could not even encode.
-        model.keep_alive_s = None if seconds < 0 or not math.isfinite(seconds) else float(seconds)
+        keep_s = None if seconds < 0 or not math.isfinite(seconds) else float(seconds)
+        if _shortens(model, keep_s) and not _may_manage(model, _uid(log_fields), admin):
+            if requested is not None:
+                raise _shorten_refused(model, keep_s)
+            keep_s = model.keep_alive_s
+        model.keep_alive_s = keep_s
+        model.keep_alive_fields = dict(log_fields or {})
         model.idle_since = time.time()
         model.idle_since_mono = time.monotonic()
 
@@ -357,21 +461,23 @@ class ModelRegistry:
                         "MODEL_TYPE": victim.spec.model_type})
         return True
 
-    def _discard_broken(self, model: LoadedModel, error: RequestError) -> RequestError:
+    def _discard_broken(self, model: LoadedModel, error: RequestError,
+                        log_fields: dict | None = None) -> RequestError:
         """Unload a model HailoRT shut down (a failed submit: SHUTS_MODEL_DOWN).
 
         Every later run on it would fail: the next request loads it afresh
         (a pinned model is reloaded by the restore chore). Only these
         statuses, only for InferModel handlers: a client cannot make the
         daemon unload models with requests that merely fail."""
-        key = model.spec.key
+        key = model.spec.identity
         if self._models.get(key) is model:
             self._drop(model)
-            if key in self.pins:
+            if model.pinned:
                 self._schedule_restore()
             self._publish()
         log.warning("unloaded %s after a failed run; it loads again on the next request: %s", key,
-                    error.message, extra={"MODEL": model.spec.model_path, "MODEL_TYPE": model.spec.model_type})
+                    error.message, extra={**(log_fields or {}), "MODEL": model.spec.model_path,
+                                          "MODEL_TYPE": model.spec.model_type})
         return RequestError(error.code, f"{error.message} (the model was unloaded and loads again on the "
                                         "next request)", retry_after_ms=error.retry_after_ms)
 
@@ -385,11 +491,11 @@ class ModelRegistry:
 
     def _drop(self, model: LoadedModel) -> None:
         """Take a model out of the cache and release its HailoRT objects, then its files."""
-        del self._models[model.spec.key]
+        del self._models[model.spec.identity]
         try:
             model.handler.release()
         except Exception:
-            log.exception("releasing %s failed", model.spec.key)
+            log.exception("releasing %s failed", model.spec.identity)
         finally:
             model.files.close()  # after HailoRT let go of the model
 
