@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import replace
 
-from . import actions, references, scheduler, shm, simulate, transport
+from . import actions, references, scheduler, shm, simulate, transport, workers
 from . import protocol as p
 from ._version import __version__
 from .connection import ByteBudget, Connection, Frame, Peer
@@ -121,6 +121,7 @@ class Server:
         self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
         self.metrics = Metrics()
+        self.worker_pool = workers.FairPool()   # request work, shared out by uid
         self.shutting_down = False
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
@@ -293,7 +294,8 @@ class Server:
             return self._cancel(request, connection)
         if action in ("register_buffer", "unregister_buffer"):
             # In a worker thread: mapping a large buffer populates its page tables.
-            return await asyncio.to_thread(self._buffer_action, request, connection, blocks)
+            return await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection,
+                                              blocks)
         if action == "simulate":
             return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
@@ -319,7 +321,12 @@ class Server:
 
     async def _run_device_action(self, request, connection, received: float, tracked: bool,
                                  blocks: references.Blocks | None = None) -> dict:
-        prepared = await asyncio.to_thread(self._prepare, request, blocks)
+        if request.action != "infer" and workers.is_small(request.body):
+            # Only a few paths to check: quicker here than a worker's hand-over,
+            # and never behind other clients' validations.
+            prepared = self._prepare(request, blocks)
+        else:
+            prepared = await self.worker_pool.run(_work_key(connection), self._prepare, request, blocks)
         if request.action != "unload_model":
             # The thermal guard, from the device thread's latest reading
             # (checked again when the job starts on the device thread).
@@ -352,13 +359,17 @@ class Server:
 
     def _prepare(self, request: p.Request, blocks: references.Blocks | None):
         """actions.prepare, after v2 tensor references in input_data are resolved
-        (worker thread). The frame's descriptors are closed here: mappings
-        stay valid for as long as the arrays on them live."""
+        (worker thread, or the event loop for a small request without input_data).
+        The references are bounded in number and bytes before anything is mapped.
+        The frame's descriptors are closed here: mappings stay valid for as long
+        as the arrays on them live."""
         try:
             if blocks is not None and request.action == "infer" and \
                     references.has_references(request.body.get("input_data")):
                 resolved = references.resolve(request.body["input_data"], blocks,
-                                             self.config.max_tensor_elements, "input_data")
+                                             self.config.max_tensor_elements, "input_data",
+                                             max_count=references.MAX_REFERENCES,
+                                             max_bytes=references.MAX_REFERENCED_BYTES)
                 request = replace(request, body={**request.body, "input_data": resolved})
             return actions.prepare(request, self.config)
         finally:
@@ -488,7 +499,7 @@ class Server:
         if connection is not None and connection.binary_results:
             # ndarrays stay: Connection.send writes them as attachments or memfds.
             return {"result": result, "inference_time_ms": round(run_ms, 3)}
-        encoded = await asyncio.to_thread(encode_results, result)
+        encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
         return {"result": encoded, "inference_time_ms": round(run_ms, 3)}
 
     # -- control plane (event loop, snapshots only) ----------------------------
@@ -577,3 +588,8 @@ class Server:
 
 def _peer(connection: Connection | None) -> Peer:
     return connection.peer if connection is not None else Peer(None, None, None)
+
+
+def _work_key(connection: Connection | None):
+    """Whose turn a job waits for in the worker pool: the client's uid."""
+    return connection.client_key if connection is not None else "daemon"
