@@ -9,6 +9,7 @@ loaded would have loaded it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import struct
@@ -235,7 +236,7 @@ def test_status_shows_queues_and_metrics_count_per_model_type(sched_daemon, mode
     with Client(sched_daemon.socket_path, timeout=10) as client:
         status = client.status()
         assert status["queue_by_class"] == {"interactive": 0, "normal": 0, "batch": 1}
-        assert sum(status["queue_by_client"].values()) == 1
+        assert status["queue_by_client"] == {f"uid {os.getuid()}": 1}  # keyed by uid, not process
         assert v2.read()["request_id"] == "blocker" and v2.read()["request_id"] == "b"
         metrics = client.request("metrics")["metrics"]["model_types"]["generic"]
     assert metrics["requests"]["infer"] == 2
@@ -247,7 +248,6 @@ def test_status_shows_queues_and_metrics_count_per_model_type(sched_daemon, mode
 
 
 def test_configured_priority_by_uid_applies_to_v1_clients(start_daemon, model_dir):
-    import os
     daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 1},
                           scheduling={"client_priorities": [{"uid": os.getuid(), "priority": "batch"}]})
     v2 = Raw(daemon.socket_path)
