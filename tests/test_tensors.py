@@ -38,6 +38,10 @@ def _tensor(**changes):
     (_tensor(shape="2x2"), "shape must be a list"),
     (_tensor(shape=[1] * 9), "shape must be a list of at most 8"),
     (_tensor(shape=[2**31, 2**31]), "over the limit"),
+    # Empty, yet numpy cannot hold the shape (its ValueError was an internal_error).
+    (_tensor(shape=[0, 2**26, 2**26, 2**26], data_b64=""), "(in a shape with a size 0, the other sizes count)"),
+    (_tensor(shape=[0, 10**4000, 10**4000], data_b64=""), "over the limit"),
+    (_tensor(dtype="x" * 10**6), "got 'xxxxxx"),
     (_tensor(shape=[3, 2]), "data has 4 bytes but dtype uint8 and shape [3, 2] need 6"),
     (_tensor(data_b64="@@@@"), "not valid base64"),
     (_tensor(data_b64=123), "data_b64 must be a base64 string"),
@@ -61,3 +65,13 @@ def test_results_encode_nested_arrays_and_decode_back():
     decoded = tensors.decode_results(encoded)
     assert np.array_equal(decoded["outputs"]["a"], result["outputs"]["a"])
     assert decoded["list"][0].dtype == np.uint8
+
+
+def test_a_shape_numpy_cannot_hold_is_refused_wherever_it_is_checked():
+    """check_shape is what attachment, shm and buffer references use too."""
+    for shape in ([0, 2**26, 2**26, 2**26], [2**20, 0, 2**20]):
+        with pytest.raises(RequestError) as info:
+            tensors.check_shape(shape, "input_data.x: ", 2**26)
+        assert info.value.code == BAD_REQUEST and len(info.value.message) < 300
+    assert tensors.check_shape([0, 2**26], "", 2**26) == (0, 2**26)
+    assert tensors.decode_v1(_tensor(shape=[0, 2**26], data_b64="")).shape == (0, 2**26)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import BAD_REQUEST, RequestError
+from .protocol import BAD_REQUEST, RequestError, shown
 
 # v1 text: existing clients match on it.
 MISSING_TENSOR_FIELDS = "tensor must include dtype, shape, and data_b64"
@@ -44,22 +44,24 @@ def is_v1_tensor(value: Any) -> bool:
 def check_dtype(name: Any, where: str) -> np.dtype:
     if not isinstance(name, str) or name not in ALLOWED_DTYPES:
         allowed = ", ".join(sorted(ALLOWED_DTYPES))
-        raise RequestError(BAD_REQUEST, f"{where}dtype must be one of {allowed}, got {name!r}")
+        raise RequestError(BAD_REQUEST, f"{where}dtype must be one of {allowed}, got {shown(name)}")
     return np.dtype(name)
 
 
 def check_shape(shape: Any, where: str, max_elements: int) -> tuple[int, ...]:
+    """A client's shape, checked before any array is made with it (by reshape,
+    frombuffer or empty): every defect a ``bad_request``, never numpy's ValueError."""
     if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS:
         raise RequestError(BAD_REQUEST, f"{where}shape must be a list of at most {MAX_DIMENSIONS} sizes")
-    for size in shape:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise RequestError(BAD_REQUEST, f"{where}shape sizes must be integers >= 0, got {shape!r}")
-        if size > max_elements:  # also when another size is 0 (numpy cannot hold such a shape)
-            raise RequestError(BAD_REQUEST, f"{where}shape size {size} is over the limit of {max_elements}")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise RequestError(BAD_REQUEST,
-                           f"{where}shape {shape} has {count} elements, over the limit of {max_elements}")
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
+        raise RequestError(BAD_REQUEST, f"{where}shape sizes must be integers >= 0, got {shown(shape)}")
+    # numpy sizes an array by its sizes other than 0 even when it holds no
+    # element, and refuses those past its index range: bound them as elements.
+    # (The product is not shown: past 4300 digits, str() of it raises.)
+    if math.prod(size for size in shape if size) > max_elements:
+        empty = " (in a shape with a size 0, the other sizes count)" if 0 in shape else ""
+        raise RequestError(BAD_REQUEST, f"{where}shape {shown(shape)} is over the limit of {max_elements} "
+                                        f"elements{empty}")
     return tuple(shape)
 
 
