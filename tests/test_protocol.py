@@ -84,3 +84,31 @@ def test_no_request_id_means_none_echoed():
     request = p.parse_request({"action": "ping"})
     assert "request_id" not in p.ok_response(request, {})
     assert p.ok_response(request, {"x": 1}) == {"status": "ok", "x": 1}
+
+
+def test_client_text_in_errors_is_cut_short():
+    huge = "A" * (60 * 1024 * 1024)
+    with pytest.raises(RequestError) as info:
+        p.parse_request({"action": huge})
+    assert info.value.code == p.UNKNOWN_ACTION
+    assert info.value.message.startswith("Unknown action: AAAA") and len(info.value.message) < 200
+    # Whoever raised it, the answer carries a bounded text.
+    answer = p.error_response(None, RequestError(p.LOAD_FAILED, f"cannot open {huge}"))
+    assert len(answer["error"]) < p.MAX_ERROR_CHARS + 100 and answer["error"].endswith("more characters)")
+
+
+@pytest.mark.parametrize("request_id", ["r" * (p.MAX_REQUEST_ID_CHARS + 1), 10 ** p.MAX_REQUEST_ID_CHARS])
+def test_an_over_long_request_id_is_refused_and_never_echoed(request_id):
+    message = {"action": "ping", "request_id": request_id}
+    with pytest.raises(RequestError) as info:
+        p.parse_request(message)
+    assert info.value.code == p.BAD_REQUEST
+    assert info.value.message == f"request_id must be a string or a number of at most " \
+                                 f"{p.MAX_REQUEST_ID_CHARS} characters"
+    assert p.request_id_of(message) == (None, False)
+
+
+def test_a_request_id_at_the_limit_is_echoed():
+    request_id = "r" * p.MAX_REQUEST_ID_CHARS
+    request = p.parse_request({"action": "ping", "request_id": request_id})
+    assert p.ok_response(request, {})["request_id"] == request_id

@@ -59,6 +59,13 @@ ACTIONS = CONTROL_ACTIONS | DEVICE_ACTIONS | DEBUG_ACTIONS
 
 DEFAULT_MODEL_TYPE = "vlm"  # v1 default for load_model/infer/unload_model
 
+# Bounds on client text in what the daemon writes: a client value quoted in a
+# message, a whole error message (answered, logged, kept as last_error), and a
+# request_id (echoed in every answer and logged with every line about the request).
+MAX_SHOWN_CHARS = 60
+MAX_ERROR_CHARS = 1024
+MAX_REQUEST_ID_CHARS = 256
+
 
 class RequestError(Exception):
     """Something the client asked for cannot be done; answered, not fatal.
@@ -171,16 +178,22 @@ def parse_request(message: dict) -> Request:
     request_id, has_id = request_id_of(message)
     request = Request(action="", body=message, request_id=request_id, has_request_id=has_id)
     if "request_id" in message and not has_id:
-        raise RequestError(BAD_REQUEST, "request_id must be a string or a number")
+        raise RequestError(BAD_REQUEST, "request_id must be a string or a number" + (
+            f" of at most {MAX_REQUEST_ID_CHARS} characters" if _is_id_type(message["request_id"]) else ""))
     action = message.get("action")
     if action is None:
         raise RequestError(BAD_REQUEST, "Missing action")
     if not isinstance(action, str):
         raise RequestError(BAD_REQUEST, f"action must be a string, got {json_type(action)}")
     if action not in ACTIONS:
-        raise RequestError(UNKNOWN_ACTION, f"Unknown action: {action}")
+        raise unknown_action(action)
     request.action = action
     return request
+
+
+def unknown_action(action: str) -> RequestError:
+    """The answer to an action this daemon does not have (v1 text, the name cut short)."""
+    return RequestError(UNKNOWN_ACTION, f"Unknown action: {clipped(action)}")
 
 
 def ok_response(request: Request | None, payload: dict) -> dict:
@@ -189,7 +202,9 @@ def ok_response(request: Request | None, payload: dict) -> dict:
 
 
 def error_response(request: Request | None, error: RequestError) -> dict:
-    response: dict[str, Any] = {"error": error.message, "code": error.code}
+    # Cut here, whoever raised it: an error quoting a client's value at length
+    # must not come back (or be encoded on the event loop) whole.
+    response: dict[str, Any] = {"error": clipped(error.message, MAX_ERROR_CHARS), "code": error.code}
     if error.retry_after_ms is not None:
         response["retry_after_ms"] = int(error.retry_after_ms)
     if error.field is not None:
@@ -207,24 +222,45 @@ def request_id_of(message: Any) -> tuple[Any, bool]:
     """The ``request_id`` of a message that failed validation, if it is echoable."""
     if isinstance(message, dict) and "request_id" in message:
         rid = message["request_id"]
-        # 1e999 parses as infinity, which an answer could not carry back.
-        if isinstance(rid, float) and not math.isfinite(rid):
-            return None, False
-        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
+        if _is_id_type(rid) and _id_fits(rid):
             return rid, True
     return None, False
+
+
+_ID_INT_LIMIT = 10 ** MAX_REQUEST_ID_CHARS
+
+
+def _is_id_type(rid: Any) -> bool:
+    return isinstance(rid, (str, int, float)) and not isinstance(rid, bool)
+
+
+def _id_fits(rid: str | int | float) -> bool:
+    """Short enough to echo and log, and representable in an answer."""
+    if isinstance(rid, str):
+        return len(rid) <= MAX_REQUEST_ID_CHARS
+    if isinstance(rid, int):  # JSON allows thousands of digits
+        return abs(rid) < _ID_INT_LIMIT
+    return math.isfinite(rid)  # 1e999 parses as infinity, which an answer could not carry back
 
 
 # ---------------------------------------------------------------- field checks
 
 _SHOWN = reprlib.Repr()
-_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxstring = _SHOWN.maxother = MAX_SHOWN_CHARS
 
 
 def shown(value: Any) -> str:
     """A client's value in an error message, cut short: a 60 MB string must not
     come back (or go to the log) whole."""
     return _SHOWN.repr(value)
+
+
+def clipped(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` (unquoted, unlike :func:`shown`) cut to ``limit`` characters,
+    saying how many were cut. Slicing first: the cost does not grow with the text."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def json_type(value: Any) -> str:
@@ -281,7 +317,7 @@ def optional_number(container: dict, key: str, default, *, minimum=None, maximum
     if value != value:  # NaN cannot come from JSON, but be safe
         raise RequestError(BAD_REQUEST, f"{where}{key} must be {kind}")
     if minimum is not None and value < minimum:
-        raise RequestError(BAD_REQUEST, f"{where}{key} must be >= {minimum}, got {value}")
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be >= {minimum}, got {shown(value)}")
     if maximum is not None and value > maximum:
-        raise RequestError(BAD_REQUEST, f"{where}{key} must be <= {maximum}, got {value}")
+        raise RequestError(BAD_REQUEST, f"{where}{key} must be <= {maximum}, got {shown(value)}")
     return int(value) if integer else value
