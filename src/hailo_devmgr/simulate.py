@@ -9,10 +9,12 @@ faults into the real process, through its socket:
     {"action": "simulate", "fault": {"kind": "lose_device"}}
     {"action": "simulate", "clear_faults": true}
 
-Who may: only the simulated backend accepts it (``backend: simulated``; on
-real hardware it is ``forbidden``), and only from a peer whose uid
-(SO_PEERCRED) is 0 or the daemon's own: processes that could already
-signal or ptrace the daemon. Members of group ``hailo`` cannot.
+Who may: it exists only on the simulated backend (``backend: simulated``);
+on real hardware it is an unknown action, answered exactly as any other
+(``unknown_action``), so nobody can tell a test hook is there. On the
+simulated backend, only a peer whose uid (SO_PEERCRED) is 0 or the
+daemon's own may use it: processes that could already signal or ptrace
+the daemon. Members of group ``hailo`` cannot.
 
 The hooks change the simulated chip, never a HailoRT object, so they run
 here on the event loop (``release_hang`` must not wait for the device
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .protocol import BAD_REQUEST, FORBIDDEN, RequestError, json_type, optional_number
+from .protocol import BAD_REQUEST, FORBIDDEN, RequestError, json_type, optional_number, shown, unknown_action
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,9 @@ OPERATIONS = ("temperature_c", "fault", "release_hang", "clear_faults")
 
 
 def authorize(backend_name: str, peer_uid: int | None, own_uid: int | None = None) -> None:
-    """Raise ``forbidden`` unless this peer may drive this backend."""
+    """Raise ``unknown_action`` off the simulated backend, ``forbidden`` unless this peer may drive it."""
     if backend_name != "simulated":
-        raise RequestError(FORBIDDEN, "simulate is accepted only by the simulated backend "
-                                      f"(this daemon runs backend {backend_name})")
+        raise unknown_action("simulate")
     own_uid = os.geteuid() if own_uid is None else own_uid
     if peer_uid is None or peer_uid not in (0, own_uid):
         raise RequestError(FORBIDDEN, "simulate is accepted only from root or the daemon's own user")
@@ -62,7 +63,7 @@ def apply(body: dict, backend, peer_uid: int | None) -> dict:
         backend.inject_fault(fault["kind"], status=fault["status"], count=fault["count"])
     if body.get("release_hang"):
         backend.release_hang()
-    log.warning("simulate: %s", ", ".join(f"{name}={body[name]}" for name in asked))
+    log.warning("simulate: %s", ", ".join(f"{name}={shown(body[name])}" for name in asked))
     return {"applied": asked}
 
 
@@ -74,7 +75,7 @@ def _fault(value) -> dict | None:
                                         f"{json_type(value)}")
     kind = value.get("kind")
     if kind not in FAULT_KINDS:
-        raise RequestError(BAD_REQUEST, f"fault.kind must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+        raise RequestError(BAD_REQUEST, f"fault.kind must be one of {', '.join(FAULT_KINDS)}, got {shown(kind)}")
     status = optional_number(value, "status", None, minimum=0, maximum=1000, integer=True, where="fault.")
     if kind == "raise" and status is None:
         raise RequestError(BAD_REQUEST, "fault.status is required for kind raise (a HailoRT status number)")
