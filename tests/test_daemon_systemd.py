@@ -1,7 +1,10 @@
 """What systemd sees: socket hand-over, sd_notify, watchdog, signals, config errors."""
 from __future__ import annotations
 
+import io
+import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -14,8 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import DaemonProcess, env_with_src, wait_for_socket, write_config
+from conftest import DaemonProcess, die_with_parent, env_with_src, wait_for_socket, write_config
 from hailo_devmgr import protocol as p
+from hailo_devmgr import systemd
 from hailo_devmgr.client import Client, DeviceError, tensor
 
 
@@ -294,3 +298,60 @@ def test_unit_files_follow_the_design():
     example = (root / "examples" / "hailo-clip-search.service").read_text()
     assert "Requires=hailo-device-manager.socket" in example
     assert "After=hailo-device-manager.socket" in example
+
+
+# A client's text as it may reach STATUS=: not latin-1 (sdnotify's encoding),
+# a lone surrogate (not UTF-8 either), assignments after newlines, and long.
+HOSTILE_TEXT = "last error: Model path /srv/€\udcff\nREADY=1\nMAINPID=1\n" + "x" * 100_000
+
+
+def test_notifications_go_out_whatever_text_they_carry(notify):
+    notifier = systemd.Notifier({"NOTIFY_SOCKET": notify.path})
+    notifier.status(HOSTILE_TEXT)
+    notifier.reloading()
+    notifier.ready(HOSTILE_TEXT)
+    deadline = time.monotonic() + 5
+    while len(notify.lines()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, reloading, reloading_status, ready, ready_status = notify.lines()
+    assert (reloading, reloading_status, ready) == ("RELOADING=1", "STATUS=Reloading configuration", "READY=1")
+    assert status == ready_status and status.startswith("STATUS=last error: Model path /srv/€\\udcff\\nREADY=1")
+    assert len(status) < systemd.MAX_STATUS_CHARS + 50
+
+
+def test_notifications_to_a_vanished_socket_are_logged_once(tmp_path, caplog):
+    notifier = systemd.Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+    with caplog.at_level(logging.WARNING, logger="hailo_devmgr.systemd"):
+        for _ in range(3):
+            notifier.watchdog()
+    assert [record.message for record in caplog.records] == [
+        f"cannot notify systemd at {tmp_path / 'gone.sock'}: [Errno 2] No such file or directory"]
+
+
+def test_log_records_are_bounded_and_on_one_line():
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(systemd.PlainFormatter("%(levelname)s %(message)s"))
+    handler.addFilter(systemd.BoundedRecords())
+    logger = logging.Logger("bounded")
+    logger.addHandler(handler)
+    huge = "A" * (60 * 1024 * 1024)
+    logger.warning("%s refused: %s", "forged\nINFO a line of the client's", huge, extra={"REQUEST_ID": huge})
+    try:
+        raise ValueError(huge)
+    except ValueError:
+        logger.exception("failed on %r", huge)
+    first, *traceback = out.getvalue().splitlines()
+    assert first.startswith("WARNING forged\\nINFO a line of the client's refused: AAAA")
+    assert len(first) < systemd.MAX_LOG_CHARS + systemd.MAX_LOG_FIELD_CHARS + 200
+    assert len(out.getvalue()) < 8 * systemd.MAX_LOG_CHARS
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(start_daemon):
+    """systemd's soft limit of 1024 is for select() users; we use epoll."""
+    def unit_limit():
+        die_with_parent()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    daemon = start_daemon(preexec=unit_limit)
+    soft, hard = resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE)
+    assert soft == hard > 1024 or hard <= 1024

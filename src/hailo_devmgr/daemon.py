@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from dataclasses import replace
@@ -231,6 +232,24 @@ class Daemon:
         return EXIT_OK
 
 
+def raise_fd_limit() -> None:
+    """Take the hard RLIMIT_NOFILE as the soft one, best effort.
+
+    systemd gives a unit a soft limit of 1024 only for programs that still
+    use select(); it recommends that programs that do not raise it
+    themselves (systemd.exec(5), LimitNOFILE=). We use epoll (asyncio's
+    selector) and start no other program that could be given the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. a hard limit of infinity, past fs.nr_open
+        log.debug("kept the soft descriptor limit of %d (hard %d): %s", soft, hard, exc)
+        return
+    log.debug("raised the soft descriptor limit from %d to %d", soft, hard)
+
+
 def refuse_while_misconfigured(listener, message: str) -> None:
     """Socket-activated with a broken config: answer the waiting clients.
 
@@ -273,6 +292,7 @@ def main(argv=None) -> int:
     if args.reload is not None:
         return ask_to_reload(args.reload)
     systemd.setup_logging(config.log_level)
+    raise_fd_limit()
     try:
         return asyncio.run(Daemon(config, args).run())
     except (OSError, systemd.SystemdError) as exc:

@@ -120,6 +120,7 @@ class Server:
         # Idle attachment buffers kept for reuse (not counted in the budget).
         self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
+        self.last_error_code: str | None = None   # what systemd's STATUS= shows of it
         self.metrics = Metrics()
         self.worker_pool = workers.FairPool()   # request work, shared out by uid
         self.shutting_down = False
@@ -274,9 +275,10 @@ class Server:
             request_id, has_id = p.request_id_of(message)
             request = p.Request(action="", body={}, request_id=request_id, has_request_id=has_id)
         fields = {**self._log_fields(request, connection), "CODE": error.code}
+        text = p.clipped(error.message, p.MAX_ERROR_CHARS)  # as error_response answers it
         if error.code not in (p.BAD_REQUEST, p.UNKNOWN_ACTION, p.CANCELLED):
-            self.last_error = error.message
-        log.info("%s refused: %s", request.action or "request", error.message, extra=fields)
+            self.last_error, self.last_error_code = text, error.code
+        log.info("%s refused: %s", request.action or "request", text, extra=fields)
         return p.error_response(request, error)
 
     async def _dispatch(self, request: p.Request, connection: Connection | None,
@@ -581,8 +583,9 @@ class Server:
             celsius = self.runtime.temperature_c
             parts.append(f"overheated ({celsius:g} °C): refusing new work" if celsius is not None
                          else "overheated: refusing new work")
-        elif self.last_error:
-            parts.append(f"last error: {self.last_error}")
+        elif self.last_error_code:
+            # The code, not the text: the text may quote a client's values (status has it).
+            parts.append(f"last error: {self.last_error_code}")
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)
 
 

@@ -2,10 +2,13 @@
 
 - the listening socket handed over by ``hailo-device-manager.socket``
   (``LISTEN_FDS``, read with python3-systemd, plain environment fallback);
-- sd_notify messages (READY, STATUS, WATCHDOG, STOPPING, RELOADING) through
-  sdnotify;
+- sd_notify messages (READY, STATUS, WATCHDOG, STOPPING, RELOADING), sent
+  by us as sd_notify(3) does: one datagram to ``NOTIFY_SOCKET``;
 - logging: journald with structured fields when stderr is the journal,
-  plain lines on stderr otherwise.
+  plain lines on stderr otherwise; every record bounded in size.
+
+Client text reaches both (an error quoting a path, a request_id), so both
+make whatever text they get safe: bounded, on one line, and encodable.
 """
 from __future__ import annotations
 
@@ -14,7 +17,27 @@ import os
 import socket
 import sys
 
+from .protocol import clipped
+
 log = logging.getLogger(__name__)
+
+MAX_STATUS_CHARS = 200     # systemctl status shows one line
+MAX_LOG_CHARS = 2048       # a log message, whoever wrote it and whatever it quotes
+MAX_LOG_FIELD_CHARS = 256  # a structured field (REQUEST_ID, CLIENT, MODEL ...)
+
+# C0 controls and DEL as escapes: a newline in a STATUS= would start an
+# assignment of the client's choosing (READY=1, MAINPID=), and in a plain log
+# line a forged line.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f)}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, on one line, and encodable as UTF-8
+    (a lone surrogate from a JSON escape is not)."""
+    line = clipped(text, limit).translate(_CONTROLS)
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 LISTEN_FDS_START = 3
 
@@ -62,30 +85,24 @@ def adopt_listener(fds: list[int]) -> socket.socket:
 
 # ------------------------------------------------------------ sd_notify
 
-def _notifier():
-    """sdnotify's notifier; python3-systemd's notify() if sdnotify is absent."""
-    try:
-        import sdnotify
-        return sdnotify.SystemdNotifier()
-    except ImportError:
-        from systemd import daemon
-
-        class _Systemd:
-            @staticmethod
-            def notify(text: str) -> None:
-                daemon.notify(text)
-        return _Systemd()
-
-
 class Notifier:
-    """sd_notify through sdnotify; silent when NOTIFY_SOCKET is not set."""
+    """sd_notify; silent when NOTIFY_SOCKET is not set.
+
+    Not through sdnotify: it encodes as latin-1 and drops the whole datagram,
+    silently, when a character does not fit, so one client's "€" in a STATUS
+    took the READY=1 beside it along (and a reload then hung under
+    Type=notify). Here every text is made safe before it is sent, and a
+    failure to send is logged."""
 
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ
-        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
-        self._notifier = None
-        if self.enabled:
-            self._notifier = _notifier()
+        address = environ.get("NOTIFY_SOCKET") or ""
+        self.enabled = bool(address)
+        # "@name" is an abstract socket, as in sd_notify(3).
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) \
+            if self.enabled else None
+        self._failing = False
         self._last_status: str | None = None
         usec = environ.get("WATCHDOG_USEC")
         pid = environ.get("WATCHDOG_PID")
@@ -93,18 +110,35 @@ class Notifier:
             not pid or pid == str(os.getpid())) else 0
 
     def send(self, *lines: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify("\n".join(lines))
+        """One datagram of ``KEY=value`` lines (made safe by the caller: see :meth:`status`)."""
+        if self._socket is None:
+            return
+        datagram = "\n".join(lines).encode("utf-8", "backslashreplace")
+        try:
+            # Not connected: a datagram still arrives after systemd re-created its socket.
+            self._socket.sendto(datagram, self._address)
+        except OSError as exc:
+            if not self._failing:  # once per spell of failures, not once a second
+                log.warning("cannot notify systemd at %s: %s", self._address, exc)
+            self._failing = True
+        else:
+            self._failing = False
 
     def ready(self, status: str) -> None:
         self._last_status = status
-        self.send("READY=1", f"STATUS={status}")
+        self.send("READY=1", self._status_line(status))
 
     def status(self, status: str) -> None:
         """Send STATUS= only when the text changed."""
         if status != self._last_status:
             self._last_status = status
-            self.send(f"STATUS={status}")
+            self.send(self._status_line(status))
+
+    @staticmethod
+    def _status_line(status: str) -> str:
+        """Whatever ``status`` holds, one ``STATUS=`` line that cannot fail to
+        send or add an assignment of its own."""
+        return f"STATUS={one_line(status, MAX_STATUS_CHARS)}"
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
@@ -134,6 +168,30 @@ class PlainFormatter(logging.Formatter):
         return f"{line} [{' '.join(extra)}]" if extra else line
 
 
+class BoundedRecords(logging.Filter):
+    """Every record of every logger cut to a bounded size before a handler sees
+    it: a log line may quote client text (an action name, a path, a request_id),
+    and 60 MB of it per request must not reach the disk, nor a forged line
+    (message on one line; the traceback, the daemon's own, keeps its lines).
+
+    Arguments are cut before they are formatted in, so a huge one is never
+    copied whole; the record then carries only the finished, bounded message
+    (journald stores ``args`` and ``exc_info`` as fields of their own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(clipped(arg, MAX_LOG_CHARS) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        record.msg, record.args = one_line(record.getMessage(), MAX_LOG_CHARS), None
+        if record.exc_info:
+            record.exc_text = clipped(logging.Formatter().formatException(record.exc_info), 4 * MAX_LOG_CHARS)
+            record.exc_info = None
+        for name, value in list(vars(record).items()):
+            if name.isupper() and isinstance(value, str):  # the structured fields
+                setattr(record, name, one_line(value, MAX_LOG_FIELD_CHARS))
+        return True
+
+
 def _stderr_is_journal(environ) -> bool:
     """True when systemd connected stderr to journald (JOURNAL_STREAM matches)."""
     stream = environ.get("JOURNAL_STREAM", "")
@@ -160,6 +218,7 @@ def setup_logging(level: str, environ=None) -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(BoundedRecords())
     root.addHandler(handler)
     set_level(level)
 
