@@ -267,6 +267,12 @@ class Config:
     max_message_bytes: int = _key(_integer(1024, 1024 * MiB), 64 * MiB,
                                   "HAILO_DEVICE_MAX_MESSAGE_BYTES")
     max_pending_bytes: int = _key(_integer(1024, 4096 * MiB), 256 * MiB)
+    # ... of which one uid may hold (however many connections it opens; the
+    # smaller of the two applies).
+    max_pending_bytes_per_uid: int = _key(_integer(1024, 4096 * MiB), 64 * MiB)
+    # Descriptors received with requests and not yet used, in all and per uid.
+    max_pending_fds: int = _key(_integer(16, 100_000), 512)
+    max_pending_fds_per_uid: int = _key(_integer(16, 100_000), 128)
     max_tensor_elements: int = _key(_integer(1), 64 * MiB)
     # whisper: longest audio accepted, in seconds (transcribed in 30 s windows).
     max_audio_s: int = _key(_integer(1, 4 * 3600), 600)

@@ -26,20 +26,24 @@ A v1 connection that sends attachments or descriptors is answered
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol as p
-from . import references, shm, transport
+from . import limits, references, shm, transport
 from .protocol import RequestError
 
 log = logging.getLogger(__name__)
 
 INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
+BODY_CHUNK = 1024 * 1024         # a body is read (and its memory taken) this much at a time
+V1_READ_AHEAD = 4                # v1 frames read before their turn (then reading waits)
 _connection_ids = itertools.count(1)
 
 
@@ -98,35 +102,9 @@ class Frame:
     attachments: list = field(default_factory=list)
     fds: list = field(default_factory=list)
     fds_truncated: bool = False
+    fds_held: int = 0               # descriptors charged to the uid's pool
     blocks: "references.Blocks | None" = None   # owns the fds once the request uses them
-
-
-class ByteBudget:
-    """Bounds the request bytes held in memory across all connections.
-
-    A reader waits for room before reading a body, so many large messages
-    slow their senders down instead of exhausting the unit's MemoryMax.
-    ``release`` is synchronous so it is safe in any ``finally``.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self._waiters: list[asyncio.Future] = []
-
-    async def acquire(self, size: int) -> None:
-        while self.used and self.used + size > self.limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-        self.used += size
-
-    def release(self, size: int) -> None:
-        self.used -= size
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    refusal: RequestError | None = None   # read whole, but refused before it is looked at
 
 
 class Connection:
@@ -145,7 +123,11 @@ class Connection:
         self.shm_buffers = shm.RegisteredBuffers(server.config.shm_buffer_max_bytes)
         self._stream = transport.SocketStream(sock)
         self._write_lock = asyncio.Lock()
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        # v1 answers in order: a few frames read ahead (so a vanished client is
+        # noticed), then reading stops until the client takes its answers.
+        self._inbox: asyncio.Queue = asyncio.Queue(V1_READ_AHEAD)
+        self.last_active = time.monotonic()   # last frame read or answered (idle eviction)
+        self._mid_frame = False                # a frame's first byte has come, not all of it
         self._tasks: set[asyncio.Task] = set()
         # Frames read and not yet released: a task cancelled before it ever ran
         # never reaches its finally, so the connection's end releases them.
@@ -165,12 +147,14 @@ class Connection:
                 if frame is None:
                     break
                 self._frames.add(frame)
+                self.last_active = time.monotonic()
                 if self.protocol >= 2:
                     self._spawn(frame)
+                    await self._room_for_tasks()
                 else:
                     await self._inbox.put(frame)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client went away, or was cut off
         finally:
             # Its queued device work never runs; a running job's answer is dropped.
             self.server.client_gone(self)
@@ -192,15 +176,23 @@ class Connection:
         config = self.server.config
         stream = self._stream
         try:
-            first = await asyncio.wait_for(stream.readexactly(1), config.idle_timeout_s or None)
+            async with asyncio.timeout(config.idle_timeout_s or None):
+                first = await stream.readexactly(1)
         except asyncio.IncompleteReadError:
             return None  # closed between frames: the normal end
         except asyncio.TimeoutError:
             log.info("closing a connection idle for %g s", config.idle_timeout_s, extra=self.peer.log_fields())
             return None
-        frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
+        self._mid_frame = True
         try:
-            header = bytes(first + await self._within(frame_deadline, stream.readexactly(p.HEADER_SIZE - 1)))
+            return await self._read_rest(first, config, stream)
+        finally:
+            self._mid_frame = False
+
+    async def _read_rest(self, first: bytes, config, stream) -> Frame | None:
+        clock = _FrameClock(config.frame_timeout_s)
+        try:
+            header = bytes(first + await clock.within(stream.readexactly(p.HEADER_SIZE - 1)))
         except asyncio.IncompleteReadError:
             log.warning("client sent a truncated frame header and closed", extra=self.peer.log_fields())
             return None
@@ -208,20 +200,26 @@ class Connection:
             return self._stalled()
         frame = Frame()
         try:
-            length = p.parse_length(header, config.max_message_bytes)
-            await self.server.budget.acquire(length)
-            frame.held = length
-            # Waiting for memory is our doing, not the client's: the clock restarts.
-            frame_deadline = asyncio.get_running_loop().time() + config.frame_timeout_s
-            frame.body = await self._within(frame_deadline, stream.readexactly(length))
+            frame.body = await self._read_body(frame, p.parse_length(header, config.max_message_bytes), clock)
+            length = len(frame.body)
             if transport.may_have_attachments(frame.body):
-                await self._read_attachments(frame, length)
+                await self._read_attachments(frame, length, clock)
             frame.fds = stream.take_fds()
             frame.fds_truncated, stream.fds_truncated = stream.fds_truncated, False
             if (frame.fds or frame.fds_truncated) and self.protocol < 2:
                 raise RequestError(p.BAD_REQUEST, "File descriptors need protocol 2 (send hello first); "
                                                   "closing the connection", fatal=True)
+            self._hold_fds(frame)
             return frame
+        except limits.PoolTimeout as full:
+            # Framing is lost (the rest of the frame is unread): busy, then close.
+            error = RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason}); "
+                                         f"closing the connection", retry_after_ms=1000, fatal=True)
+            log.warning("refused a frame: %s", error.message, extra={**self.peer.log_fields(), "CODE": error.code})
+            self._release(frame)
+            transport.close_fds(stream.fds)
+            await self.send(p.error_response(None, error))
+            return None
         except RequestError as error:
             log.warning("refused a frame: %s", error.message, extra={**self.peer.log_fields(), "CODE": error.code})
             self._release(frame)
@@ -239,7 +237,38 @@ class Connection:
             self._release(frame)
             raise
 
-    async def _read_attachments(self, frame: Frame, length: int) -> None:
+    async def _read_body(self, frame: Frame, length: int, clock: "_FrameClock") -> bytes:
+        """The JSON body, in memory only as it arrives (one chunk ahead): a length
+        prefix that promises 64 MiB and sends one byte holds one chunk."""
+        parts = []
+        while length:
+            part = min(BODY_CHUNK, length)
+            await self._hold_bytes(frame, part, clock)
+            parts.append(await clock.within(self._stream.readexactly(part)))
+            length -= part
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _hold_bytes(self, frame: Frame, size: int, clock: "_FrameClock") -> None:
+        """Charge ``size`` more bytes of this frame to its uid, waiting for room
+        (time waited is not the client's: its frame clock stops meanwhile)."""
+        with clock.paused():
+            await self.server.pending_bytes.take(self.peer.uid, size, clock.pool_deadline)
+        frame.held += size
+
+    def _hold_fds(self, frame: Frame) -> None:
+        """Charge the frame's descriptors to its uid; past the bound, they are
+        closed at once and the frame is answered busy (its framing is intact)."""
+        if not frame.fds:
+            return
+        reason = self.server.pending_fds.take_now(self.peer.uid, len(frame.fds))
+        if reason is None:
+            frame.fds_held = len(frame.fds)
+            return
+        transport.close_fds(frame.fds)
+        frame.refusal = RequestError(p.BUSY, f"Too many file descriptors held for requests ({reason})",
+                                     retry_after_ms=100)
+
+    async def _read_attachments(self, frame: Frame, length: int, clock: "_FrameClock") -> None:
         """Decode the JSON now (it says how many bytes follow) and read its attachments."""
         try:
             message = await self.decode(frame.body)
@@ -258,18 +287,17 @@ class Connection:
         if length + total > limit:
             raise RequestError(p.TOO_LARGE, f"Message of {length + total} bytes with its attachments "
                                             f"exceeds the limit of {limit} bytes", fatal=True)
-        await self.server.budget.acquire(total)
-        frame.held += total
-        deadline = asyncio.get_running_loop().time() + self.server.config.frame_timeout_s
+        await self._hold_bytes(frame, total, clock)
         for size in sizes:
             block = self.server.buffers.get(size)
             frame.attachments.append(block)
-            await self._within(deadline, self._stream.readinto(memoryview(block)))
+            await clock.within(self._stream.readinto(memoryview(block)))
 
     def _release(self, frame: Frame) -> None:
-        """Give back what a frame holds: its budget and its descriptors."""
-        self.server.budget.release(frame.held)
-        frame.held = 0
+        """Give back what a frame holds: its bytes and its descriptors."""
+        self.server.pending_bytes.give(self.peer.uid, frame.held)
+        self.server.pending_fds.give(self.peer.uid, frame.fds_held)
+        frame.held = frame.fds_held = 0
         self._frames.discard(frame)
         if frame.blocks is not None:
             frame.blocks.close()  # under its lock: a worker thread may be mapping them
@@ -278,14 +306,14 @@ class Connection:
         while blocks:
             self.server.buffers.put(blocks.pop())
 
-    @staticmethod
-    async def _within(deadline: float, reading):
-        return await asyncio.wait_for(reading, max(0.0, deadline - asyncio.get_running_loop().time()))
-
     def _stalled(self) -> None:
         log.warning("closing a connection that stalled mid-frame for %g s (frame_timeout_s)",
                     self.server.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
         return None
+
+    def is_idle(self) -> bool:
+        """Nothing read and not yet answered (closing it loses no request)."""
+        return not self._frames and not self._mid_frame
 
     def describe(self) -> dict:
         """This client, for `status`."""
@@ -302,6 +330,15 @@ class Connection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _room_for_tasks(self) -> None:
+        """Stop reading while the connection has twice ``max_inflight`` tasks (its
+        requests in flight and as many busy refusals): a client that sends and
+        never reads its answers stops being read, and its own socket buffer
+        pushes back on it, instead of the daemon's memory."""
+        most = 2 * self.server.config.scheduling.max_inflight_per_connection
+        while len(self._tasks) >= most:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+
     async def _answer_in_order(self) -> None:
         while True:
             frame = await self._inbox.get()
@@ -311,8 +348,10 @@ class Connection:
         try:
             response = await self.server.answer(frame, self)
             await self.send(response)
-        except (OSError, asyncio.CancelledError):
-            raise  # the client went away, or the connection is ending
+        except asyncio.CancelledError:
+            raise  # the connection is ending
+        except OSError:
+            self.close()  # the client went away, or was cut off: the reader ends the connection
         except Exception:
             # Never leave a client waiting: a request must get an answer or a close.
             log.exception("could not answer a request", extra=self.peer.log_fields())
@@ -351,15 +390,57 @@ class Connection:
             shm_min = self.server.config.shm_result_min_bytes if self.shm_results else None
             frame, buffers, fds = transport.pack(response, shm_min_bytes=shm_min)
         try:
-            async with self._write_lock:
-                await self._stream.send([frame, *buffers], fds)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+            # cancellation that comes as the send completes, and the connection
+            # would never end.
+            async with asyncio.timeout(self.server.config.frame_timeout_s):
+                await self._send_in_turn([frame, *buffers], fds)
+        except TimeoutError:
+            # A client that does not take its answers holds them (and the
+            # requests behind them) in our memory: it is cut off.
+            log.warning("closing a connection that has not read its answers for %g s (frame_timeout_s)",
+                        self.server.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
+            self.close()
+            raise ConnectionResetError("the client does not read its answers") from None
         finally:
             transport.close_fds(fds)
+        self.last_active = time.monotonic()
+
+    async def _send_in_turn(self, buffers: list, fds: list[int]) -> None:
+        async with self._write_lock:
+            await self._stream.send(buffers, fds)
 
     async def decode(self, body: bytes) -> dict:
         if len(body) > INLINE_PARSE_BYTES:
             return await asyncio.to_thread(p.decode_body, body)
         return p.decode_body(body)
+
+
+class _FrameClock:
+    """How long a client has left to finish the frame it started.
+
+    Time the daemon spends waiting for room in its pools is not the
+    client's, so the clock stops meanwhile; that wait is bounded on its own
+    (``pool_deadline``, twice as long: long enough for a frame that holds
+    the room to be cut off): nothing in a frame's reading waits forever."""
+
+    def __init__(self, timeout_s: float):
+        now = asyncio.get_running_loop().time()
+        self.deadline = now + timeout_s
+        self.pool_deadline = now + 2 * timeout_s
+
+    async def within(self, reading):
+        async with asyncio.timeout_at(self.deadline):  # see Connection.send: not wait_for
+            return await reading
+
+    @contextlib.contextmanager
+    def paused(self):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            yield
+        finally:
+            self.deadline += loop.time() - started
 
 
 def _is_cancel(frame: Frame) -> bool:

@@ -21,10 +21,10 @@ import struct
 import time
 from dataclasses import replace
 
-from . import actions, references, scheduler, shm, simulate, transport, workers
+from . import actions, limits, references, scheduler, shm, simulate, transport, workers
 from . import protocol as p
 from ._version import __version__
-from .connection import ByteBudget, Connection, Frame, Peer
+from .connection import Connection, Frame, Peer
 from .metrics import Metrics
 from .protocol import RequestError
 from .tensors import encode_results
@@ -116,7 +116,11 @@ class Server:
         self.registry = registry
         self.socket_path = socket_path
         self.started_mono = time.monotonic()
-        self.budget = ByteBudget(config.max_pending_bytes)
+        # What clients' requests hold while read and until answered, bounded in all and per uid.
+        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes,
+                                         config.max_pending_bytes_per_uid)
+        self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
+                                       config.max_pending_fds_per_uid)
         # Idle attachment buffers kept for reuse (not counted in the budget).
         self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
@@ -133,7 +137,8 @@ class Server:
     def apply_config(self, config) -> None:
         """Take the reloadable parts of a new config (SIGHUP)."""
         self.config = config
-        self.budget.limit = config.max_pending_bytes
+        self.pending_bytes.set_limits(config.max_pending_bytes, config.max_pending_bytes_per_uid)
+        self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
 
     async def start(self, listener: socket.socket) -> None:
         # Report the path we really listen on (systemd's, when activated).
@@ -199,13 +204,32 @@ class Server:
     def _over_connection_limit(self, connection: Connection) -> RequestError | None:
         config = self.config
         same_uid = sum(1 for other in self.clients.values() if other.peer.uid == connection.peer.uid)
-        if len(self.clients) >= config.max_connections:
-            what = f"the daemon has {len(self.clients)} connections (max_connections)"
-        elif same_uid >= config.max_connections_per_uid:
+        if same_uid >= config.max_connections_per_uid:
             what = f"uid {connection.peer.uid} has {same_uid} connections (max_connections_per_uid)"
+        elif len(self.clients) >= config.max_connections and not self._make_room_for(connection, same_uid):
+            what = f"the daemon has {len(self.clients)} connections (max_connections)"
         else:
             return None
         return RequestError(p.BUSY, f"Too many connections: {what}", retry_after_ms=1000)
+
+    def _make_room_for(self, newcomer: Connection, newcomer_count: int) -> bool:
+        """All connections are taken: close the longest-idle one of the uid holding
+        the most, if that uid holds more than the newcomer's. Idle connections
+        of a few uids must not lock every other uid out."""
+        by_uid: dict = {}
+        for other in self.clients.values():
+            by_uid.setdefault(other.peer.uid, []).append(other)
+        uid, theirs = max(by_uid.items(), key=lambda item: len(item[1]))
+        idle = [other for other in theirs if other.is_idle()]
+        if len(theirs) <= newcomer_count + 1 or not idle:
+            return False
+        victim = min(idle, key=lambda other: other.last_active)
+        log.info("closed an idle connection of uid %s (it holds %d) to admit uid %s: max_connections "
+                 "(%d) reached", uid, len(theirs), newcomer.peer.uid, self.config.max_connections,
+                 extra=victim.peer.log_fields())
+        victim.close()
+        self.clients.pop(victim.id, None)
+        return True
 
     @staticmethod
     async def _refuse(connection: Connection, error: RequestError) -> None:
@@ -244,6 +268,8 @@ class Server:
         try:
             if message is None:
                 message = await connection.decode(frame.body)
+            if frame.refusal is not None:
+                raise frame.refusal
             if frame.fds or frame.fds_truncated or "fds" in message:
                 transport.check_fds(message, len(frame.fds), frame.fds_truncated)
         except RequestError as error:

@@ -77,8 +77,11 @@ class SocketStream:
         self.fds_truncated = False     # the kernel dropped some (more than MAX_FDS at once)
         self.closed = False
         self._fileno = sock.fileno()
+        self._waiting: set[asyncio.Future] = set()   # a reader's and a writer's, failed by close
 
     async def _wait(self, writing: bool) -> None:
+        if self.closed:
+            raise ConnectionResetError("the connection was closed")
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
 
@@ -86,9 +89,11 @@ class SocketStream:
             if not ready.done():
                 ready.set_result(None)
         (loop.add_writer if writing else loop.add_reader)(self._fileno, wake)
+        self._waiting.add(ready)
         try:
             await ready
         finally:
+            self._waiting.discard(ready)
             if not self.closed:
                 (loop.remove_writer if writing else loop.remove_reader)(self._fileno)
 
@@ -101,10 +106,21 @@ class SocketStream:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                self.fds.extend(fds)
+                self._keep_fds(list(fds))
         if flags & socket.MSG_CTRUNC:
             self.fds_truncated = True
         return count
+
+    def _keep_fds(self, fds: list[int]) -> None:
+        """Keep at most MAX_FDS until taken; close the rest at once. A frame's
+        body may come in many reads, each with its own descriptors: counting
+        only at the frame's end let one frame hold every descriptor the
+        daemon may open."""
+        room = MAX_FDS - len(self.fds)
+        self.fds.extend(fds[:max(0, room)])
+        if len(fds) > room:
+            self.fds_truncated = True
+            close_fds(fds[max(0, room):])
 
     async def readinto(self, view: memoryview) -> None:
         """Fill ``view`` exactly; IncompleteReadError at end of stream."""
@@ -159,6 +175,9 @@ class SocketStream:
         close_fds(self.fds)
         self._discard_unread()
         self.sock.close()
+        for waiting in self._waiting:  # whoever waits on this socket learns it is gone
+            if not waiting.done():
+                waiting.set_exception(ConnectionResetError("the connection was closed"))
 
     def _discard_unread(self) -> None:
         """Read (and drop) input already queued, up to a bound: closing a Unix

@@ -1,0 +1,94 @@
+"""Bounds on what clients make the daemon hold, in all and per uid.
+
+A :class:`Pool` counts one resource (request bytes in memory, descriptors
+received with requests) that connections take while they read a request and
+give back when it has been answered. It is bounded twice: for all clients
+together and for each uid, so one member of group ``hailo`` (however many
+connections or processes it opens) can take at most its own share and never
+lock the others out. A taker may wait for room, but only until a deadline:
+nothing in the request path waits forever.
+
+Event loop only; ``give`` is synchronous so it is safe in any ``finally``.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+
+class Pool:
+    def __init__(self, name: str, limit: int, per_uid: int):
+        self.name = name
+        self.limit = limit
+        self.per_uid = min(per_uid, limit)
+        self.used = 0
+        self.by_uid: Counter = Counter()
+        self._waiters: list[asyncio.Future] = []
+
+    def set_limits(self, limit: int, per_uid: int) -> None:
+        self.limit, self.per_uid = limit, min(per_uid, limit)
+        self._wake()
+
+    def refusal(self, uid, amount: int) -> str | None:
+        """Why ``amount`` cannot be taken now for ``uid`` (None: it can).
+
+        A lone taker may always take (so one request larger than the share
+        still goes through when nothing else is held, as before)."""
+        mine = self.by_uid[uid]
+        if mine and mine + amount > self.per_uid:
+            return f"uid {uid} already holds {mine} of its {self.per_uid} {self.name}"
+        if self.used and self.used + amount > self.limit:
+            return f"the daemon holds {self.used} of its {self.limit} {self.name}"
+        return None
+
+    def take_now(self, uid, amount: int) -> str | None:
+        """Take ``amount`` if there is room; else the reason, and nothing taken."""
+        reason = self.refusal(uid, amount)
+        if reason is None:
+            self.used += amount
+            self.by_uid[uid] += amount
+        return reason
+
+    async def take(self, uid, amount: int, deadline: float) -> None:
+        """Take ``amount``, waiting for room until ``deadline`` (loop time);
+        past it, :class:`PoolTimeout` with the reason."""
+        loop = asyncio.get_running_loop()
+        while (reason := self.take_now(uid, amount)) is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise PoolTimeout(reason)
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses
+                # a cancellation that comes as the waiter is woken.
+                async with asyncio.timeout(left):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def give(self, uid, amount: int) -> None:
+        if not amount:
+            return
+        self.used -= amount
+        self.by_uid[uid] -= amount
+        if self.by_uid[uid] <= 0:
+            del self.by_uid[uid]
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class PoolTimeout(Exception):
+    """No room in a :class:`Pool` before the deadline."""
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]
