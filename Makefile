@@ -5,7 +5,7 @@
 
 PYTHON    ?= /usr/bin/python3
 RUN_DIR   ?= $(CURDIR)/run
-RUNTIME_DEPS = python3-systemd python3-sdnotify python3-numpy python3-yaml
+RUNTIME_DEPS = python3-systemd python3-numpy python3-yaml
 HTTP_DEPS    = python3-aiohttp python3-prometheus-client
 DEB_DEPS     = build-essential fakeroot dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
 E2E_DEPS     = systemd-container debootstrap

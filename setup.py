@@ -31,7 +31,7 @@ setup(
     packages=find_packages("src"),
     # The recorded HailoRT API surfaces the simulated backend follows.
     package_data={"hailo_devmgr.backends": ["hailort_api/*.yaml"]},
-    install_requires=["numpy", "PyYAML", "sdnotify", "systemd-python"],
+    install_requires=["numpy", "PyYAML", "systemd-python"],
     entry_points={
         "console_scripts": [
             "hailo-device-manager = hailo_devmgr.daemon:main",

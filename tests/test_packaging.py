@@ -59,8 +59,9 @@ def test_daemon_package_contents_and_fields(debs):
         assert path in listing, path
     assert field(deb, "Architecture") == "all"
     depends = field(deb, "Depends")
-    for name in ("python3-systemd", "python3-sdnotify", "python3-hailo-devmgr"):
+    for name in ("python3-systemd", "python3-hailo-devmgr"):
         assert name in depends
+    assert "sdnotify" not in depends  # sd_notify is sent by the daemon itself (systemd.py)
     assert "hailort" not in depends  # never a hard dependency
     assert "python3-h10-hailort | python3-hailort" in field(deb, "Recommends")
     assert control_file(deb, "conffiles").split() == ["/etc/hailo/device-manager.yaml"]
