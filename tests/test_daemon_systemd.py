@@ -355,3 +355,23 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(start_daemon):
     daemon = start_daemon(preexec=unit_limit)
     soft, hard = resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE)
     assert soft == hard > 1024 or hard <= 1024
+
+
+def test_lines_about_one_client_uid_are_rate_limited_and_the_drop_is_told():
+    import logging
+    from hailo_devmgr.systemd import PerClientRate
+    now = [0.0]
+    limit = PerClientRate(rate=20, burst=200, clock=lambda: now[0])
+
+    def record(uid):
+        line = logging.LogRecord("x", logging.INFO, __file__, 1, "refused: %s", ("bad",), None)
+        if uid is not None:
+            line.CLIENT_UID = uid
+        return line
+    assert sum(limit.filter(record(1000)) for _ in range(1000)) == 200
+    assert all(limit.filter(record(None)) for _ in range(1000))   # the daemon's own lines
+    assert limit.filter(record(1001))                              # another uid keeps its own budget
+    now[0] = 1.0
+    passed = [line for line in (record(1000) for _ in range(100)) if limit.filter(line)]
+    assert len(passed) == 20
+    assert "800 earlier line(s) about uid 1000 not logged" in passed[0].getMessage()

@@ -186,3 +186,21 @@ def test_idle_connections_of_other_uids_cannot_take_every_slot(hostile_daemon, r
         for process in holders:
             process.kill()
             process.communicate()
+
+
+def test_one_uid_cannot_flood_the_log(hostile_daemon, readable_src):
+    """Every refused request is logged: one uid's thousands a second are rate-limited."""
+    daemon = hostile_daemon()
+    started = time.monotonic()
+    attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        sock = connect()
+        for start in range(0, 5000, 100):
+            sock.sendall(b"".join(frame({"action": "no_such_action"}) for _ in range(100)))
+            for _ in range(100):
+                length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+                sock.recv(length, socket.MSG_WAITALL)
+    """))
+    seconds = time.monotonic() - started
+    lines = [line for line in daemon.log().splitlines() if "CLIENT_UID=65534" in line]
+    assert len(lines) <= 200 + 20 * seconds + 1, (len(lines), seconds)
+    assert ping_ms(daemon.socket_path) < 1000

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from .protocol import clipped
 
@@ -192,6 +193,38 @@ class BoundedRecords(logging.Filter):
         return True
 
 
+class PerClientRate(logging.Filter):
+    """At most ``rate`` lines a second (``burst`` at once) about one client uid.
+
+    Each bad request is logged, and a client can send thousands a second:
+    without a bound one uid fills the journal and, past journald's own
+    per-unit rate limit, gets the daemon's other lines suppressed too. Lines
+    over the bound are dropped and counted; the uid's next line says how
+    many. The daemon's own lines (no CLIENT_UID) are never limited."""
+
+    def __init__(self, rate: float = 20.0, burst: float = 200.0, clock=time.monotonic):
+        super().__init__()
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._buckets: dict = {}   # uid -> [tokens, last refill, lines dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        uid = getattr(record, "CLIENT_UID", None)
+        if uid is None:
+            return True
+        now = self._clock()
+        tokens, last, dropped = self._buckets.get(uid, (self.burst, now, 0))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[uid] = [tokens, now, dropped + 1]
+            return False
+        if dropped and isinstance(record.msg, str):  # formatted (and bounded) later
+            record.msg += f" ({dropped} earlier line(s) about uid {uid} not logged: over {self.rate:g} lines/s)"
+        self._buckets[uid] = [tokens - 1, now, 0]
+        if len(self._buckets) > 4096:  # uids that went quiet are full again: forget them
+            self._buckets = {key: value for key, value in self._buckets.items() if value[2] or value[0] < self.burst}
+        return True
+
+
 def _stderr_is_journal(environ) -> bool:
     """True when systemd connected stderr to journald (JOURNAL_STREAM matches)."""
     stream = environ.get("JOURNAL_STREAM", "")
@@ -218,6 +251,7 @@ def setup_logging(level: str, environ=None) -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(PerClientRate())
     handler.addFilter(BoundedRecords())
     root.addHandler(handler)
     set_level(level)
