@@ -161,20 +161,30 @@ def test_the_worker_pool_serves_uids_in_turn():
     one of its own; with every worker of one uid's, a worker is still free."""
     async def main():
         pool = workers.FairPool(workers=2)   # one uid may hold one of them
-        started, gate = [], threading.Event()
+        started, gates = [], {}
 
         def job(name):
             started.append(name)
-            assert gate.wait(10)
+            assert gates.setdefault(name, threading.Event()).wait(10)
             return name
+
+        async def release(name, then_started: int):
+            gates.setdefault(name, threading.Event()).set()
+            for _ in range(200):
+                if len(started) >= then_started:
+                    return
+                await asyncio.sleep(0.01)
         heavy = [asyncio.ensure_future(pool.run("uid 1", job, f"a{i}")) for i in range(4)]
         await asyncio.sleep(0.1)
         light = [asyncio.ensure_future(pool.run("uid 2", job, f"b{i}")) for i in range(2)]
         await asyncio.sleep(0.1)
         assert started == ["a0", "b0"]       # b0 did not wait behind a1..a3
-        gate.set()
+        await release("a0", 3)               # uid 2 is running b0: uid 1 goes on
+        await release("b0", 4)               # uid 1 is running a1: uid 2's turn
+        assert started == ["a0", "b0", "a1", "b1"]
+        for name in ("a1", "b1", "a2", "a3"):
+            await release(name, 0)
         assert await asyncio.gather(*heavy, *light) == ["a0", "a1", "a2", "a3", "b0", "b1"]
-        assert started.index("b1") <= 3     # served in turn, not after all of uid 1's
     asyncio.run(main())
 
 

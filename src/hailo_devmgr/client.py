@@ -1,29 +1,41 @@
 """Client library for services that use the device manager.
 
 Two clients with the same methods: :class:`AsyncClient` (asyncio, async
-context manager) and :class:`Client` (blocking, for scripts). Both work
-with every version of the daemon. ``input_data`` may hold numpy arrays
-directly: the async client sends them the fastest way the daemon offers
-(protocol v2: shared memory for large ones, in buffers registered once per
-connection and reused, binary attachments for the rest; v1: base64) and
-gets tensor results back the same way; the blocking client speaks v1 and
-sends them as base64. Errors from
-the daemon raise :class:`DeviceError` with its ``code``; a daemon that
-cannot be reached raises :class:`DaemonUnreachable`.
+context manager) and :class:`Client` (blocking, for scripts and threaded
+services). Both work with every version of the daemon. ``input_data`` may
+hold numpy arrays directly: the async client sends them the fastest way the
+daemon offers (protocol v2: shared memory for large ones, in buffers
+registered once per connection and reused, binary attachments for the rest;
+v1: base64) and gets tensor results back the same way; the blocking client
+speaks v1 and sends them as base64.
+
+What can go wrong, and whether a retry is safe (docs/client.md):
+
+- :class:`DeviceError`: the daemon answered with an error; ``code`` says
+  which (``busy`` and ``shutting_down`` carry ``retry_after_ms``).
+- :class:`NotConnected` (a :class:`DaemonUnreachable`): the request never
+  reached the daemon. Safe to retry.
+- :class:`ConnectionLost` (a :class:`DaemonUnreachable`): the connection
+  broke after the request was sent; the daemon may have run it.
+- :class:`RequestTimeout` (a :class:`TimeoutError`): no answer within the
+  client's ``timeout``; the daemon may still run it.
 
     from hailo_devmgr.client import Client, tensor
     with Client() as dm:
-        dm.load_model("/usr/share/hailo-models/clip.hef", model_type="clip")
+        dm.load_model("/usr/share/hailo-models/clip.hef", "clip")
         emb = dm.infer("/usr/share/hailo-models/clip.hef", {"mode": "image", "tensor": tensor(img)},
-                       model_type="clip")["result"]
+                       "clip")["result"]
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import itertools
 import math
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -62,7 +74,33 @@ class DeviceError(Exception):
 
 
 class DaemonUnreachable(ConnectionError):
-    """No daemon answers on the socket (not running, no permission, closed)."""
+    """The daemon could not be reached, or the connection to it broke: a
+    :class:`NotConnected` or a :class:`ConnectionLost`."""
+
+
+class NotConnected(DaemonUnreachable):
+    """The request never reached the daemon (no daemon listening, no
+    permission on the socket, the connection gone before it was sent).
+    Safe to retry."""
+
+
+class ConnectionLost(DaemonUnreachable):
+    """The connection broke after the request was sent, before its answer:
+    the daemon may have run it. Retry only what is safe to run twice."""
+
+
+class RequestTimeout(TimeoutError):
+    """No answer within the client's ``timeout``. The daemon may still run the
+    request (the async client cancels it there); the connection it used is
+    closed when a late answer could otherwise be taken for another's."""
+
+
+def _refused(exc: OSError, socket_path: str) -> NotConnected:
+    hint = ""
+    if isinstance(exc, PermissionError):
+        hint = " (connecting needs membership of the socket's group, hailo by default: " \
+               "sudo usermod -aG hailo $USER, then log in again)"
+    return NotConnected(f"cannot connect to {socket_path}: {exc.strerror or exc}{hint}")
 
 
 def tensor(array: np.ndarray) -> dict:
@@ -129,9 +167,15 @@ class _Methods:
 
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
                  max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES, reconnect_s: float = 0.0):
-        """``reconnect_s``: how long a (re)connect keeps trying while the socket
-        refuses (the daemon restarting); 0 fails at once. After a lost
-        connection the next request reconnects by itself."""
+        """``socket_path``: the daemon's socket (default ``$HAILO_DEVICE_SOCKET``
+        or /run/hailo/device.sock). ``timeout``: seconds to wait for an answer
+        (None: as long as it takes; the daemon's watchdog bounds a device
+        call); past it :class:`RequestTimeout`. ``max_message_bytes``: the
+        largest answer accepted. ``reconnect_s``: how long a (re)connect keeps
+        trying while the socket refuses (the daemon restarting); 0 fails at
+        once. A connection the daemon closed (restart, idle) is replaced by
+        the next request, which is sent again when none of it had reached
+        the daemon."""
         self.socket_path = socket_path or default_socket_path()
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
@@ -152,19 +196,22 @@ class _Methods:
     def device_status(self):
         return self.request("device_status")
 
-    def load_model(self, model_path: str, model_type: str = "vlm", model_params: dict | None = None,
+    def load_model(self, model_path: str, model_type: str, model_params: dict | None = None,
                    keep_alive: float | str | None = None, **scheduling):
-        """``keep_alive``: seconds the model may stay idle (-1 forever, 0 unload
+        """Load ``model_path`` as ``model_type`` (clip, vlm, whisper, ocr, depth,
+        pose, generic: required, there is no guess).
+
+        ``keep_alive``: seconds the model may stay idle (-1 forever, 0 unload
         after this request) or a duration like "10m"; None: the daemon's setting.
         ``scheduling``: ``priority`` ("interactive", "normal", "batch") and
         ``timeout_ms`` (not started by then: a ``timeout`` error)."""
         return self.request("load_model", keep_alive=keep_alive, **scheduling,
                             **_model_fields(model_path, model_type, model_params))
 
-    def unload_model(self, model_path: str, model_type: str = "vlm"):
+    def unload_model(self, model_path: str, model_type: str):
         return self.request("unload_model", model_path=model_path, model_type=model_type)
 
-    def infer(self, model_path: str, input_data: Any, model_type: str = "vlm",
+    def infer(self, model_path: str, input_data: Any, model_type: str,
               model_params: dict | None = None, decode: bool = True,
               keep_alive: float | str | None = None, **scheduling):
         """Returns the response; ``result`` has ndarrays in place of tensors
@@ -189,10 +236,16 @@ class AsyncClient(_Methods):
     as attachments or memfds unless "base64"; either way ``result`` holds
     ndarrays."""
 
-    def __init__(self, *args, pipelining: bool = True, client_name: str | None = None,
-                 transport: str = "auto", shm_min_bytes: int = t.DEFAULT_SHM_MIN_BYTES,
-                 shm_buffers: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES, reconnect_s: float = 0.0,
+                 pipelining: bool = True, client_name: str | None = None, transport: str = "auto",
+                 shm_min_bytes: int = t.DEFAULT_SHM_MIN_BYTES, shm_buffers: bool = True):
+        """Settings as for :class:`Client`, and: ``pipelining`` (protocol 2 when
+        the daemon speaks it), ``client_name`` (shown in the daemon's status),
+        ``transport`` and ``shm_min_bytes`` (how arrays travel, see the class),
+        ``shm_buffers`` (reuse registered shared-memory buffers)."""
+        super().__init__(socket_path, timeout=timeout, max_message_bytes=max_message_bytes,
+                         reconnect_s=reconnect_s)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.pipelining = pipelining
@@ -208,6 +261,7 @@ class AsyncClient(_Methods):
         self._lock = asyncio.Lock()         # v1: one request in flight per connection
         self._write_lock = asyncio.Lock()   # v2: whole frames only
         self._pending: dict[int, asyncio.Future] = {}
+        self._slots = _Slots()              # v2: requests in flight within the daemon's limit
         self._answers: asyncio.Task | None = None
         self._stream: t.SocketStream | None = None
         # True once connect() finished, hello included: until then no request may
@@ -225,7 +279,7 @@ class AsyncClient(_Methods):
             except OSError as exc:
                 sock.close()
                 if not self._keep_trying(started, exc):
-                    raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+                    raise _refused(exc, self.socket_path) from exc
                 await asyncio.sleep(RECONNECT_POLL_S)
         self._stream = t.SocketStream(sock, send_buffer=t.CLIENT_SEND_BUFFER)
         if self.pipelining:
@@ -244,13 +298,16 @@ class AsyncClient(_Methods):
         hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
                                                   "features": receives or None})
         try:
-            answer = _check(hello, await asyncio.wait_for(self._exchange(hello), self.timeout), False)
+            answer = _check(hello, await self._exchange_in_time(hello), False)
         except DeviceError as exc:
             if exc.code != p.UNKNOWN_ACTION:
                 raise
             return  # an older daemon: stay on v1
         self.protocol = int(answer.get("protocol", 1))
         self.features = frozenset(answer.get("features") or ()) & frozenset(sends)
+        # One below the daemon's limit: registering a buffer for a request is a request too.
+        in_flight = (answer.get("limits") or {}).get("max_inflight_per_connection")
+        self._slots.limit = max(1, int(in_flight) - 1) if isinstance(in_flight, int) else _Slots.DEFAULT
         if self.protocol >= 2:
             self._answers = asyncio.ensure_future(self._read_answers())
         if "shm_buffers" in self.features and self.use_shm_buffers:
@@ -283,29 +340,62 @@ class AsyncClient(_Methods):
     async def metrics(self) -> dict:
         return await self.request("metrics")
 
-    async def _connected(self) -> None:
+    async def _connected(self) -> bool:
         """Connect if not connected; after the daemon closed a v2 connection, open a
-        new one (once, whoever many requests notice it at the same time)."""
+        new one (once, whoever many requests notice it at the same time).
+        True when this call connected."""
         if self._ready and not self._lost():
-            return
+            return False
         async with self._connect_lock:
             if self._lost():
                 await self.close()
-            if not self._ready:
-                if self._stream is not None:  # a connect() that did not finish
-                    await self.close()
-                await self.connect()
+            if self._ready:
+                return False
+            if self._stream is not None:  # a connect() that did not finish
+                await self.close()
+            await self.connect()
+            return True
 
     def _lost(self) -> bool:
         return self._answers is not None and self._answers.done()
 
     async def request(self, action: str, _decode: bool = True, **fields) -> dict:
-        await self._connected()
+        """Send one request (``action`` and its fields) and return its answer."""
+        fresh = await self._connected()
+        try:
+            return await self._request_once(action, _decode, fields)
+        except NotConnected:
+            if fresh:
+                raise
+            # A connection the daemon had closed (restart, idle): nothing of the
+            # request reached it, so it goes once more on a new connection
+            # (_connected replaces a lost one once, however many notice).
+            await self._connected()
+            return await self._request_once(action, _decode, fields)
+
+    async def _request_once(self, action: str, decode: bool, fields: dict) -> dict:
         message = _build(action, next(self._ids), fields)
         if self.protocol >= 2:
-            return _check(message, await self._pipelined(message, []), _decode)
+            async with self._slots.turn(fields.get("priority")):
+                return _check(message, await self._pipelined(message, []), decode)
         async with self._lock:
-            return _check(message, await asyncio.wait_for(self._exchange(message), self.timeout), _decode)
+            if self._stream is None:  # closed by the request before this one (its timeout)
+                raise NotConnected(f"connection to {self.socket_path} closed before the request was sent")
+            return _check(message, await self._exchange_in_time(message), decode)
+
+    async def _exchange_in_time(self, message: dict) -> dict:
+        """A v1 exchange within ``timeout``. Cut short (timeout or cancel), its
+        answer would be read as the next request's: the connection goes."""
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for may lose a cancellation.
+            async with asyncio.timeout(self.timeout):
+                return await self._exchange(message)
+        except TimeoutError:
+            await self.close()
+            raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
+        except asyncio.CancelledError:
+            await self.close()
+            raise
 
     def _encode(self, message: dict) -> tuple[bytes, list, list[int]]:
         """(frame, attachments, fds) for a request: its ndarrays the fastest way agreed."""
@@ -350,7 +440,7 @@ class AsyncClient(_Methods):
         fd = buffer.take_fd()
         if self._stream is None or self._lost():
             os.close(fd)
-            raise DaemonUnreachable(f"connection to {self.socket_path} lost")
+            raise NotConnected(f"connection to {self.socket_path} lost")
         message = _build("register_buffer", next(self._ids), {"fds": 1})
         try:
             answer = _check(message, await self._pipelined(message, [fd]), False)
@@ -370,17 +460,35 @@ class AsyncClient(_Methods):
         answer = asyncio.get_running_loop().create_future()
         self._pending[message["request_id"]] = answer
         try:
-            await self._send(message, fds)
-            return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+            try:
+                await self._send(message, fds)
+            except NotConnected:
+                return await self._refusal(answer)
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.shield(answer)
+        except (asyncio.CancelledError, TimeoutError) as exc:
             if self._stream is not None and not answer.done():  # tell the daemon not to bother
                 asyncio.ensure_future(self._send_quietly(
                     _build("cancel", next(self._ids), {"target": message["request_id"]})))
+            if isinstance(exc, TimeoutError):
+                raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
             raise
         finally:
             self._pending.pop(message["request_id"], None)
             if answer.done() and not answer.cancelled():
                 answer.exception()  # seen: the lost connection may have been reported here as well
+
+    async def _refusal(self, answer: asyncio.Future) -> dict:
+        """After a send failed: the daemon may have answered before closing (busy
+        past the connection limit, too_large); the reader hands that over.
+        Anything else: the request never reached the daemon."""
+        try:
+            async with asyncio.timeout(1.0):
+                return await asyncio.shield(answer)
+        except DeviceError:
+            raise
+        except Exception:
+            raise NotConnected(f"connection to {self.socket_path} closed before the request was sent") from None
 
     async def _send(self, message: dict, fds: list[int] | None = None) -> None:
         fds = fds if fds is not None else []
@@ -405,7 +513,8 @@ class AsyncClient(_Methods):
                 self._release_buffers(message)
                 t.close_fds(fds)
             if isinstance(exc, OSError):
-                raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+                raise NotConnected(f"connection to {self.socket_path} closed before the request was sent: "
+                                   f"{exc}") from exc
             raise
 
     async def _write(self, stream: t.SocketStream, buffers: list, fds: list[int]) -> None:
@@ -426,7 +535,7 @@ class AsyncClient(_Methods):
     async def _send_quietly(self, message: dict) -> None:
         try:
             await self._send(message)
-        except (DaemonUnreachable, AttributeError):
+        except (DaemonUnreachable, DeviceError, AttributeError):
             pass
 
     async def _read_message(self) -> dict:
@@ -442,7 +551,7 @@ class AsyncClient(_Methods):
 
     async def _read_answers(self) -> None:
         """v2: hand each answer to the request waiting for its request_id."""
-        error: Exception = DaemonUnreachable(f"connection to {self.socket_path} closed by the daemon")
+        error: Exception = ConnectionLost(f"connection to {self.socket_path} closed by the daemon")
         try:
             while True:
                 try:
@@ -469,10 +578,19 @@ class AsyncClient(_Methods):
     async def _exchange(self, message: dict) -> dict:
         try:
             await self._stream.send([_v1_frame(message)])
+        except OSError as exc:
+            refusal = await self._unread_answer()
+            await self.close()
+            if refusal is not None:
+                return refusal
+            raise NotConnected(f"connection to {self.socket_path} closed before the request was sent: "
+                               f"{exc}") from exc
+        try:
             return await self._read_message()
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self.close()
-            raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+            raise ConnectionLost(f"connection to {self.socket_path} lost after the request was sent: "
+                                 f"{exc}") from exc
         except p.RequestError as exc:
             await self.close()  # the unread answer leaves the stream unusable
             if exc.code == p.TOO_LARGE:
@@ -480,31 +598,97 @@ class AsyncClient(_Methods):
             raise
 
 
+    async def _unread_answer(self) -> dict | None:
+        """An answer the daemon wrote before closing (a refusal), if there is one."""
+        try:
+            async with asyncio.timeout(1.0):
+                return await self._read_message()
+        except Exception:
+            return None
+
+
+class _Slots:
+    """Requests in flight at once on a v2 connection: at most ``limit`` (the
+    daemon's announced ``max_inflight_per_connection``, less one). Past it a
+    request waits here, the most urgent priority first, then in arrival
+    order, instead of being answered ``busy`` by the daemon; a service needs
+    no queue (and no priority inversion) of its own."""
+
+    DEFAULT = 63
+    RANKS = {"interactive": 0, "normal": 1, "batch": 2}
+
+    def __init__(self):
+        self.limit = self.DEFAULT
+        self.used = 0
+        self._waiting: list = []       # heap of (rank, arrival, future)
+        self._arrivals = itertools.count()
+
+    async def _take(self, priority) -> None:
+        if self.used < self.limit and not self._waiting:
+            self.used += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (self.RANKS.get(priority, 1), next(self._arrivals), turn))
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._give()  # handed a slot just as it was cancelled: pass it on
+            raise
+
+    def _give(self) -> None:
+        self.used -= 1
+        while self._waiting and self.used < self.limit:
+            turn = heapq.heappop(self._waiting)[2]
+            if not turn.done():  # a cancelled waiter's future is done already
+                self.used += 1
+                turn.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, priority):
+        await self._take(priority)
+        try:
+            yield
+        finally:
+            self._give()
+
+
 class Client(_Methods):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    """Blocking client, one connection. Safe to share between threads: their
+    requests take turns on the connection, one in flight at a time (for
+    requests in parallel give each thread its own Client, or use
+    :class:`AsyncClient`)."""
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES, reconnect_s: float = 0.0):
+        super().__init__(socket_path, timeout=timeout, max_message_bytes=max_message_bytes,
+                         reconnect_s=reconnect_s)
         self._sock: socket.socket | None = None
+        self._lock = threading.RLock()   # one request (and one connect or close) at a time
 
     def connect(self) -> "Client":
-        started = time.monotonic()
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-                break
-            except OSError as exc:
-                sock.close()
-                if not self._keep_trying(started, exc):
-                    raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
-                time.sleep(RECONNECT_POLL_S)
-        self._sock = sock
-        return self
+        with self._lock:
+            started = time.monotonic()
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                try:
+                    sock.connect(self.socket_path)
+                    break
+                except OSError as exc:
+                    sock.close()
+                    if not self._keep_trying(started, exc):
+                        raise _refused(exc, self.socket_path) from exc
+                    time.sleep(RECONNECT_POLL_S)
+            self.close()
+            self._sock = sock
+            return self
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
     def __enter__(self):
         return self.connect()
@@ -513,20 +697,57 @@ class Client(_Methods):
         self.close()
 
     def request(self, action: str, _decode: bool = True, **fields) -> dict:
-        if self._sock is None:
-            self.connect()
-        message = _build(action, next(self._ids), fields)
+        """Send one request (``action`` and its fields) and return its answer."""
+        with self._lock:
+            message = _build(action, next(self._ids), fields)
+            refusal = self._deliver(_v1_frame(message))
+            return _check(message, refusal if refusal is not None else self._receive(), _decode)
+
+    def _deliver(self, frame: bytes) -> dict | None:
+        """Send a whole request. A connection the daemon had closed (restart,
+        idle) is replaced once: none of the request reached it. A refusal
+        the daemon wrote before closing (busy, too_large) is returned."""
+        for attempt in range(2):
+            reused = self._sock is not None
+            if not reused:
+                self.connect()
+            try:
+                self._sock.sendall(frame)
+                return None
+            except OSError as exc:
+                refusal = self._unread_answer()
+                self.close()
+                if refusal is not None:
+                    return refusal
+                if not reused or attempt:
+                    raise NotConnected(f"connection to {self.socket_path} closed before the request was "
+                                       f"sent: {exc}") from exc
+        return None
+
+    def _receive(self) -> dict:
         try:
-            self._sock.sendall(_v1_frame(message))
             header = self._recv_exactly(p.HEADER_SIZE)
             body = self._recv_exactly(_answer_length(header, self.max_message_bytes))
+        except TimeoutError:
+            self.close()  # a late answer would be read as the next request's
+            raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
         except OSError as exc:
             self.close()
-            raise DaemonUnreachable(f"connection to {self.socket_path} lost: {exc}") from exc
+            raise ConnectionLost(f"connection to {self.socket_path} lost after the request was sent: "
+                                 f"{exc}") from exc
         except DeviceError:
             self.close()  # the unread answer leaves the stream unusable
             raise
-        return _check(message, p.decode_body(body), _decode)
+        return p.decode_body(body)
+
+    def _unread_answer(self) -> dict | None:
+        """An answer the daemon wrote before closing (a refusal), if there is one."""
+        try:
+            self._sock.settimeout(1.0)
+            header = self._recv_exactly(p.HEADER_SIZE)
+            return p.decode_body(self._recv_exactly(_answer_length(header, self.max_message_bytes)))
+        except Exception:
+            return None
 
     def _recv_exactly(self, size: int) -> bytes:
         buffer = bytearray(size)
