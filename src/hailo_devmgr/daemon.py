@@ -110,6 +110,7 @@ class Daemon:
         self.server: Server | None = None
         self._stop = asyncio.Event()
         self._bound_path: str | None = None
+        self._bound_inode: tuple | None = None
         self._watchdog_warned = False
 
     async def run(self) -> int:
@@ -147,6 +148,7 @@ class Daemon:
         sock = bind_unix_socket(self.config.socket_path, self.config.socket_mode,
                                 self.config.socket_dir_mode)
         self._bound_path = self.config.socket_path
+        self._bound_inode = _inode(self._bound_path)
         return sock
 
     def prewarm(self) -> None:
@@ -219,7 +221,9 @@ class Daemon:
         log.info("stopping: answering queued work, finishing the running operation")
         stopped = await loop.run_in_executor(None, self.device.stop, SHUTDOWN_DRAIN_S)
         await self.server.close_connections(grace_s=1.0)
-        if self._bound_path:
+        if self._bound_path and _inode(self._bound_path) == self._bound_inode:
+            # Only the socket file we made: a daemon started by hand after us
+            # (ours was stopping) has bound the same path anew.
             try:
                 os.unlink(self._bound_path)
             except OSError:
@@ -230,6 +234,14 @@ class Daemon:
             return EXIT_STARTUP
         log.info("stopped")
         return EXIT_OK
+
+
+def _inode(path: str) -> tuple | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def raise_fd_limit() -> None:

@@ -327,7 +327,8 @@ class Server:
         if action == "simulate":
             return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
-            raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down")
+            # The time a restart takes: without a hint a loaded service resends at once.
+            raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down", retry_after_ms=1000)
         return await self._device_action(request, connection, blocks)
 
     async def _device_action(self, request: p.Request, connection: Connection | None,
