@@ -97,6 +97,8 @@ deb: deps-deb
 stdeb: deps-deb
 	rm -rf $(DEB_DIR)/stdeb && mkdir -p $(DEB_DIR)/stdeb
 	tar -c --exclude=./build --exclude=./run --exclude=./.git --exclude=./debian --exclude=__pycache__ . | tar -x -C $(DEB_DIR)/stdeb
+	# debian/ stays out (stdeb writes its own), but setup.py takes the version from the changelog.
+	mkdir -p $(DEB_DIR)/stdeb/debian && cp debian/changelog $(DEB_DIR)/stdeb/debian/
 	cd $(DEB_DIR)/stdeb && env PATH=/usr/sbin:/usr/bin:/sbin:/bin python3 setup.py --command-packages=stdeb.command bdist_deb
 	@echo "package in $(DEB_DIR)/stdeb/deb_dist:" && ls $(DEB_DIR)/stdeb/deb_dist/*.deb
 

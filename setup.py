@@ -3,6 +3,7 @@
 The canonical Debian package is built from debian/; this file also serves
 pybuild there and stdeb for the plain client-library .deb.
 """
+from email import message_from_string
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -11,9 +12,15 @@ HERE = Path(__file__).parent
 
 
 def read_version():
-    namespace = {}
-    exec((HERE / "src/hailo_devmgr/_version.py").read_text(), namespace)
-    return namespace["__version__"]
+    """debian/changelog's version (the one source); an sdist carries it in PKG-INFO."""
+    changelog, pkg_info = HERE / "debian/changelog", HERE / "PKG-INFO"
+    if changelog.is_file():
+        namespace = {"__file__": str(HERE / "src/hailo_devmgr/_version.py")}
+        exec((HERE / "src/hailo_devmgr/_version.py").read_text(), namespace)
+        return namespace["from_changelog"](changelog.read_text(encoding="utf-8"))
+    if pkg_info.is_file():
+        return message_from_string(pkg_info.read_text(encoding="utf-8"))["Version"]
+    raise SystemExit("setup.py: no debian/changelog (nor PKG-INFO) to take the version from")
 
 
 setup(
@@ -31,7 +38,10 @@ setup(
     packages=find_packages("src"),
     # The recorded HailoRT API surfaces the simulated backend follows.
     package_data={"hailo_devmgr.backends": ["hailort_api/*.yaml"]},
-    install_requires=["numpy", "PyYAML", "systemd-python"],
+    # The client library's needs only (python3-hailo-devmgr's Depends come
+    # from here); the daemon's python3-systemd is in debian/control.
+    install_requires=["numpy", "PyYAML"],
+    extras_require={"daemon": ["systemd-python"]},
     entry_points={
         "console_scripts": [
             "hailo-device-manager = hailo_devmgr.daemon:main",
