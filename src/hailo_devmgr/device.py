@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .backends import Backend, BackendUnavailable, DeviceIdentity
-from .protocol import DEVICE_UNAVAILABLE, OVERHEATED, SHUTTING_DOWN, RequestError
+from .protocol import DEVICE_UNAVAILABLE, OVERHEATED, RequestError, shutting_down
 from .scheduler import FairScheduler, Job, JobQueue
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class DeviceThread:
         """Answer queued work with shutting_down, finish the running job,
         release models and device. True when the thread ended in time."""
         for job in self.queue.close():
-            job.future.set_exception(RequestError(SHUTTING_DOWN, "The device manager is shutting down"))
+            job.future.set_exception(shutting_down())
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 

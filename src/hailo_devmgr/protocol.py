@@ -321,3 +321,12 @@ def optional_number(container: dict, key: str, default, *, minimum=None, maximum
     if maximum is not None and value > maximum:
         raise RequestError(BAD_REQUEST, f"{where}{key} must be <= {maximum}, got {shown(value)}")
     return int(value) if integer else value
+
+
+SHUTDOWN_RETRY_AFTER_MS = 1000   # about what a restart takes
+
+
+def shutting_down() -> RequestError:
+    """The refusal of work while the daemon stops, with a hint: without one a
+    loaded service resends at once, for as long as the stop takes."""
+    return RequestError(SHUTTING_DOWN, "The device manager is shutting down", retry_after_ms=SHUTDOWN_RETRY_AFTER_MS)

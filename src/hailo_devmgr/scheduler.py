@@ -46,7 +46,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-from .protocol import BUSY, CANCELLED, SHUTTING_DOWN, TIMEOUT, RequestError
+from .protocol import BUSY, CANCELLED, TIMEOUT, RequestError, shutting_down
 
 PRIORITIES = ("interactive", "normal", "batch")   # index = class; lower runs first
 DEFAULT_PRIORITY = "normal"
@@ -97,7 +97,7 @@ class JobQueue:
     def put(self, job: Job) -> None:
         with self._cond:
             if self._closed:
-                raise RequestError(SHUTTING_DOWN, "The device manager is shutting down")
+                raise shutting_down()
             displaced = self._admit(job)
             if displaced is not None:
                 self._jobs.remove(displaced)

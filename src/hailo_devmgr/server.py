@@ -327,8 +327,7 @@ class Server:
         if action == "simulate":
             return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
-            # The time a restart takes: without a hint a loaded service resends at once.
-            raise RequestError(p.SHUTTING_DOWN, "The device manager is shutting down", retry_after_ms=1000)
+            raise p.shutting_down()
         return await self._device_action(request, connection, blocks)
 
     async def _device_action(self, request: p.Request, connection: Connection | None,
