@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import resource
+import select
 import signal
 import sys
+import time
 from dataclasses import replace
 
 from . import config as config_mod
@@ -35,7 +37,10 @@ EXIT_STARTUP = 2     # could not listen, or the device thread did not stop
 EXIT_SOFTWARE = 70   # unexpected internal error (EX_SOFTWARE; systemd restarts)
 SHUTDOWN_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 1.0
-CONFIG_ERROR_LINGER_S = 1.0
+# A broken config: answer waiting clients this long at most (the unit's
+# StartLimitBurst= counts on it), checking the file every CONFIG_POLL_S.
+CONFIG_ERROR_LINGER_S = 10.0
+CONFIG_POLL_S = 0.2
 
 
 def _pid(text: str) -> int:
@@ -262,16 +267,50 @@ def raise_fd_limit() -> None:
     log.debug("raised the soft descriptor limit from %d to %d", soft, hard)
 
 
-def refuse_while_misconfigured(listener, message: str) -> None:
+def config_error(args) -> str | None:
+    """The configuration's error message, or None when it loads."""
+    try:
+        load_config(args)
+    except config_mod.ConfigError as exc:
+        return f"hailo-device-manager: configuration error: {exc}"
+    return None
+
+
+def client_waiting(listener) -> bool:
+    readable, _, _ = select.select([listener], [], [], 0)
+    return bool(readable)
+
+
+def refuse_while_misconfigured(listener, args, message: str) -> None:
     """Socket-activated with a broken config: answer the waiting clients.
 
     Exiting at once would leave their connections queued on the socket, so
     systemd would start us again and again until its start limit fails the
-    socket unit for good. Answering them (for a second, which also spaces
-    out restarts) gives each client the reason instead of a hang, and keeps
-    the socket usable once the file is fixed.
+    socket unit for good. Answering them gives each client the reason
+    instead of a hang, keeps the socket usable once the file is fixed, and
+    spaces out the starts (at most one per CONFIG_ERROR_LINGER_S while
+    clients keep coming, well under the unit's StartLimitBurst=). Started
+    with nobody waiting (systemctl start or restart), it fails at once. The
+    answering ends as soon as the file changes, so no client is told an
+    error the admin has already fixed; the next client starts us afresh.
     """
-    refuse_connections(listener, message.removeprefix("hailo-device-manager: "), CONFIG_ERROR_LINGER_S)
+    if not client_waiting(listener):
+        return
+    reason = message.removeprefix("hailo-device-manager: ")
+    systemd.Notifier().status(f"{reason}; answering clients with it until the file changes")
+    deadline = time.monotonic() + CONFIG_ERROR_LINGER_S
+    while time.monotonic() < deadline:
+        refuse_connections(listener, reason, CONFIG_POLL_S)
+        if config_error(args) != message:
+            return
+
+
+def misconfigured(args, message: str) -> int:
+    print(message, file=sys.stderr)
+    fds = [] if args.check_config or args.reload is not None else systemd.inherited_sockets()
+    if fds:
+        refuse_while_misconfigured(systemd.adopt_listener(fds), args, message)
+    return EXIT_CONFIG
 
 
 def ask_to_reload(pid: int) -> int:
@@ -292,12 +331,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(args)
     except config_mod.ConfigError as exc:
-        message = f"hailo-device-manager: configuration error: {exc}"
-        print(message, file=sys.stderr)
-        fds = [] if args.check_config or args.reload is not None else systemd.inherited_sockets()
-        if fds:
-            refuse_while_misconfigured(systemd.adopt_listener(fds), message)
-        return EXIT_CONFIG
+        return misconfigured(args, f"hailo-device-manager: configuration error: {exc}")
     if args.check_config:
         print(json.dumps(config_mod.describe(config), indent=2))
         return EXIT_OK
