@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import protocol as p
+from .device import begin_phase
 from .handlers import HANDLERS, InputLimits
 from .model_files import resolve_model_path
 from .protocol import RequestError
@@ -156,14 +157,16 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
     # Some requests are several device calls (whisper: one per 30 s window),
     # each with the whole infer budget.
     calls = spec.handler_cls.device_calls(request.inputs)
-    budget_ms = int(budgets.infer_budget_s * 1000) * calls
+    infer_budget_s = budgets.infer_budget_s * calls
 
     def infer():
+        # Two phases, each budgeted on its own for the watchdog: a load on
+        # demand (the job's own budget), then the inference.
         check_thermal()
-        # A load on demand first, so the HailoRT timeout is what is left of the deadline after it.
         registry.load(spec, request.log_fields, request.keep_alive, request.admin)
-        timeout_ms = hailort_timeout_ms(budget_ms, request.deadline)
+        begin_phase(f"infer {spec.key}", infer_budget_s)
+        # The HailoRT timeout: the infer budget, capped by what the load left of the deadline.
+        timeout_ms = hailort_timeout_ms(int(infer_budget_s * 1000), request.deadline)
         return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
                               request.keep_alive, request.admin)
-    # A load on demand may come first, so allow for both.
-    return infer, f"infer {spec.key}", budgets.load_budget_s + budgets.infer_budget_s * calls
+    return infer, f"infer {spec.key}", budgets.load_budget_s

@@ -13,7 +13,9 @@ rebuild). It sleeps until the next chore is due or a job arrives.
 Health, for the systemd watchdog: the thread records when its current
 operation started and how long that kind of operation may take. A call
 stuck past its budget makes :meth:`DeviceThread.health` report a problem, so
-the server stops the WATCHDOG=1 pings and systemd restarts the daemon.
+the server stops the WATCHDOG=1 pings and systemd restarts the daemon. A job
+made of phases (an infer that loads its model on demand) starts each with
+:func:`begin_phase`, so each phase has its own budget, never their sum.
 
 Locking: ``_current`` is written by the device thread and read by the event
 loop; it is one tuple assigned at once (atomic in CPython), so no lock.
@@ -40,6 +42,18 @@ IDLE_TICK_S = 5.0  # longest sleep of an idle device thread between chore checks
 # attempts (with its backoff and limit) instead of starting a new one, so a
 # device that breaks again at once (e.g. reloading a pin) cannot loop.
 STABLE_AFTER_S = 60.0
+
+
+# The DeviceThread whose thread this is (set on that thread only).
+_this_thread = threading.local()
+
+
+def begin_phase(label: str, budget_s: float) -> None:
+    """From a job, on the device thread: what follows is ``label``, budgeted
+    ``budget_s`` from now for the watchdog (in place of what came before)."""
+    device = getattr(_this_thread, "device", None)
+    if device is not None:
+        device._current = (label, time.monotonic(), budget_s)
 
 
 @dataclass
@@ -121,6 +135,7 @@ class DeviceThread:
     # -- device thread ------------------------------------------------------
 
     def _main(self) -> None:
+        _this_thread.device = self
         self._run_guarded("open device", self.runtime.budgets.other_budget_s, self.runtime.open)
         self._started.set()
         while True:
