@@ -74,6 +74,9 @@ def rootfs(suite: str, mirror: str | None = None, packages: tuple[str, ...] = BA
                 raise RuntimeError(f"debootstrap {suite} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
             (work / ".complete").touch()
             work.rename(target)
+        # A root filesystem's / is 0755 (mkdtemp made it 0700, and a booted copy then
+        # broke dbus for anyone but root); also mends caches made before.
+        target.chmod(0o755)
     return target
 
 
