@@ -71,3 +71,11 @@ def test_idle_connections_are_closed_when_configured(start_daemon):
     idle.read()
     assert closed_by_daemon(idle.sock)
     idle.close()
+
+
+def test_a_frame_larger_than_the_per_uid_share_still_goes_through(start_daemon):
+    """A body is charged a chunk at a time: the share is never below one message."""
+    daemon = start_daemon(max_message_bytes=4 * 1024 * 1024, max_pending_bytes=8 * 1024 * 1024,
+                          max_pending_bytes_per_uid=1024 * 1024, frame_timeout_s=2)
+    with Client(daemon.socket_path, timeout=30) as client:
+        assert client.request("ping", padding="x" * (3 * 1024 * 1024))["status"] == "ok"

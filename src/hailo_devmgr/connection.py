@@ -18,8 +18,9 @@ The socket is read and written through :class:`transport.SocketStream`
 attachments, read straight into their buffers, and memfds passed with
 ``SCM_RIGHTS``). A frame is its JSON, then the attachments its JSON lists,
 then the descriptors that came while it was read; all of it counts against
-``max_message_bytes`` (JSON and attachments) and the :class:`ByteBudget`,
-and its descriptors are closed when it has been answered, whatever happened.
+``max_message_bytes`` (JSON and attachments) and the server's pools of
+request bytes and descriptors (limits.py, per uid and in all), and its
+descriptors are closed when it has been answered, whatever happened.
 A v1 connection that sends attachments or descriptors is answered
 ``bad_request`` and closed (its framing can no longer be trusted).
 """
@@ -97,7 +98,7 @@ class Frame:
     """One request as read: JSON body, attachments, descriptors, bytes held."""
 
     body: bytes = b""
-    held: int = 0                   # bytes reserved in the ByteBudget
+    held: int = 0                   # bytes charged to the uid's pool
     message: dict | None = None     # decoded already (frames with attachments)
     attachments: list = field(default_factory=list)
     fds: list = field(default_factory=list)

@@ -117,8 +117,7 @@ class Server:
         self.socket_path = socket_path
         self.started_mono = time.monotonic()
         # What clients' requests hold while read and until answered, bounded in all and per uid.
-        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes,
-                                         config.max_pending_bytes_per_uid)
+        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
                                        config.max_pending_fds_per_uid)
         # Idle attachment buffers kept for reuse (not counted in the budget).
@@ -137,7 +136,7 @@ class Server:
     def apply_config(self, config) -> None:
         """Take the reloadable parts of a new config (SIGHUP)."""
         self.config = config
-        self.pending_bytes.set_limits(config.max_pending_bytes, config.max_pending_bytes_per_uid)
+        self.pending_bytes.set_limits(config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
 
     async def start(self, listener: socket.socket) -> None:
@@ -613,6 +612,12 @@ class Server:
             # The code, not the text: the text may quote a client's values (status has it).
             parts.append(f"last error: {self.last_error_code}")
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)
+
+
+def _bytes_per_uid(config) -> int:
+    """A uid's share of request bytes, never below one whole message: a body is
+    charged a chunk at a time, and its own earlier chunks count."""
+    return max(config.max_pending_bytes_per_uid, config.max_message_bytes)
 
 
 def _peer(connection: Connection | None) -> Peer:
