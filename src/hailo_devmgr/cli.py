@@ -2,8 +2,12 @@
 
 Exit status, for scripts: 0 success; 1 the daemon answered with an error
 (its code is printed), also to `wait`; 2 bad command line; 3 the daemon
-cannot be reached; 75 `wait` timed out (EX_TEMPFAIL, "TEMPFAIL" in
-systemctl status: try again later).
+cannot be reached; 75 no answer within --timeout (EX_TEMPFAIL, "TEMPFAIL"
+in systemctl status: try again later).
+
+Every command gives up after --timeout seconds: a few for status and ping,
+longer than the daemon's default watchdog budgets for load and infer (a
+large model's load on demand, then its inference).
 """
 from __future__ import annotations
 
@@ -17,10 +21,15 @@ import numpy as np
 from . import config, selftest
 from . import protocol as p
 from ._version import __version__
-from .client import Client, DaemonUnreachable, DeviceError, default_socket_path
+from .client import Client, DaemonUnreachable, DeviceError, RequestTimeout, default_socket_path, tensor
 from .tensors import encode_results
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 75
+# Seconds each command waits for its answer (--timeout). load and infer: past
+# the default watchdog budgets (load 300 s, infer 120 s), so the daemon's
+# own limits end a hung call first.
+DEFAULT_TIMEOUTS = {"status": 5.0, "ping": 5.0, "device": 10.0, "wait": 30.0, "unload": 90.0,
+                    "load": 360.0, "infer": 480.0, "selftest": 900.0}
 # Answers that mean "a moment": a daemon stopping for a restart, or a full queue.
 TRANSIENT_CODES = (p.SHUTTING_DOWN, p.BUSY)
 WAIT_POLL_S = 0.1
@@ -36,6 +45,41 @@ def _json_arg(text: str):
         return json.loads(text)
     except (OSError, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc})")
+
+
+def _tensor_arg(text: str) -> tuple[list[str], str]:
+    """KEY=FILE: where in input_data (dots for nesting) and the file."""
+    key, _, path = text.partition("=")
+    if not key or not path:
+        raise argparse.ArgumentTypeError("want KEY=FILE, e.g. inputs.x=x.npy (dots nest keys)")
+    return key.split("."), path
+
+
+def _shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(size) for size in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want sizes like 224,224,3, got {text!r}")
+
+
+def _read_tensor(path: str, dtype: str | None, shape: tuple[int, ...] | None) -> np.ndarray:
+    """A .npy file as it is, or raw bytes read as --dtype and --shape."""
+    if path.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    if dtype is None or shape is None:
+        raise ValueError(f"{path}: raw bytes need --dtype and --shape (or save it as .npy)")
+    return np.fromfile(path, dtype=np.dtype(dtype)).reshape(shape)
+
+
+def input_data(args) -> dict:
+    """--input's JSON with each --tensor KEY=FILE set in it."""
+    data = args.input_data if args.input_data is not None else {}
+    for keys, path in args.tensors:
+        where = data
+        for key in keys[:-1]:
+            where = where.setdefault(key, {})
+        where[keys[-1]] = tensor(_read_tensor(path, args.dtype, args.shape))
+    return data
 
 
 def _type_and_path(text: str) -> tuple[str, str]:
@@ -66,33 +110,52 @@ def _selftest(client: Client, args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hailo-devmgr", description=__doc__.split("\n")[0],
                                      epilog="Exit status: 0 ok, 1 error answer, 2 usage, "
-                                            "3 daemon unreachable, 75 wait timed out.")
+                                            "3 daemon unreachable, 75 no answer within --timeout.")
     parser.add_argument("--socket", default=None,
                         help=f"daemon socket (default $HAILO_DEVICE_SOCKET or {default_socket_path()})")
     parser.add_argument("--json", action="store_true", help="print the daemon's raw JSON answer")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("status", help="daemon, device and loaded models")
-    commands.add_parser("device", help="device identity, temperature and networks")
-    commands.add_parser("ping", help="check that the daemon answers")
-    wait = commands.add_parser("wait", help="wait until the daemon answers (for service scripts)")
-    wait.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds (30)")
-    selftest = commands.add_parser("selftest", help="load and run one model of each installed type (first boot)")
+    _command(commands, "status", "daemon, device and loaded models")
+    _command(commands, "device", "device identity, temperature and networks")
+    _command(commands, "ping", "check that the daemon answers")
+    _command(commands, "wait", "wait until the daemon answers (for service scripts)")
+    selftest = _command(commands, "selftest", "load and run one model of each installed type (first boot)")
     selftest.add_argument("--config", default=config.DEFAULT_CONFIG_PATH, metavar="PATH",
                           help=f"where model_dirs and pin: are read (default {config.DEFAULT_CONFIG_PATH})")
     selftest.add_argument("--model", action="append", default=[], type=_type_and_path, metavar="TYPE=PATH",
                           help="test this model (repeatable) instead of looking in the model folders")
     for name, text in (("load", "load a model"), ("unload", "unload a model"), ("infer", "run one inference")):
-        command = commands.add_parser(name, help=text)
+        command = _command(commands, name, text)
         command.add_argument("model_path")
-        command.add_argument("--type", dest="model_type", default="vlm", help="model type (default vlm)")
+        command.add_argument("--type", dest="model_type", default=None,
+                             help="model type: generic, clip, vlm, vlm_chat, whisper, ocr, depth, pose "
+                                  "(required for load; else taken from the loaded model's entry in status)")
         if name != "unload":
             command.add_argument("--params", type=_json_arg, default=None, metavar="JSON",
                                  help="model_params as JSON, or @FILE")
         if name == "infer":
-            command.add_argument("--input", dest="input_data", type=_json_arg, required=True,
-                                 metavar="JSON", help="input_data as JSON, or @FILE, or @- for stdin")
+            _add_input_arguments(command)
     return parser
+
+
+def _command(commands, name: str, text: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=text)
+    default = DEFAULT_TIMEOUTS[name]
+    command.add_argument("--timeout", type=float, default=default, metavar="S",
+                         help=f"give up after S seconds without an answer (default {default:g})")
+    return command
+
+
+def _add_input_arguments(command) -> None:
+    command.add_argument("--input", dest="input_data", type=_json_arg, default=None,
+                         metavar="JSON", help="input_data as JSON, or @FILE, or @- for stdin")
+    command.add_argument("--tensor", dest="tensors", action="append", default=[], type=_tensor_arg,
+                         metavar="KEY=FILE", help="a tensor from a .npy file (or raw bytes, with --dtype "
+                         "and --shape) set at KEY of input_data, e.g. inputs.x=x.npy (repeatable)")
+    command.add_argument("--dtype", default=None, help="element type of raw --tensor files (e.g. uint8)")
+    command.add_argument("--shape", type=_shape_arg, default=None, metavar="SIZES",
+                         help="shape of raw --tensor files (e.g. 224,224,3)")
 
 
 def _describe_result(value):
@@ -142,7 +205,7 @@ def _wait(client_factory, timeout_s: float) -> int:
                 print(f"hailo-devmgr: the daemon answered: {exc}", file=sys.stderr)
                 return EXIT_ERROR
             last = exc
-        except DaemonUnreachable as exc:
+        except (DaemonUnreachable, RequestTimeout) as exc:  # e.g. a daemon still starting
             last = exc
         if time.monotonic() >= deadline:
             print(f"hailo-devmgr: no answer within {timeout_s:g} s ({last})", file=sys.stderr)
@@ -150,28 +213,52 @@ def _wait(client_factory, timeout_s: float) -> int:
         time.sleep(WAIT_POLL_S)
 
 
+class UsageError(Exception):
+    """A command line the daemon cannot be asked (exit 2)."""
+
+
+def model_type(client: Client, args) -> str:
+    """--type, or the type of the loaded model at this path (status says)."""
+    if args.model_type:
+        return args.model_type
+    types = {model["model_type"] for model in client.status().get("loaded_models") or []
+             if model.get("model_path") == args.model_path}
+    if len(types) != 1:
+        found = f"loaded as {', '.join(sorted(types))}" if types else "not loaded"
+        raise UsageError(f"{args.model_path} is {found}: say which with --type")
+    [found] = types
+    print(f"hailo-devmgr: --type {found} (from the loaded model)", file=sys.stderr)
+    return found
+
+
+def _request(client: Client, args) -> dict:
+    if args.command in ("status", "ping"):
+        return client.request(args.command)
+    if args.command == "device":
+        return client.device_status()
+    if args.command == "load":
+        if not args.model_type:
+            raise UsageError("load needs --type (generic, clip, vlm, vlm_chat, whisper, ocr, depth, pose)")
+        return client.load_model(args.model_path, args.model_type, args.params)
+    if args.command == "unload":
+        return client.unload_model(args.model_path, model_type(client, args))
+    if args.input_data is None and not args.tensors:
+        raise UsageError("infer needs --input or --tensor")
+    try:
+        data = input_data(args)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--tensor: {exc}") from None
+    return client.infer(args.model_path, data, model_type(client, args), args.params, decode=not args.json)
+
+
 def run(args) -> int:
     socket_path = args.socket or default_socket_path()
-
-    def client_factory():
-        return Client(socket_path, timeout=None)
-
     if args.command == "wait":
-        return _wait(lambda: Client(socket_path, timeout=2.0), args.timeout)
-    with client_factory() as client:
+        return _wait(lambda: Client(socket_path, timeout=min(args.timeout, 2.0)), args.timeout)
+    with Client(socket_path, timeout=args.timeout) as client:
         if args.command == "selftest":
             return _selftest(client, args)
-        if args.command in ("status", "ping"):
-            response = client.request(args.command)
-        elif args.command == "device":
-            response = client.device_status()
-        elif args.command == "load":
-            response = client.load_model(args.model_path, args.model_type, args.params)
-        elif args.command == "unload":
-            response = client.unload_model(args.model_path, args.model_type)
-        else:
-            response = client.infer(args.model_path, args.input_data, args.model_type, args.params,
-                                    decode=not args.json)
+        response = _request(client, args)
     if args.json:
         print(json.dumps(encode_results(response), indent=2))
     elif args.command == "status":
@@ -198,6 +285,13 @@ def main(argv=None) -> int:
     except DeviceError as exc:
         print(f"hailo-devmgr: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except RequestTimeout:
+        print(f"hailo-devmgr: no answer within {args.timeout:g} s (--timeout); "
+              "see systemctl status hailo-device-manager", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except UsageError as exc:
+        print(f"hailo-devmgr: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
