@@ -247,3 +247,32 @@ def test_the_module_reference_is_complete():
     for name in ("NotConnected", "ConnectionLost", "RequestTimeout", "DeviceError"):
         assert name in module.__doc__
     assert SRC
+
+
+def test_cancellations_under_load_never_cross_answers(start_daemon, model_dir):
+    daemon = start_daemon(scheduling={"max_inflight_per_connection": 16}, simulated={"infer_ms": 2})
+    path = str(model_dir / "two.hef")
+    inputs = [{"a": np.full((4, 4, 3), i % 256, np.uint8), "b": np.full(8, i, np.float32)} for i in range(300)]
+    with Client(daemon.socket_path, timeout=30) as alone:
+        expected = [alone.infer(path, {"inputs": {k: tensor(v) for k, v in item.items()}},
+                                "generic")["result"]["outputs"]["sum"] for item in inputs[:40]]
+
+    async def scenario():
+        rng = np.random.default_rng(7)
+        async with AsyncClient(daemon.socket_path, timeout=30) as client:
+            tasks = [asyncio.ensure_future(client.infer(path, {"inputs": inputs[i % 40]}, "generic"))
+                     for i in range(300)]
+            for index in rng.choice(300, 100, replace=False):
+                await asyncio.sleep(float(rng.uniform(0, 0.003)))
+                tasks[index].cancel()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            after = await client.infer(path, {"inputs": inputs[3]}, "generic")
+        return done, after
+    done, after = asyncio.run(scenario())
+    answered = [(i, answer) for i, answer in enumerate(done) if isinstance(answer, dict)]
+    assert all(isinstance(answer, (dict, asyncio.CancelledError)) for answer in done), \
+        [repr(answer) for answer in done if not isinstance(answer, (dict, asyncio.CancelledError))]
+    assert len(answered) >= 200
+    for index, answer in answered:
+        assert np.array_equal(answer["result"]["outputs"]["sum"], expected[index % 40]), index
+    assert np.array_equal(after["result"]["outputs"]["sum"], expected[3])

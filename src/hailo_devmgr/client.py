@@ -470,13 +470,25 @@ class AsyncClient(_Methods):
             if self._stream is not None and not answer.done():  # tell the daemon not to bother
                 asyncio.ensure_future(self._send_quietly(
                     _build("cancel", next(self._ids), {"target": message["request_id"]})))
+                # The daemon counts the request in flight until it answers it.
+                self._slots.hold_until(answer)
             if isinstance(exc, TimeoutError):
                 raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
             raise
         finally:
-            self._pending.pop(message["request_id"], None)
-            if answer.done() and not answer.cancelled():
-                answer.exception()  # seen: the lost connection may have been reported here as well
+            self._forget_when_answered(message["request_id"], answer)
+
+    def _forget_when_answered(self, request_id, answer: asyncio.Future) -> None:
+        """Stop waiting for an answer once it came (a late one is then dropped)."""
+        def forget(done: asyncio.Future) -> None:
+            if self._pending.get(request_id) is done:
+                del self._pending[request_id]
+            if not done.cancelled():
+                done.exception()  # seen: the lost connection may have been reported here as well
+        if answer.done():
+            forget(answer)
+        else:
+            answer.add_done_callback(forget)
 
     async def _refusal(self, answer: asyncio.Future) -> dict:
         """After a send failed: the daemon may have answered before closing (busy
@@ -643,6 +655,12 @@ class _Slots:
             if not turn.done():  # a cancelled waiter's future is done already
                 self.used += 1
                 turn.set_result(None)
+
+    def hold_until(self, answer: asyncio.Future) -> None:
+        """Keep one more slot until ``answer`` is done (a request given up here
+        that the daemon still counts until it answers it)."""
+        self.used += 1
+        answer.add_done_callback(lambda _: self._give())
 
     @contextlib.asynccontextmanager
     async def turn(self, priority):

@@ -129,7 +129,8 @@ class Connection:
         self._inbox: asyncio.Queue = asyncio.Queue(V1_READ_AHEAD)
         self.last_active = time.monotonic()   # last frame read or answered (idle eviction)
         self._mid_frame = False                # a frame's first byte has come, not all of it
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()      # every frame's, refusals and cancels too
+        self._requests: set[asyncio.Task] = set()   # requests in flight (the in-flight limit)
         # Frames read and not yet released: a task cancelled before it ever ran
         # never reaches its finally, so the connection's end releases them.
         self._frames: set[Frame] = set()
@@ -323,11 +324,16 @@ class Connection:
                 "shm_buffers": self.shm_buffers.count, "shm_buffer_bytes": self.shm_buffers.total_bytes}
 
     def _spawn(self, frame: Frame) -> None:
-        at_limit = len(self._tasks) >= self.server.config.scheduling.max_inflight_per_connection
-        if at_limit and not _is_cancel(frame):  # a cancel is what a client at the limit needs most
+        if _is_cancel(frame):
+            # Answered at once, and what a client at the limit needs most: never
+            # refused, never counted against the in-flight limit.
+            task = asyncio.ensure_future(self._answer(frame))
+        elif len(self._requests) >= self.server.config.scheduling.max_inflight_per_connection:
             task = asyncio.ensure_future(self._refuse_busy(frame))
         else:
             task = asyncio.ensure_future(self._answer(frame))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
