@@ -139,7 +139,8 @@ def test_vlm_chat_and_vlm(client, model_dir):
     again = client.infer(path, {"prompt": "What is in the picture?", "frames": [frame_, frame_],
                                 "temperature": 0.2, "seed": 7, "max_generated_tokens": 50}, "vlm_chat")
     assert again["result"] == chat["result"]  # context cleared: same question, same answer
-    single = client.infer(path, {"prompt": "Describe.", "image": frame_})  # v1 default model_type vlm
+    # The wire's default model_type is vlm, as in v1 (the client library requires one).
+    single = client.request("infer", model_path=path, input_data={"prompt": "Describe.", "image": frame_})
     assert isinstance(single["result"], str)
 
 
