@@ -276,3 +276,15 @@ def test_cancellations_under_load_never_cross_answers(start_daemon, model_dir):
     for index, answer in answered:
         assert np.array_equal(answer["result"]["outputs"]["sum"], expected[index % 40]), index
     assert np.array_equal(after["result"]["outputs"]["sum"], expected[3])
+
+
+def test_timeout_ms_running_out_during_the_inference_is_a_timeout(daemon, model_dir):
+    """One code for one cause: a deadline that passes on the device is `timeout`, as in the queue."""
+    path = str(model_dir / "net.hef")
+    with Client(daemon.socket_path, timeout=30) as client:
+        client.load_model(path, "generic")
+        with pytest.raises(DeviceError) as caught:
+            client.infer(path, {"inputs": {"input_layer1": tensor(IMAGE)}}, "generic", slow(1500),
+                         timeout_ms=300)
+        assert caught.value.code == "timeout", caught.value
+        assert client.infer(path, {"inputs": {"input_layer1": tensor(IMAGE)}}, "generic")["status"] == "ok"

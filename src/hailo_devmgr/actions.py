@@ -167,6 +167,20 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
         begin_phase(f"infer {spec.key}", infer_budget_s)
         # The HailoRT timeout: the infer budget, capped by what the load left of the deadline.
         timeout_ms = hailort_timeout_ms(int(infer_budget_s * 1000), request.deadline)
-        return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
-                              request.keep_alive, request.admin)
+        try:
+            return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
+                                  request.keep_alive, request.admin)
+        except RequestError as error:
+            raise _as_deadline(error, request.deadline) from None
     return infer, f"infer {spec.key}", budgets.load_budget_s
+
+
+def _as_deadline(error: RequestError, deadline: float | None) -> RequestError:
+    """A HailoRT timeout that came because the request's own ``timeout_ms`` ran
+    out is that request's ``timeout``, not an inference failure: one code for
+    one cause, whether the deadline passed in the queue or on the device."""
+    if deadline is None or error.code != p.INFERENCE_FAILED or "HAILO_TIMEOUT" not in error.message \
+            or time.monotonic() < deadline - 0.01:
+        return error
+    return RequestError(p.TIMEOUT, f"Timed out: the request's timeout_ms ran out during the inference "
+                                   f"({error.message})")
