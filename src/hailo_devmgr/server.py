@@ -21,6 +21,8 @@ import struct
 import time
 from dataclasses import replace
 
+import numpy as np
+
 from . import actions, limits, references, scheduler, shm, simulate, transport, workers
 from . import protocol as p
 from ._version import __version__
@@ -348,9 +350,10 @@ class Server:
 
     async def _run_device_action(self, request, connection, received: float, tracked: bool,
                                  blocks: references.Blocks | None = None) -> dict:
-        if request.action != "infer" and workers.is_small(request.body):
-            # Only a few paths to check: quicker here than a worker's hand-over,
-            # and never behind other clients' validations.
+        if workers.is_small(request.body) and not (blocks is not None and blocks.fds):
+            # A few paths to check and at most a few KiB of tensors, nothing to
+            # map: quicker here than a worker's hand-over, and never behind other
+            # clients' validations.
             prepared = self._prepare(request, blocks)
         else:
             prepared = await self.worker_pool.run(_work_key(connection), self._prepare, request, blocks)
@@ -526,7 +529,10 @@ class Server:
         if connection is not None and connection.binary_results:
             # ndarrays stay: Connection.send writes them as attachments or memfds.
             return {"result": result, "inference_time_ms": round(run_ms, 3)}
-        encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
+        if _is_small_result(result):
+            encoded = encode_results(result)  # base64 of a few KiB: cheaper than a hand-over
+        else:
+            encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
         return {"result": encoded, "inference_time_ms": round(run_ms, 3)}
 
     # -- control plane (event loop, snapshots only) ----------------------------
@@ -622,6 +628,32 @@ def _bytes_per_uid(config) -> int:
 
 def _peer(connection: Connection | None) -> Peer:
     return connection.peer if connection is not None else Peer(None, None, None)
+
+
+SMALL_RESULT_BYTES = 64 * 1024
+
+
+def _is_small_result(result) -> bool:
+    """At most SMALL_RESULT_BYTES of arrays, in a shallow structure (handlers'
+    results are a dict of outputs, a list of segments, an array or text)."""
+    total, pending = 0, [result]
+    for _ in range(256):
+        if not pending:
+            return total <= SMALL_RESULT_BYTES
+        item = pending.pop()
+        if isinstance(item, np.ndarray):
+            total += item.nbytes
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            if len(item) > 256:
+                return False
+            pending.extend(item)
+        elif isinstance(item, str):
+            total += len(item)
+        if total > SMALL_RESULT_BYTES:
+            return False
+    return False
 
 
 def _work_key(connection: Connection | None):

@@ -37,6 +37,7 @@ Where the HailoRT sources we read stop, the choice made here is marked
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import enum
 import fcntl
@@ -865,6 +866,11 @@ class AsyncInferCompletionInfo:
         self.exception = exception
 
 
+# Inferences in flight complete here after their simulated duration (a few at
+# once, as in a device's async queue), never on a new thread per inference.
+_COMPLETIONS = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="hailo-sim-infer")
+
+
 class AsyncInferJob:
     """A running inference: results land after the simulated duration.
 
@@ -876,8 +882,10 @@ class AsyncInferJob:
         self._chip = chip
         self._duration_ms = duration_ms
         self._done = threading.Event()
-        threading.Thread(target=self._complete, args=(finish,), name="hailo-sim-infer",
-                         daemon=True).start()
+        if duration_ms <= 0:
+            self._complete(finish)  # nothing to wait for: no thread hop at all
+        else:
+            _COMPLETIONS.submit(self._complete, finish)
 
     def _complete(self, finish) -> None:
         try:
