@@ -74,6 +74,7 @@ def test_library_package_has_the_module_and_no_daemon_files(debs):
     assert "systemd/system" not in listing and "./usr/bin/" not in listing
     depends = field(deb, "Depends")
     assert "python3-numpy" in depends and "python3-yaml" in depends
+    assert "python3-systemd" not in depends and "sdnotify" not in depends  # the daemon's needs only
 
 
 def test_maintainer_scripts_enable_the_socket_not_the_service(debs):
@@ -81,8 +82,18 @@ def test_maintainer_scripts_enable_the_socket_not_the_service(debs):
     assert "systemd-sysusers" in postinst and "systemd-tmpfiles" in postinst
     enable_lines = [line for line in postinst.splitlines() if "deb-systemd-helper enable" in line]
     assert any("hailo-device-manager.socket" in line for line in enable_lines)
-    assert "was-enabled 'hailo-device-manager.service'" in postinst  # kept as the admin left it
-    assert "deb-systemd-invoke try-restart 'hailo-device-manager.service'" in postinst  # upgrade
+    # The service has no [Install]: nothing to enable, and no Also= making its
+    # snippets act on the socket as well.
+    assert "hailo-device-manager.service" not in "\n".join(enable_lines)
+    assert "deb-systemd-invoke try-restart 'hailo-device-manager.service' " in postinst  # upgrade
+    # An upgrade never stops or restarts a socket: units that Require= it would bounce.
+    invoked = [line.split("deb-systemd-invoke", 1)[1] for line in postinst.splitlines()
+               if "deb-systemd-invoke" in line]
+    assert not [line for line in invoked if ".socket" in line and "restart" in line], invoked
+    prerm = control_file(debs["hailo-device-manager"], "prerm")
+    before_each_stop = prerm.split("deb-systemd-invoke stop")[:-1]
+    assert before_each_stop and all('[ "$1" = remove ]' in text.rstrip().splitlines()[-1] for text in before_each_stop)
+    assert "udevadm trigger" in postinst  # an already-present /dev/hailo0 gets the rule
 
 
 def test_conffile_in_package_selects_real_hardware(debs, tmp_path):
@@ -154,8 +165,9 @@ def test_install_creates_users_folders_and_enables_socket(debs, clean_system, tm
     assert Path("/etc/systemd/system/sockets.target.wants/hailo-device-manager.socket").is_symlink()
     assert not list(Path("/etc/systemd/system").glob("*.wants/hailo-device-manager.service"))
 
-    assert run("/usr/bin/hailo-devmgr", "--version").stdout.startswith("hailo-devmgr 0.1.0")
-    assert "hailo-device-manager 0.1.0" in run("/usr/bin/hailo-device-manager", "--version").stdout
+    version = installed_version("hailo-device-manager")  # debian/changelog's: the one source
+    assert run("/usr/bin/hailo-devmgr", "--version").stdout.strip() == f"hailo-devmgr {version}"
+    assert f"hailo-device-manager {version}" in run("/usr/bin/hailo-device-manager", "--version").stdout
     assert '"backend": "hailo"' in run("/usr/bin/hailo-device-manager", "--check-config").stdout
     run("/usr/bin/python3", "-c", "import hailo_devmgr.client, hailo_devmgr.daemon")
 
@@ -202,8 +214,10 @@ def test_upgrade_keeps_conffile_edits_and_purge_cleans_up(debs, older_debs, clea
     conffile = Path("/etc/hailo/device-manager.yaml")
     conffile.write_text(conffile.read_text().replace("#log_level: info", "log_level: debug"))
 
+    assert run("/usr/bin/hailo-devmgr", "--version").stdout.strip() == f"hailo-devmgr {OLD_VERSION}"
     dpkg_install(debs["python3-hailo-devmgr"], debs["hailo-device-manager"])  # upgrade
     assert installed_version("hailo-device-manager") == "0.1.0"
+    assert run("/usr/bin/hailo-devmgr", "--version").stdout.strip() == "hailo-devmgr 0.1.0"
     assert "\nlog_level: debug\n" in conffile.read_text()
     dpkg_install(debs["python3-hailo-devmgr"], debs["hailo-device-manager"])  # reinstall
     assert "\nlog_level: debug\n" in conffile.read_text()
