@@ -3,8 +3,10 @@
 Each suite (Debian 12 and 13) boots one container; the steps below run in
 order inside it: install with apt, socket activation, the simulated and the
 real (absent) backend, a dependent unit, journald fields, SIGKILL, a hung
-device call and the watchdog, SIGTERM with queued work, a broken conffile,
-upgrade over an older build, purge, and the unit's security exposure.
+device call and the watchdog, SIGTERM with queued work, reload of a good and a
+bad file, a broken conffile, a daemon that keeps failing, upgrade over an
+older build with a dependent unit that must not bounce, purge, and the
+unit's security exposure.
 
 Needs root, systemd-nspawn and debootstrap (`make test` installs them). On
 a machine without them `make test` reports this module as skipped with
@@ -79,6 +81,7 @@ def test_1_apt_install_creates_users_folders_rules_and_listening_socket(box):
     box.sh("apt-get update -qq", timeout=300)
     box.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q /debs/old/*.deb", timeout=600)
     assert box.out("dpkg-query -W -f='${Version}' hailo-device-manager") == "0.0.9"
+    assert box.out("hailo-devmgr --version") == "hailo-devmgr 0.0.9"  # debian/changelog's version
     assert "hailo" in box.out("id -nG hailo-device-mgr").split()
     assert box.out(f"stat -c '%a %U %G' {MODELS}") == "2775 root hailo"
     box.sh("test -f /lib/udev/rules.d/60-hailo-device-manager.rules")
@@ -108,6 +111,7 @@ def test_2_first_client_starts_the_service_and_outsiders_are_refused(box):
     assert service_state(box)["NRestarts"] == "0"  # up, no crash loop
     outsider = dm(box, "status", user="bob", check=False)
     assert outsider.returncode == 3 and "Permission denied" in outsider.stderr
+    assert "group, hailo by default" in outsider.stderr  # says what to do about it
 
 
 # ------------------------------------------------------------------ 3. simulated backend
@@ -215,7 +219,8 @@ def test_6c_sigterm_with_queued_work_stops_cleanly(box):
     dm(box, f"load {MODELS}/tiny.hef --type generic")
     infer = f"hailo-devmgr infer {MODELS}/tiny.hef --type generic --input '{TINY_INPUT}'"
     box.sh(f"nohup {infer} --params '{{\"simulate_ms\": 4000}}' > /tmp/running.out 2>&1 &", user="alice")
-    time.sleep(0.3)
+    wait_for(lambda: (json.loads(dm(box, "--json status").stdout).get("device_busy_with") or "").startswith("infer"),
+             "the running inference", timeout=30)
     for index in range(3):
         box.sh(f"nohup {infer} > /tmp/queued-{index}.out 2>&1 &", user="alice")
     # Every client connected and queued before the stop: a client that connects
@@ -266,21 +271,70 @@ def test_7_broken_conffile_fails_clearly_and_fixing_it_recovers(box):
     for _ in range(3):  # clients meanwhile get the reason at once, not a hang
         answer = dm(box, "status", check=False, timeout=30)
         assert answer.returncode == 1 and "configuration error" in answer.stderr, answer
+    # wait prints what the daemon answered, at once, with a status systemd does not misname.
+    waited = dm(box, "wait --timeout 30", check=False, timeout=20)
+    assert waited.returncode == 1 and "the daemon answered" in waited.stderr, waited
+    assert "max_loaded_models: must be an integer" in waited.stderr
     assert box.out(f"systemctl is-active {SOCKET}") == "active"  # the socket never fails
+    # Fixing the file ends the instance that answers with the error (it does not
+    # linger its 10 s): the next client starts the daemon afresh, no restart needed.
     box.sh(f"cp /root/good.yaml {conffile} && printf 'log_level: debug\\n' >> {conffile}")
-    box.sh(f"systemctl restart {SERVICE}")
+    wait_for(lambda: service_state(box)["ActiveState"] in ("failed", "inactive"), "the erring instance to end")
     assert box.out(f"systemctl is-active {SOCKET}") == "active"
+    assert dm(box, "ping").stdout.startswith("ok")
+
+
+DEPENDENT = "hailo-e2e-dependent.service"
+
+
+def start_dependent(box) -> dict:
+    """A long-running service that follows the README: Requires= and After= the socket."""
+    box.sh(f"printf '[Unit]\\nRequires={SOCKET}\\nAfter={SOCKET}\\n[Service]\\nExecStart=/bin/sleep infinity\\n' "
+           f"> /etc/systemd/system/{DEPENDENT} && systemctl daemon-reload && systemctl start {DEPENDENT}")
+    return box.show(DEPENDENT, "ActiveState", "ActiveEnterTimestamp", "MainPID")
+
+
+def test_7c_a_daemon_that_keeps_failing_ends_failed_and_recovers_once_fixed(box):
+    """Not a config error (those exit 1, not restarted): systemd restarts it every 2 s,
+    until the start limit (10 a minute) fails it, which systemctl status explains."""
+    dependent = start_dependent(box)
+    crash = "/etc/systemd/system/hailo-device-manager.service.d/crash.conf"
+    # Stands for any failure systemd restarts: the daemon's internal error exits 70.
+    box.sh(f"systemctl stop {SERVICE} && printf '[Service]\\nExecStart=\\nExecStart=/bin/sh -c \"exit 70\"\\n' "
+           f"> {crash} && systemctl daemon-reload")
+    hung = dm(box, "ping --timeout 3", check=False, timeout=30)  # starts the loop, never hangs
+    assert hung.returncode == 75 and "no answer within 3 s" in hung.stderr, hung
+    wait_for(lambda: box.show(SOCKET, "Result")["Result"] == "service-start-limit-hit", "the start limit",
+             timeout=120)
+    status = box.sh(f"systemctl status {SERVICE} --no-pager -n 20", check=False).stdout
+    assert "status=70" in status and "Start request repeated too quickly" in status, status
+    assert service_state(box)["ActiveState"] == "failed"
+    refused = dm(box, "ping --timeout 3", check=False, timeout=30)
+    assert refused.returncode == 3, refused  # at once: nothing listens
+    # Units that Require= the socket are not stopped by its failure.
+    assert box.show(DEPENDENT, "ActiveEnterTimestamp", "MainPID") == {
+        key: dependent[key] for key in ("ActiveEnterTimestamp", "MainPID")}
+    # Fixed: the README's two commands make the socket usable again.
+    box.sh(f"rm {crash} && systemctl daemon-reload")
+    box.sh(f"systemctl reset-failed {SERVICE} && systemctl start {SOCKET}")
+    dm(box, "wait --timeout 30")
     assert dm(box, "ping").stdout.startswith("ok")
 
 
 # ------------------------------------------------------------------ 8. upgrade and purge
 
-def test_8a_upgrade_restarts_the_service_and_keeps_conffile_edits(box):
+def test_8a_upgrade_restarts_the_daemon_only_and_keeps_conffile_edits(box):
+    """The daemon is restarted; its socket and the units that Require= it are not."""
+    dependent = start_dependent(box)
     dm(box, "ping")
     pid_before = service_state(box)["MainPID"]
+    socket_since = box.show(SOCKET, "ActiveEnterTimestamp")
     box.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q /debs/new/*.deb", timeout=300)
     assert box.out("dpkg-query -W -f='${Version}' hailo-device-manager") == "0.1.0"
     assert service_state(box)["MainPID"] not in ("0", pid_before)  # restarted on upgrade
+    assert box.show(SOCKET, "ActiveEnterTimestamp") == socket_since  # never restarted
+    assert box.show(DEPENDENT, "ActiveState", "ActiveEnterTimestamp", "MainPID") == dependent  # never bounced
+    assert json.loads(dm(box, "--json status").stdout)["version"] == "0.1.0"  # the new changelog's
     conffile = box.out("cat /etc/hailo/device-manager.yaml")
     assert "log_level: debug" in conffile and "infer_budget_s: 1" in conffile
     assert dm(box, "ping").stdout.startswith("ok")
