@@ -43,6 +43,7 @@ from .protocol import RequestError
 log = logging.getLogger(__name__)
 
 INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
+VALUE_BYTES = 80                 # what one JSON value may take decoded (a dict is 64, a list slot 8)
 BODY_CHUNK = 1024 * 1024         # a body is read (and its memory taken) this much at a time
 V1_READ_AHEAD = 4                # v1 frames read before their turn (then reading waits)
 _connection_ids = itertools.count(1)
@@ -129,6 +130,9 @@ class Connection:
         self._inbox: asyncio.Queue = asyncio.Queue(V1_READ_AHEAD)
         self.last_active = time.monotonic()   # last frame read or answered (idle eviction)
         self._mid_frame = False                # a frame's first byte has come, not all of it
+        self._fds_charged = 0                  # descriptors received for the frame being read
+        self._fds_refusal: str | None = None   # why some of them were closed on arrival
+        self._stream.admit_fds = self._admit_fds
         self._tasks: set[asyncio.Task] = set()      # every frame's, refusals and cancels too
         self._requests: set[asyncio.Task] = set()   # requests in flight (the in-flight limit)
         # Frames read and not yet released: a task cancelled before it ever ran
@@ -166,8 +170,10 @@ class Connection:
             await asyncio.gather(in_order, *self._tasks, return_exceptions=True)
             for frame in list(self._frames):  # read but never answered
                 self._release(frame)
+            self.server.connection_closed(self)
             self.shm_buffers.clear()
             self._stream.close()
+            self.server.pending_fds.give(self.peer.uid, self._fds_charged)  # a frame cut short
 
     async def _read_frame(self) -> Frame | None:
         """The next frame; None when the connection must end.
@@ -218,25 +224,23 @@ class Connection:
             error = RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason}); "
                                          f"closing the connection", retry_after_ms=1000, fatal=True)
             log.warning("refused a frame: %s", error.message, extra={**self.peer.log_fields(), "CODE": error.code})
-            self._release(frame)
-            transport.close_fds(stream.fds)
+            self._abandon(frame)
             await self.send(p.error_response(None, error))
             return None
         except RequestError as error:
             log.warning("refused a frame: %s", error.message, extra={**self.peer.log_fields(), "CODE": error.code})
-            self._release(frame)
-            transport.close_fds(stream.fds)
+            self._abandon(frame)
             await self.send(p.error_response(_request_of(frame.message), error))
             return None
         except asyncio.IncompleteReadError:
             log.warning("client closed in the middle of a frame", extra=self.peer.log_fields())
-            self._release(frame)
+            self._abandon(frame)
             return None
         except asyncio.TimeoutError:
-            self._release(frame)
+            self._abandon(frame)
             return self._stalled()
         except BaseException:
-            self._release(frame)
+            self._abandon(frame)
             raise
 
     async def _read_body(self, frame: Frame, length: int, clock: "_FrameClock") -> bytes:
@@ -254,27 +258,46 @@ class Connection:
         """Charge ``size`` more bytes of this frame to its uid, waiting for room
         (time waited is not the client's: its frame clock stops meanwhile)."""
         with clock.paused():
-            await self.server.pending_bytes.take(self.peer.uid, size, clock.pool_deadline)
+            await self.server.pending_bytes.take(self.peer.uid, size, clock.pool_deadline, own=frame.held)
         frame.held += size
 
+    def _admit_fds(self, count: int) -> bool:
+        """Charge descriptors to the uid as they arrive (SocketStream asks), so a
+        frame that never ends cannot hold more than the uid's share."""
+        reason = self.server.pending_fds.take_now(self.peer.uid, count)
+        if reason is not None:
+            self._fds_refusal = reason
+            return False
+        self._fds_charged += count
+        return True
+
     def _hold_fds(self, frame: Frame) -> None:
-        """Charge the frame's descriptors to its uid; past the bound, they are
-        closed at once and the frame is answered busy (its framing is intact)."""
-        if not frame.fds:
-            return
-        reason = self.server.pending_fds.take_now(self.peer.uid, len(frame.fds))
-        if reason is None:
-            frame.fds_held = len(frame.fds)
-            return
-        transport.close_fds(frame.fds)
-        frame.refusal = RequestError(p.BUSY, f"Too many file descriptors held for requests ({reason})",
-                                     retry_after_ms=100)
+        """The charged descriptors become the frame's. If some were refused on
+        arrival (closed at once), the frame is answered busy (its framing is
+        intact)."""
+        frame.fds_held, self._fds_charged = self._fds_charged, 0
+        if self._fds_refusal is not None:
+            transport.close_fds(frame.fds)
+            frame.refusal = RequestError(p.BUSY, f"Too many file descriptors held for requests "
+                                                 f"({self._fds_refusal})", retry_after_ms=100)
+            self._fds_refusal = None
+
+    def _abandon(self, frame: Frame) -> None:
+        """A frame that failed while read: what it holds, and the descriptors
+        received for it so far, go back."""
+        self._release(frame)
+        transport.close_fds(self._stream.fds)
+        self.server.pending_fds.give(self.peer.uid, self._fds_charged)
+        self._fds_charged, self._fds_refusal = 0, None
 
     async def _read_attachments(self, frame: Frame, length: int, clock: "_FrameClock") -> None:
         """Decode the JSON now (it says how many bytes follow) and read its attachments."""
         try:
-            message = await self.decode(frame.body)
-        except RequestError:
+            message = await self.decode(frame)
+        except RequestError as error:
+            if error.code in (p.TOO_LARGE, p.BUSY):  # its attachments stay unread: framing is lost
+                raise RequestError(error.code, f"{error.message}; closing the connection",
+                                   retry_after_ms=error.retry_after_ms, fatal=True) from None
             return  # answered as bad JSON later; no attachments can be trusted either
         if "attachments" not in message:
             frame.message = message
@@ -379,7 +402,7 @@ class Connection:
             message = frame.message
             if message is None:
                 try:
-                    message = p.decode_body(frame.body)
+                    message = await self.decode(frame)  # for its request_id, which the answer echoes
                 except RequestError:
                     pass
             await self.send(self.server.error_answer(None, message, error, self))
@@ -396,6 +419,11 @@ class Connection:
         else:
             shm_min = self.server.config.shm_result_min_bytes if self.shm_results else None
             frame, buffers, fds = transport.pack(response, shm_min_bytes=shm_min)
+        # An answer waiting to be written is memory the client holds: charged to
+        # its uid (past the bound too: it exists), so that what the uid sends
+        # next waits until its answers are taken.
+        size = len(frame) + sum(memoryview(buffer).nbytes for buffer in buffers)
+        self.server.pending_bytes.charge(self.peer.uid, size)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
             # cancellation that comes as the send completes, and the connection
@@ -410,6 +438,7 @@ class Connection:
             self.close()
             raise ConnectionResetError("the client does not read its answers") from None
         finally:
+            self.server.pending_bytes.give(self.peer.uid, size)
             transport.close_fds(fds)
         self.last_active = time.monotonic()
 
@@ -417,10 +446,30 @@ class Connection:
         async with self._write_lock:
             await self._stream.send(buffers, fds)
 
-    async def decode(self, body: bytes) -> dict:
-        if len(body) > INLINE_PARSE_BYTES:
-            return await asyncio.to_thread(p.decode_body, body)
-        return p.decode_body(body)
+    async def decode(self, frame: Frame) -> dict:
+        """The frame's JSON, decoded once its cost is charged to the uid. JSON
+        grows when decoded (``{},`` is 3 bytes and a 64-byte dict): about
+        VALUE_BYTES per value count (the text itself is charged already), judged
+        before decoding, and a body that would grow past max_message_bytes is
+        refused unread. Large bodies are decoded in the fair worker pool."""
+        body = frame.body
+        large = len(body) > INLINE_PARSE_BYTES
+        key = self.client_key
+        values = await self.server.worker_pool.run(key, _json_values, body) if large else _json_values(body)
+        limit = self.server.config.max_message_bytes
+        if values * VALUE_BYTES > limit:
+            raise RequestError(p.TOO_LARGE, f"JSON of {len(body)} bytes with about {values} values would take "
+                                            f"about {values * VALUE_BYTES} bytes decoded, over the limit of "
+                                            f"{limit} (max_message_bytes): send bulk data as a tensor")
+        cost = values * VALUE_BYTES
+        deadline = asyncio.get_running_loop().time() + self.server.config.frame_timeout_s
+        try:
+            await self.server.pending_bytes.take(self.peer.uid, cost, deadline, own=frame.held)
+        except limits.PoolTimeout as full:
+            raise RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason})",
+                               retry_after_ms=1000) from None
+        frame.held += cost
+        return await self.server.worker_pool.run(key, p.decode_body, body) if large else p.decode_body(body)
 
 
 class _FrameClock:
@@ -448,6 +497,13 @@ class _FrameClock:
             yield
         finally:
             self.deadline += loop.time() - started
+
+
+def _json_values(body: bytes) -> int:
+    """An upper bound of the values in a JSON text: each but the first in a
+    container follows a comma, each container opens with a bracket (commas in
+    strings count too: an overestimate, never an underestimate)."""
+    return body.count(b",") + body.count(b"{") + body.count(b"[") + 1
 
 
 def _is_cancel(frame: Frame) -> bool:

@@ -29,31 +29,40 @@ class Pool:
         self.limit, self.per_uid = limit, min(per_uid, limit)
         self._wake()
 
-    def refusal(self, uid, amount: int) -> str | None:
+    def refusal(self, uid, amount: int, own: int = 0) -> str | None:
         """Why ``amount`` cannot be taken now for ``uid`` (None: it can).
 
-        A lone taker may always take (so one request larger than the share
-        still goes through when nothing else is held, as before)."""
+        Within its uid's share, a lone taker may always take: one that holds,
+        as ``own``, all its uid holds (so one request larger than the share
+        still goes through, however many steps it takes in). The bound for
+        all is never passed, but by a taker when nothing at all is held."""
         mine = self.by_uid[uid]
-        if mine and mine + amount > self.per_uid:
+        if mine > own and mine + amount > self.per_uid:
             return f"uid {uid} already holds {mine} of its {self.per_uid} {self.name}"
         if self.used and self.used + amount > self.limit:
             return f"the daemon holds {self.used} of its {self.limit} {self.name}"
         return None
 
-    def take_now(self, uid, amount: int) -> str | None:
+    def take_now(self, uid, amount: int, own: int = 0) -> str | None:
         """Take ``amount`` if there is room; else the reason, and nothing taken."""
-        reason = self.refusal(uid, amount)
+        reason = self.refusal(uid, amount, own)
         if reason is None:
             self.used += amount
             self.by_uid[uid] += amount
         return reason
 
-    async def take(self, uid, amount: int, deadline: float) -> None:
+    def charge(self, uid, amount: int) -> None:
+        """Count ``amount`` that is held already (an answer made, waiting to be
+        written), even past the bounds: what the uid then sends waits."""
+        self.used += amount
+        self.by_uid[uid] += amount
+
+    async def take(self, uid, amount: int, deadline: float, own: int = 0) -> None:
         """Take ``amount``, waiting for room until ``deadline`` (loop time);
-        past it, :class:`PoolTimeout` with the reason."""
+        past it, :class:`PoolTimeout` with the reason. ``own``: what the taker
+        holds already (see :meth:`refusal`)."""
         loop = asyncio.get_running_loop()
-        while (reason := self.take_now(uid, amount)) is not None:
+        while (reason := self.take_now(uid, amount, own)) is not None:
             left = deadline - loop.time()
             if left <= 0:
                 raise PoolTimeout(reason)

@@ -122,6 +122,9 @@ class Server:
         self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
                                        config.max_pending_fds_per_uid)
+        # Registered shared memory: per connection in shm.py; here per uid (the
+        # daemon's page tables, and the RSS the kernel's OOM killer reads).
+        self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
         # Idle attachment buffers kept for reuse (not counted in the budget).
         self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
@@ -140,6 +143,7 @@ class Server:
         self.config = config
         self.pending_bytes.set_limits(config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
+        self.registered_bytes.set_limits(*_registered_bounds(config))
 
     async def start(self, listener: socket.socket) -> None:
         # Report the path we really listen on (systemd's, when activated).
@@ -268,7 +272,7 @@ class Server:
         message = frame.message
         try:
             if message is None:
-                message = await connection.decode(frame.body)
+                message = await connection.decode(frame)
             if frame.refusal is not None:
                 raise frame.refusal
             if frame.fds or frame.fds_truncated or "fds" in message:
@@ -322,9 +326,7 @@ class Server:
         if action == "cancel":
             return self._cancel(request, connection)
         if action in ("register_buffer", "unregister_buffer"):
-            # In a worker thread: mapping a large buffer populates its page tables.
-            return await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection,
-                                              blocks)
+            return await self._buffer_request(request, connection, blocks)
         if action == "simulate":
             return simulate.apply(request.body, self.runtime.backend, _peer(connection).uid)
         if self.shutting_down:
@@ -473,6 +475,28 @@ class Server:
     def _features(self) -> list[str]:
         return [name for name in p.FEATURES_V2 if name != "shm_buffers" or self.config.shm_buffer_max_bytes]
 
+    async def _buffer_request(self, request: p.Request, connection: Connection | None,
+                              blocks: references.Blocks | None) -> dict:
+        """register_buffer / unregister_buffer, with the uid's registered bytes
+        counted here (the mapping itself in a worker: it populates page tables)."""
+        uid = _peer(connection).uid
+        size = connection.shm_buffers.size_of(request.body.get("buffer")) \
+            if connection is not None and request.action == "unregister_buffer" else 0
+        answer = await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection, blocks)
+        if request.action == "unregister_buffer":
+            self.registered_bytes.give(uid, size)
+            return answer
+        refusal = self.registered_bytes.take_now(uid, answer["size"])
+        if refusal is not None:
+            connection.shm_buffers.unregister(answer["buffer"])
+            # bad_request: the client library then sends that array in a one-shot memfd.
+            raise RequestError(p.BAD_REQUEST, f"Too much registered shared memory: {refusal}")
+        return answer
+
+    def connection_closed(self, connection: Connection) -> None:
+        """Give back what a closed connection's registered buffers counted."""
+        self.registered_bytes.give(connection.peer.uid, connection.shm_buffers.total_bytes)
+
     def _buffer_action(self, request: p.Request, connection: Connection | None,
                        blocks: references.Blocks | None) -> dict:
         """register_buffer (one memfd with the frame) and unregister_buffer {buffer}."""
@@ -618,6 +642,12 @@ class Server:
             # The code, not the text: the text may quote a client's values (status has it).
             parts.append(f"last error: {self.last_error_code}")
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)
+
+
+def _registered_bounds(config) -> tuple[int, int]:
+    """(all uids, one uid): one uid may register what one connection may, all
+    together four times that."""
+    return 4 * config.shm_buffer_max_bytes, config.shm_buffer_max_bytes
 
 
 def _bytes_per_uid(config) -> int:

@@ -254,6 +254,11 @@ class RegisteredBuffers:
                 self._buffers[buffer_id] = mapped
         return buffer_id, size
 
+    def size_of(self, buffer_id: Any) -> int:
+        """The size of a registered buffer (0 for an unknown id)."""
+        with self._lock:
+            return self._sizes.get(buffer_id, 0) if isinstance(buffer_id, int) else 0
+
     def unregister(self, buffer_id: Any) -> None:
         with self._lock:
             self._buffers.pop(self._known(buffer_id, ""), None)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MAX_STATUS_CHARS = 200     # systemctl status shows one line
 MAX_LOG_CHARS = 2048       # a log message, whoever wrote it and whatever it quotes
 MAX_LOG_FIELD_CHARS = 256  # a structured field (REQUEST_ID, CLIENT, MODEL ...)
+LINE_BYTES = 256           # a log line about a client costs one per started LINE_BYTES
 
 # C0 controls and DEL as escapes: a newline in a STATUS= would start an
 # assignment of the client's choosing (READY=1, MAINPID=), and in a plain log
@@ -194,7 +195,9 @@ class BoundedRecords(logging.Filter):
 
 
 class PerClientRate(logging.Filter):
-    """At most ``rate`` lines a second (``burst`` at once) about one client uid.
+    """At most ``rate`` lines a second (``burst`` at once) about one client uid,
+    a line counting once per started LINE_BYTES: bytes, not only lines, are
+    bounded (``rate`` short lines or about ``rate`` x LINE_BYTES bytes a second).
 
     Each bad request is logged, and a client can send thousands a second:
     without a bound one uid fills the journal and, past journald's own
@@ -214,12 +217,13 @@ class PerClientRate(logging.Filter):
         now = self._clock()
         tokens, last, dropped = self._buckets.get(uid, (self.burst, now, 0))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1:
+        cost = 1 + len(str(record.msg)) // LINE_BYTES   # after BoundedRecords: the final text
+        if tokens < cost:
             self._buckets[uid] = [tokens, now, dropped + 1]
             return False
         if dropped and isinstance(record.msg, str):  # formatted (and bounded) later
             record.msg += f" ({dropped} earlier line(s) about uid {uid} not logged: over {self.rate:g} lines/s)"
-        self._buckets[uid] = [tokens - 1, now, 0]
+        self._buckets[uid] = [tokens - cost, now, 0]
         if len(self._buckets) > 4096:  # uids that went quiet are full again: forget them
             self._buckets = {key: value for key, value in self._buckets.items() if value[2] or value[0] < self.burst}
         return True
@@ -251,8 +255,8 @@ def setup_logging(level: str, environ=None) -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(BoundedRecords())   # first: the rate counts the bounded text
     handler.addFilter(PerClientRate())
-    handler.addFilter(BoundedRecords())
     root.addHandler(handler)
     set_level(level)
 

@@ -78,6 +78,8 @@ class SocketStream:
         self.closed = False
         self._fileno = sock.fileno()
         self._waiting: set[asyncio.Future] = set()   # a reader's and a writer's, failed by close
+        # Asked before descriptors are kept (the daemon charges them to the peer's uid).
+        self.admit_fds = None
 
     async def _wait(self, writing: bool) -> None:
         if self.closed:
@@ -116,11 +118,14 @@ class SocketStream:
         body may come in many reads, each with its own descriptors: counting
         only at the frame's end let one frame hold every descriptor the
         daemon may open."""
-        room = MAX_FDS - len(self.fds)
-        self.fds.extend(fds[:max(0, room)])
-        if len(fds) > room:
+        room = max(0, MAX_FDS - len(self.fds))
+        keep, extra = fds[:room], fds[room:]
+        if keep and self.admit_fds is not None and not self.admit_fds(len(keep)):
+            keep, extra = [], fds   # the owner's bound: closed at once as well
+        self.fds.extend(keep)
+        if extra:
             self.fds_truncated = True
-            close_fds(fds[max(0, room):])
+            close_fds(extra)
 
     async def readinto(self, view: memoryview) -> None:
         """Fill ``view`` exactly; IncompleteReadError at end of stream."""
