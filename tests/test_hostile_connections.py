@@ -204,3 +204,140 @@ def test_one_uid_cannot_flood_the_log(hostile_daemon, readable_src):
     lines = [line for line in daemon.log().splitlines() if "CLIENT_UID=65534" in line]
     assert len(lines) <= 200 + 20 * seconds + 1, (len(lines), seconds)
     assert ping_ms(daemon.socket_path) < 1000
+
+
+# ---------------------------------------------------------------- found by the fresh review
+
+def test_json_that_grows_when_decoded_is_refused_before_it_is(hostile_daemon, readable_src):
+    """16 MiB of `{},` would be about 400 MiB of dicts: refused unread, memory and victims untouched."""
+    daemon = hostile_daemon()
+    before = rss_mib(daemon.process.pid)
+    out = attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        codes = []
+        for _ in range(3):
+            sock = connect()
+            body = b'{"action":"ping","pad":[' + b"{}," * (16 * 1024 * 1024 // 3) + b'{}]}'
+            sock.sendall(struct.pack(">I", len(body)) + body)
+            length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+            codes.append(json.loads(sock.recv(length, socket.MSG_WAITALL))["code"])
+            sock.close()
+        print(json.dumps(codes))
+    """))
+    assert json.loads(out) == ["too_large"] * 3
+    assert rss_mib(daemon.process.pid) - before < 100
+    assert ping_ms(daemon.socket_path) < 1000
+
+
+def test_answers_a_uid_does_not_read_are_bounded_by_its_share(hostile_daemon, readable_src, model_dir):
+    """1 MiB results, asked for on 16 connections that never read them."""
+    (model_dir / "big_out.hef").write_text(
+        "inputs: [{name: x, shape: [4], format: UINT8}]\n"
+        "outputs: [{name: y, shape: [512, 512], format: FLOAT32}]\nmemory_mb: 1\n")
+    daemon = hostile_daemon(max_pending_bytes_per_uid=8 * 1024 * 1024, max_message_bytes=8 * 1024 * 1024,
+                            frame_timeout_s=20, simulated={"infer_ms": 0}, model_dirs=[str(model_dir)],
+                            scheduling={"max_queue_per_client": 16})
+    before = rss_mib(daemon.process.pid)
+    process = attacker(ATTACKER, readable_src, daemon.socket_path, raw("""
+        import base64
+        tensor = {"dtype": "uint8", "shape": [4], "data_b64": base64.b64encode(bytes(4)).decode()}
+        socks = []
+        for index in range(16):
+            sock = connect(hello=True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            frames = b"".join(frame({"action": "infer", "model_type": "generic", "model_path": ARGS[0],
+                                     "input_data": {"inputs": {"x": tensor}}, "request_id": i})
+                              for i in range(100))
+            try:
+                sock.send(frames)
+            except BlockingIOError:
+                pass
+            socks.append(sock)
+        print("sent", flush=True)
+        time.sleep(15)
+    """), str(model_dir / "big_out.hef"))
+    try:
+        wait_for_line(process, "sent")
+        time.sleep(6)
+        grown = rss_mib(daemon.process.pid) - before
+        assert ping_ms(daemon.socket_path) < 2000
+    finally:
+        process.kill()
+        process.communicate()
+    # The uid's share (8 MiB), plus the answers of what its queue held (16 jobs): not 16 x 128 answers.
+    assert grown < 120, f"RSS grew by {grown:.0f} MiB"
+
+
+def test_registered_shared_memory_is_bounded_per_uid(hostile_daemon, readable_src):
+    """One 64 MiB memfd registered on eight connections counts eight times in the daemon's RSS."""
+    daemon = hostile_daemon(shm_buffer_max_bytes=64 * 1024 * 1024)
+    out = attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        import array, os
+        fd = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+        os.write(fd, b"x" * (64 * 1024 * 1024))
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                    | fcntl.F_SEAL_SEAL)
+        answers, socks = [], []
+        for index in range(8):
+            sock = connect(hello=True)
+            body = json.dumps({"action": "register_buffer", "fds": 1, "request_id": 1}).encode()
+            sock.sendmsg([struct.pack(">I", len(body)) + body],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+            answers.append(json.loads(sock.recv(length, socket.MSG_WAITALL)).get("status"))
+            socks.append(sock)
+        with open(f"/proc/{ARGS[0]}/status") as status:
+            shmem = [line for line in status if line.startswith("RssShmem")][0].split()[1]
+        print(json.dumps({"answers": answers, "shmem_kib": int(shmem)}))
+    """), str(daemon.process.pid))
+    result = json.loads(out)
+    assert result["answers"].count("ok") == 1, result
+    assert result["shmem_kib"] < 100 * 1024, result
+
+
+def test_descriptors_held_by_frames_that_never_end_count_against_the_uid(hostile_daemon, readable_src):
+    daemon = hostile_daemon(frame_timeout_s=10)
+    before = open_fds(daemon.process.pid)
+    process = attacker(ATTACKER, readable_src, daemon.socket_path, raw("""
+        import array, os
+        fd = os.memfd_create("x")
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 16))]
+        socks = []
+        for _ in range(32):
+            sock = connect(hello=True)
+            sock.sendmsg([b"\\x00\\x00"], fds)      # half a header, sixteen descriptors
+            socks.append(sock)
+        print("sent", flush=True)
+        time.sleep(8)
+    """))
+    try:
+        wait_for_line(process, "sent")
+        time.sleep(0.5)
+        held = open_fds(daemon.process.pid) - before
+    finally:
+        process.kill()
+        process.communicate()
+    # 32 connections and the uid's 128 descriptors, not 32 x 16.
+    assert held <= 32 + 128 + 8, held
+
+
+def test_log_bytes_about_one_uid_are_bounded(hostile_daemon, readable_src, model_dir):
+    daemon = hostile_daemon()
+    size_before = daemon.log_path.stat().st_size
+    started = time.monotonic()
+    attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        sock = connect()
+        path = "/" + "x" * 4000 + ".hef"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            sock.sendall(b"".join(frame({"action": "load_model", "model_type": "generic", "model_path": path,
+                                         "request_id": "r" * 250}) for _ in range(50)))
+            for _ in range(50):
+                length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+                sock.recv(length, socket.MSG_WAITALL)
+    """))
+    seconds = time.monotonic() - started
+    grown = daemon.log_path.stat().st_size - size_before
+    # A burst of about 50 KiB, then about 5 KiB/s (20 x 256 bytes), with room for the daemon's own lines.
+    assert grown < 80_000 + 8_000 * seconds, (grown, seconds)

@@ -39,9 +39,16 @@ class Pool:
         mine = self.by_uid[uid]
         if mine > own and mine + amount > self.per_uid:
             return f"uid {uid} already holds {mine} of its {self.per_uid} {self.name}"
-        if self.used and self.used + amount > self.limit:
-            return f"the daemon holds {self.used} of its {self.limit} {self.name}"
+        shared = self._within_shares()
+        if shared and shared + amount > self.limit:
+            return f"the daemon holds {shared} of its {self.limit} {self.name}"
         return None
+
+    def _within_shares(self) -> int:
+        """What counts against the bound for all: each uid's holding up to its
+        share. What a uid holds past it (answers it does not read, charged
+        anyway) stops that uid alone, never the others."""
+        return sum(min(held, self.per_uid) for held in self.by_uid.values())
 
     def take_now(self, uid, amount: int, own: int = 0) -> str | None:
         """Take ``amount`` if there is room; else the reason, and nothing taken."""

@@ -368,6 +368,7 @@ class Server:
         prepared.log_fields = self._log_fields(request, connection)
         prepared.admin = connection is None or self.is_admin(connection.peer)
         fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
+        await self._answers_taken(connection)
         if tracked and request.request_id in connection.cancel_requested:
             raise scheduler.cancelled_error()  # cancelled while it was being validated
         job = self.device.submit(fn, label=label, budget_s=budget_s, enqueued_at=received,
@@ -388,6 +389,20 @@ class Server:
         if request.action == "infer":
             result = await self._infer_payload(result, connection)
         return result
+
+    async def _answers_taken(self, connection: Connection | None) -> None:
+        """Wait while the client's uid holds more than its share of request bytes
+        and unread answers: a client that asks and never reads gets no more of
+        its work run, so its answers cannot pile up past its share (and what
+        its queue held already). Bounded like any wait: then busy."""
+        if connection is None:
+            return
+        deadline = asyncio.get_running_loop().time() + self.config.frame_timeout_s
+        try:
+            await self.pending_bytes.take(connection.peer.uid, 0, deadline)
+        except limits.PoolTimeout as full:
+            raise RequestError(p.BUSY, f"This client's answers are not being read ({full.reason})",
+                               retry_after_ms=1000) from None
 
     def _prepare(self, request: p.Request, blocks: references.Blocks | None):
         """actions.prepare, after v2 tensor references in input_data are resolved
@@ -591,6 +606,8 @@ class Server:
             "throttled": self.runtime.throttled,
             "runtime_faults": self.runtime.runtime_faults,
             "runtime_recoveries": self.runtime.runtime_recoveries,
+            "held_by_clients": {"request_bytes": self.pending_bytes.used, "descriptors": self.pending_fds.used,
+                                "registered_shm_bytes": self.registered_bytes.used},
         }
 
     def device_status_payload(self) -> dict:
