@@ -113,7 +113,11 @@ def prepare(request: p.Request, config) -> DeviceRequest:
     handler_cls = HANDLERS[model_type]
     prepared.keep_alive = keep_alive_seconds(body)
     params = p.optional_object(body, "model_params")
-    prepared.scope = {key: p.optional_number(params, key, None, minimum=0, maximum=MAX_SIMULATE_MS,
+    # A simulated inference may last as long as a real one may (the watchdog's
+    # infer budget); a hang (simulate_hang_ms, root only) is meant to outlast it.
+    longest = {"simulate_ms": min(MAX_SIMULATE_MS, int(config.watchdog.infer_budget_s * 1000)),
+               "simulate_hang_ms": MAX_SIMULATE_MS}
+    prepared.scope = {key: p.optional_number(params, key, None, minimum=0, maximum=longest[key],
                                              integer=True, where="model_params.")
                       for key in SIMULATION_PARAMS if key in params}
     dirs = config.model_dirs

@@ -367,6 +367,10 @@ class Server:
                 raise refusal
         prepared.log_fields = self._log_fields(request, connection)
         prepared.admin = connection is None or self.is_admin(connection.peer)
+        if prepared.scope.get("simulate_hang_ms") and connection is not None and \
+                self.runtime.backend.name == "simulated":
+            # A hang outlasts every timeout and the watchdog: the simulate action's rule.
+            simulate.authorize(self.runtime.backend.name, connection.peer.uid)
         fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
         await self._answers_taken(connection)
         if tracked and request.request_id in connection.cancel_requested:
