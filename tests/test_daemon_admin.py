@@ -14,6 +14,7 @@ import pytest
 from conftest import env_with_src
 from hailo_devmgr import protocol as p
 from hailo_devmgr.client import Client
+from hostile import hostile_daemon, socket_folder  # noqa: F401
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
@@ -67,3 +68,19 @@ def test_configured_admin_uid_may_unload_any_model(start_daemon, model_dir, open
     with Client(daemon.socket_path, timeout=30) as client:
         client.load_model(roots, "generic")
     assert as_uid(NOBODY, readable_src, daemon.socket_path, "unload_model", roots)["message"] == "Model unloaded"
+
+
+def test_a_member_of_an_admin_group_may_unload_any_model(hostile_daemon, model_dir, readable_src):
+    """Supplementary groups come from SO_PEERGROUPS at connect, not /proc: a
+    sandbox may hide other users' /proc entries from the daemon, and a pid
+    read later may be another process's."""
+    from hostile import ATTACKER, SOCKET_GROUP, attack
+    daemon = hostile_daemon(admin={"groups": [SOCKET_GROUP]})
+    roots = str(model_dir / "net.hef")
+    with Client(daemon.socket_path, timeout=30) as client:
+        client.load_model(roots, "generic")
+    out = attack(ATTACKER, readable_src, daemon.socket_path, """
+        from hailo_devmgr.client import Client
+        print(Client(SOCK, timeout=30).unload_model(ARGS[0], "generic")["message"])
+    """, roots)
+    assert out.strip() == "Model unloaded"

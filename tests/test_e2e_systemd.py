@@ -132,6 +132,10 @@ def test_3_simulated_backend_load_infer_unload(box):
     assert dm(box, f"unload {MODELS}/tiny.hef --type generic").stdout.strip() == "Model unloaded"
     forbidden = dm(box, "load /etc/passwd --type generic", check=False)
     assert forbidden.returncode == 1 and "(forbidden)" in forbidden.stderr
+    # The sandboxed daemon sees a client's systemd unit (client_priorities by unit).
+    probe = box.sh("systemd-run --quiet --wait --pipe --uid=alice --unit=hailo-e2e-probe "
+                   "hailo-devmgr --json status", timeout=60)
+    assert "hailo-e2e-probe.service" in [client.get("unit") for client in json.loads(probe.stdout)["clients"]]
 
 
 HTTP_SOCKET, HTTP_SERVICE = "hailo-devmgr-http.socket", "hailo-devmgr-http.service"

@@ -56,28 +56,24 @@ class Peer:
     pid: int | None
     uid: int | None
     gid: int | None
+    supplementary: tuple = ()    # the peer's groups when it connected (SO_PEERGROUPS)
 
     @classmethod
     def of(cls, sock: socket.socket | None) -> "Peer":
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return cls(*struct.unpack("3i", creds))
         except (OSError, AttributeError):
             return cls(None, None, None)
+        return cls(*struct.unpack("3i", creds), _peer_groups(sock))
 
     def log_fields(self) -> dict:
         return {"CLIENT_PID": self.pid, "CLIENT_UID": self.uid}
 
     def groups(self) -> set[int]:
-        """The peer's primary and supplementary group ids (from /proc)."""
-        found = {self.gid} if self.gid is not None else set()
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("Groups:"):
-                    found.update(int(gid) for gid in line.split()[1:])
-        except (OSError, ValueError):
-            pass
-        return found
+        """The peer's primary and supplementary group ids, as the kernel gave
+        them at connect: not from /proc, which a pid reused later would
+        answer for another process (and which the unit may hide)."""
+        return ({self.gid} if self.gid is not None else set()) | set(self.supplementary)
 
     def unit(self) -> str | None:
         """The systemd unit the peer runs in (from its cgroup), if any."""
@@ -92,6 +88,19 @@ class Peer:
             if leaf.endswith((".service", ".scope")):
                 return leaf
         return None
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux 4.13; 59 where Python lacks the name
+
+
+def _peer_groups(sock: socket.socket) -> tuple:
+    """The peer's supplementary groups at connect (empty if the kernel cannot tell)."""
+    size = 4 * 256
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+    except OSError:
+        return ()
+    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) - len(raw) % 4]))
 
 
 @dataclass(eq=False)
