@@ -37,31 +37,64 @@ class _Absent:
 
 def _checked(method: Any, qualname: str, signature: inspect.Signature, types: dict, static: bool) -> Any:
     function = method.__func__ if isinstance(method, staticmethod) else method
+    shapes: dict = {}   # (positional count, keyword names) -> names of the positional ones
 
     @functools.wraps(function)
     def call(*args, **kwargs):
         bound_args = args if static else args[1:]
-        try:
-            bound = signature.bind(*bound_args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{qualname}(): {exc}") from None
+        shape = (len(bound_args), tuple(kwargs))
+        names = shapes.get(shape)
+        if names is None:
+            # Signature.bind once per way of calling, not on every call (the
+            # simulated device runs this per inference): a shape that binds
+            # always binds, and its positional values always take these names.
+            names = shapes[shape] = _positional_names(signature, qualname, shape)
+        if names is _BIND_EACH_CALL:
+            named = _bound_by_name(signature, qualname, bound_args, kwargs)
+        else:
+            named = dict(zip(names, bound_args))
+            named.update(kwargs)
         for name, wanted in types.items():
-            if name in bound.arguments and not isinstance(bound.arguments[name], wanted):
+            if name in named and not isinstance(named[name], wanted):
                 raise TypeError(f"{qualname}(): incompatible function arguments: {name} must be "
-                                f"{getattr(wanted, '__name__', wanted)}, got "
-                                f"{type(bound.arguments[name]).__name__}")
-        # By name: where versions differ in order (5.2 put ``videos`` third in
-        # VLM.generate), the implementation gets each value under its real name.
-        named = {}
-        for name, value in bound.arguments.items():
-            kind = signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                named.update(value)
-            elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                named[name] = value
+                                f"{getattr(wanted, '__name__', wanted)}, got {type(named[name]).__name__}")
         return function(*([] if static else args[:1]), **named)
 
     return staticmethod(call) if static else call
+
+
+_BIND_EACH_CALL = object()   # a signature with *args or **kwargs: bound on every call
+
+
+def _positional_names(signature: inspect.Signature, qualname: str, shape: tuple):
+    """The names the positional values of a call of this shape take (TypeError
+    if the recorded signature refuses the shape, as the real binding would)."""
+    count, keywords = shape
+    try:
+        signature.bind(*range(count), **dict.fromkeys(keywords))
+    except TypeError as exc:
+        raise TypeError(f"{qualname}(): {exc}") from None
+    kinds = {parameter.kind for parameter in signature.parameters.values()}
+    if kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+        return _BIND_EACH_CALL
+    return tuple(signature.parameters)[:count]
+
+
+def _bound_by_name(signature: inspect.Signature, qualname: str, args: tuple, kwargs: dict) -> dict:
+    """Every value under its recorded name (by name: where versions differ in
+    order, as 5.2 put ``videos`` third in VLM.generate)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{qualname}(): {exc}") from None
+    named = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
 
 
 def _public_members(impl: type) -> set[str]:
