@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -249,6 +250,22 @@ def _inode(path: str) -> tuple | None:
     return info.st_dev, info.st_ino
 
 
+M_MMAP_THRESHOLD = -3          # mallopt(3)
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def return_large_blocks_to_the_system() -> None:
+    """Blocks of 256 KiB and more (request bodies, attachments, answers) from
+    mmap, so that freeing one gives its memory back at once. glibc otherwise
+    raises that threshold each time such a block is freed, and later ones
+    come from a heap it cannot give back: after a burst of large or hostile
+    requests the daemon's RSS would stay up. Best effort (glibc only)."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        log.debug("mallopt is not available: large blocks stay in the heap")
+
+
 def raise_fd_limit() -> None:
     """Take the hard RLIMIT_NOFILE as the soft one, best effort.
 
@@ -339,6 +356,7 @@ def main(argv=None) -> int:
         return ask_to_reload(args.reload)
     systemd.setup_logging(config.log_level)
     raise_fd_limit()
+    return_large_blocks_to_the_system()
     try:
         return asyncio.run(Daemon(config, args).run())
     except (OSError, systemd.SystemdError) as exc:
