@@ -101,4 +101,7 @@ def load(version: str) -> ApiSurface:
     if not path.is_file():
         raise ValueError(f"no recorded HailoRT API for version {version!r} "
                          f"(recorded: {', '.join(recorded_versions())})")
-    return ApiSurface(yaml.safe_load(path.read_text(encoding="utf-8")))
+    # libyaml's loader where python3-yaml has it: the recorded surface is large,
+    # and the pure-Python loader took about a second of every simulated start.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return ApiSurface(yaml.load(path.read_text(encoding="utf-8"), Loader=loader))
