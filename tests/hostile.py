@@ -9,6 +9,7 @@ and time and stops by itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,28 @@ def attacker(uid: int, readable_src: str, socket_path: str, code: str, *args: st
         [sys.executable, "-c", prologue + textwrap.dedent(code), *args], user=uid, group=uid,
         extra_groups=[SOCKET_GROUP], env=env_with_src({"PYTHONPATH": readable_src}), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent, cwd="/")
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if text in line:
+            return
+        assert line or process.poll() is None, process.stderr.read()
+    raise AssertionError(f"attacker never printed {text!r}")
+
+
+@contextlib.contextmanager
+def attacking(uid: int, readable_src: str, socket_path: str, code: str, *args: str, ready: str = "sent"):
+    """An attack in the background, from the line ``ready`` it prints until the block ends (then killed)."""
+    process = attacker(uid, readable_src, socket_path, code, *args)
+    try:
+        wait_for_line(process, ready)
+        yield process
+    finally:
+        process.kill()
+        process.communicate()
 
 
 def attack(uid: int, readable_src: str, socket_path: str, code: str, *args: str, timeout: float = 120) -> str:

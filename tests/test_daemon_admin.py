@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -34,17 +32,8 @@ def as_uid(uid: int, src: str, socket_path: str, action: str, model_path: str) -
 
 
 @pytest.fixture
-def open_socket_dir():
-    """A socket folder other users can reach (pytest's own tmp is root-only)."""
-    folder = tempfile.mkdtemp(prefix="hailo-admin-test-", dir="/tmp")
-    os.chmod(folder, 0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def shared_daemon(start_daemon, open_socket_dir):
-    return start_daemon(socket_path=f"{open_socket_dir}/device.sock", socket_mode="0666")
+def shared_daemon(start_daemon, socket_folder):
+    return start_daemon(socket_path=f"{socket_folder}/device.sock", socket_mode="0666")
 
 
 def test_a_user_cannot_unload_another_users_model(shared_daemon, model_dir, readable_src):
@@ -61,8 +50,8 @@ def test_a_user_cannot_unload_another_users_model(shared_daemon, model_dir, read
         assert client.unload_model(roots, "generic")["message"] == "Model unloaded"
 
 
-def test_configured_admin_uid_may_unload_any_model(start_daemon, model_dir, open_socket_dir, readable_src):
-    daemon = start_daemon(socket_path=f"{open_socket_dir}/device.sock", socket_mode="0666",
+def test_configured_admin_uid_may_unload_any_model(start_daemon, model_dir, socket_folder, readable_src):
+    daemon = start_daemon(socket_path=f"{socket_folder}/device.sock", socket_mode="0666",
                           admin={"uids": [NOBODY]})
     roots = str(model_dir / "net.hef")
     with Client(daemon.socket_path, timeout=30) as client:

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from hailo_devmgr.client import Client
-from hostile import (ATTACKER, ATTACKER_2, attack, attacker, hostile_daemon, needs_root, open_fds,  # noqa: F401
-                     rss_mib, socket_folder)
+from hostile import (ATTACKER, ATTACKER_2, attack, attacker, attacking, hostile_daemon, needs_root,  # noqa: F401
+                     open_fds, rss_mib, socket_folder, wait_for_line)
 
 pytestmark = needs_root
 
@@ -55,16 +55,6 @@ def ping_ms(socket_path: str, timeout: float = 10) -> float:
     with Client(socket_path, timeout=timeout) as client:
         assert client.request("ping")["status"] == "ok"
     return (time.monotonic() - started) * 1000
-
-
-def wait_for_line(process, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if text in line:
-            return
-        assert line or process.poll() is None, process.stderr.read()
-    raise AssertionError(f"attacker never printed {text!r}")
 
 
 def test_bodies_waiting_for_attachment_room_do_not_wedge_other_uids(hostile_daemon, readable_src):
@@ -122,7 +112,7 @@ def test_descriptors_sent_piecemeal_with_one_frame_are_closed_at_once(hostile_da
     """Point 3: a frame whose body comes in many sendmsg calls, each carrying 16 descriptors."""
     daemon = hostile_daemon(frame_timeout_s=10)
     before = open_fds(daemon.process.pid)
-    process = attacker(ATTACKER, readable_src, daemon.socket_path, raw("""
+    with attacking(ATTACKER, readable_src, daemon.socket_path, raw("""
         import array, os
         sock = connect(hello=True)
         read_end, write_end = os.pipe()
@@ -132,21 +122,18 @@ def test_descriptors_sent_piecemeal_with_one_frame_are_closed_at_once(hostile_da
             sock.sendmsg([b" "], fds)
         print("sent", flush=True)
         time.sleep(5)
-    """))
-    wait_for_line(process, "sent")
-    time.sleep(0.3)
-    during = open_fds(daemon.process.pid)
-    assert during - before <= 20, (before, during)
-    assert ping_ms(daemon.socket_path) < 1000
-    process.kill()
-    process.communicate()
+    """)):
+        time.sleep(0.3)
+        during = open_fds(daemon.process.pid)
+        assert during - before <= 20, (before, during)
+        assert ping_ms(daemon.socket_path) < 1000
 
 
 def test_length_prefixes_that_promise_much_and_send_little_hold_little(hostile_daemon, readable_src):
     """Point 6: budget slowloris, 64 MiB length prefixes followed by one byte."""
     daemon = hostile_daemon(frame_timeout_s=3)
     before = rss_mib(daemon.process.pid)
-    process = attacker(ATTACKER, readable_src, daemon.socket_path, raw("""
+    with attacking(ATTACKER, readable_src, daemon.socket_path, raw("""
         socks = []
         for _ in range(16):
             sock = connect()
@@ -154,13 +141,10 @@ def test_length_prefixes_that_promise_much_and_send_little_hold_little(hostile_d
             socks.append(sock)
         print("sent", flush=True)
         time.sleep(10)
-    """))
-    wait_for_line(process, "sent")
-    time.sleep(0.5)
-    during = [ping_ms(daemon.socket_path) for _ in range(5)]
-    grown = rss_mib(daemon.process.pid) - before
-    process.kill()
-    process.communicate()
+    """)):
+        time.sleep(0.5)
+        during = [ping_ms(daemon.socket_path) for _ in range(5)]
+        grown = rss_mib(daemon.process.pid) - before
     assert max(during) < 1000, during
     assert grown < 48, f"RSS grew by {grown:.0f} MiB for 16 one-byte bodies"
 
@@ -237,33 +221,25 @@ def test_answers_a_uid_does_not_read_are_bounded_by_its_share(hostile_daemon, re
                             frame_timeout_s=20, simulated={"infer_ms": 0}, model_dirs=[str(model_dir)],
                             scheduling={"max_queue_per_client": 16})
     before = rss_mib(daemon.process.pid)
-    process = attacker(ATTACKER, readable_src, daemon.socket_path, raw("""
+    with attacking(ATTACKER, readable_src, daemon.socket_path, raw("""
         import base64
         tensor = {"dtype": "uint8", "shape": [4], "data_b64": base64.b64encode(bytes(4)).decode()}
-        socks = []
-        for index in range(16):
-            sock = connect(hello=True)
+        socks = [connect(hello=True) for _ in range(16)]     # every connection first, then the flood
+        frames = b"".join(frame({"action": "infer", "model_type": "generic", "model_path": ARGS[0],
+                                 "input_data": {"inputs": {"x": tensor}}, "request_id": i}) for i in range(100))
+        for sock in socks:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
-            frames = b"".join(frame({"action": "infer", "model_type": "generic", "model_path": ARGS[0],
-                                     "input_data": {"inputs": {"x": tensor}}, "request_id": i})
-                              for i in range(100))
             try:
                 sock.send(frames)
             except BlockingIOError:
                 pass
-            socks.append(sock)
         print("sent", flush=True)
         time.sleep(15)
-    """), str(model_dir / "big_out.hef"))
-    try:
-        wait_for_line(process, "sent")
+    """), str(model_dir / "big_out.hef")):
         time.sleep(6)
         grown = rss_mib(daemon.process.pid) - before
         assert ping_ms(daemon.socket_path) < 2000
-    finally:
-        process.kill()
-        process.communicate()
     # The uid's share (8 MiB), plus the answers of what its queue held (16 jobs): not 16 x 128 answers.
     assert grown < 120, f"RSS grew by {grown:.0f} MiB"
 
@@ -299,7 +275,7 @@ def test_registered_shared_memory_is_bounded_per_uid(hostile_daemon, readable_sr
 def test_descriptors_held_by_frames_that_never_end_count_against_the_uid(hostile_daemon, readable_src):
     daemon = hostile_daemon(frame_timeout_s=10)
     before = open_fds(daemon.process.pid)
-    process = attacker(ATTACKER, readable_src, daemon.socket_path, raw("""
+    with attacking(ATTACKER, readable_src, daemon.socket_path, raw("""
         import array, os
         fd = os.memfd_create("x")
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 16))]
@@ -310,14 +286,9 @@ def test_descriptors_held_by_frames_that_never_end_count_against_the_uid(hostile
             socks.append(sock)
         print("sent", flush=True)
         time.sleep(8)
-    """))
-    try:
-        wait_for_line(process, "sent")
+    """)):
         time.sleep(0.5)
         held = open_fds(daemon.process.pid) - before
-    finally:
-        process.kill()
-        process.communicate()
     # 32 connections and the uid's 128 descriptors, not 32 x 16.
     assert held <= 32 + 128 + 8, held
 

@@ -125,6 +125,8 @@ class Server:
         # Registered shared memory: per connection in shm.py; here per uid (the
         # daemon's page tables, and the RSS the kernel's OOM killer reads).
         self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
+        # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
+        self.device_jobs = limits.Pool("device requests", UNBOUNDED, _jobs_per_uid(config))
         # Idle attachment buffers kept for reuse (not counted in the budget).
         self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
@@ -144,6 +146,7 @@ class Server:
         self.pending_bytes.set_limits(config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
         self.registered_bytes.set_limits(*_registered_bounds(config))
+        self.device_jobs.set_limits(UNBOUNDED, _jobs_per_uid(config))
 
     async def start(self, listener: socket.socket) -> None:
         # Report the path we really listen on (systemd's, when activated).
@@ -375,24 +378,40 @@ class Server:
         await self._answers_taken(connection)
         if tracked and request.request_id in connection.cancel_requested:
             raise scheduler.cancelled_error()  # cancelled while it was being validated
-        job = self.device.submit(fn, label=label, budget_s=budget_s, enqueued_at=received,
-                                 **self._job_fields(request, prepared, connection))
-        if tracked:
-            connection.inflight[request.request_id] = job
+        uid = _peer(connection).uid
+        self._take_job_slot(uid)
         try:
-            result = await self._await_job(job)
-        except RequestError as error:
-            self.metrics.observe(request.action, prepared.model_type, job, error.code)
-            raise
+            job = self.device.submit(fn, label=label, budget_s=budget_s, enqueued_at=received,
+                                     **self._job_fields(request, prepared, connection))
+            if tracked:
+                connection.inflight[request.request_id] = job
+            try:
+                result = await self._await_job(job)
+            except RequestError as error:
+                self.metrics.observe(request.action, prepared.model_type, job, error.code)
+                raise
+            finally:
+                if job.future.done():
+                    # The device thread keeps its last job until the next one: let go of the
+                    # inputs now, so their attachment buffers can be reused (BufferPool).
+                    prepared.inputs = None
+            self.metrics.observe(request.action, prepared.model_type, job, None)
+            if request.action == "infer":
+                result = await self._infer_payload(result, connection)
+            return result
         finally:
-            if job.future.done():
-                # The device thread keeps its last job until the next one: let go of the
-                # inputs now, so their attachment buffers can be reused (BufferPool).
-                prepared.inputs = None
-        self.metrics.observe(request.action, prepared.model_type, job, None)
-        if request.action == "infer":
-            result = await self._infer_payload(result, connection)
-        return result
+            # From here the answer counts in the uid's request bytes (Connection.send).
+            self.device_jobs.give(uid, 1)
+
+    def _take_job_slot(self, uid) -> None:
+        """A uid's device jobs from submission until their answer is made:
+        queued, running, and done but not yet encoded. The queue's own bound
+        counts only those waiting; with a fast device, a uid that never reads
+        could otherwise have any number of answers made before one of them
+        was counted against its share."""
+        refusal = self.device_jobs.take_now(uid, 1)
+        if refusal is not None:
+            raise RequestError(p.BUSY, f"Too many device requests at once ({refusal})", retry_after_ms=100)
 
     async def _answers_taken(self, connection: Connection | None) -> None:
         """Wait while the client's uid holds more than its share of request bytes
@@ -665,6 +684,11 @@ class Server:
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)
 
 
+def _jobs_per_uid(config) -> int:
+    """Those waiting (the queue's own bound), one running and one being answered."""
+    return config.scheduling.max_queue_per_client + 2
+
+
 def _registered_bounds(config) -> tuple[int, int]:
     """(all uids, one uid): one uid may register what one connection may, all
     together four times that."""
@@ -682,6 +706,7 @@ def _peer(connection: Connection | None) -> Peer:
 
 
 SMALL_RESULT_BYTES = 64 * 1024
+UNBOUNDED = 1 << 62
 
 
 def _is_small_result(result) -> bool:
