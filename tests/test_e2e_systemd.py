@@ -222,7 +222,8 @@ def test_6c_sigterm_with_queued_work_stops_cleanly(box):
     box.sh(f"systemctl restart {SERVICE}", timeout=60)
     dm(box, f"load {MODELS}/tiny.hef --type generic")
     infer = f"hailo-devmgr infer {MODELS}/tiny.hef --type generic --input '{TINY_INPUT}'"
-    box.sh(f"nohup {infer} --params '{{\"simulate_ms\": 4000}}' > /tmp/running.out 2>&1 &", user="alice")
+    box.sh(f"nohup {infer} --params '{{\"simulate_ms\": 4000}}' > /tmp/running.out 2>&1 &",
+           user="root")   # simulation knobs are root's test hooks
     wait_for(lambda: (json.loads(dm(box, "--json status").stdout).get("device_busy_with") or "").startswith("infer"),
              "the running inference", timeout=30)
     for index in range(3):

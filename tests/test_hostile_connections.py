@@ -312,3 +312,51 @@ def test_log_bytes_about_one_uid_are_bounded(hostile_daemon, readable_src, model
     grown = daemon.log_path.stat().st_size - size_before
     # A burst of about 50 KiB, then about 5 KiB/s (20 x 256 bytes), with room for the daemon's own lines.
     assert grown < 80_000 + 8_000 * seconds, (grown, seconds)
+
+
+def test_registrations_at_once_are_refused_before_they_are_mapped(hostile_daemon, readable_src):
+    """One 64 MiB memfd registered on 16 connections at once: refused ones are never mapped."""
+    daemon = hostile_daemon(shm_buffer_max_bytes=64 * 1024 * 1024)
+    out = attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        import array, fcntl, os, select
+        fd = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+        os.write(fd, b"x" * (64 * 1024 * 1024))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        socks = [connect(hello=True) for _ in range(16)]
+        body = json.dumps({"action": "register_buffer", "fds": 1, "request_id": 1}).encode()
+        for sock in socks:            # all sent before any answer is read
+            sock.sendmsg([struct.pack(">I", len(body)) + body],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        peak = 0
+        answers = []
+        for sock in socks:
+            length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+            answers.append(json.loads(sock.recv(length, socket.MSG_WAITALL)).get("status"))
+            with open(f"/proc/{ARGS[0]}/status") as status:
+                hwm = [line for line in status if line.startswith("VmHWM")][0].split()[1]
+        print(json.dumps({"answers": answers, "hwm_kib": int(hwm)}))
+    """), str(daemon.process.pid))
+    result = json.loads(out)
+    assert result["answers"].count("ok") == 1, result
+    assert result["hwm_kib"] < 200 * 1024, result      # one mapping, not sixteen
+
+
+def test_a_uids_large_frames_on_several_connections_do_not_wait_for_each_other(hostile_daemon, readable_src):
+    """Four 12 MB base64 frames at once from one uid, over its 32 MiB share together: all answered."""
+    daemon = hostile_daemon(max_pending_bytes_per_uid=32 * 1024 * 1024, max_message_bytes=16 * 1024 * 1024,
+                            frame_timeout_s=10)
+    started = time.monotonic()
+    out = attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        socks = [connect() for _ in range(4)]
+        payload = frame({"action": "ping", "pad": "A" * (12 * 1024 * 1024)})
+        threads = [threading.Thread(target=sock.sendall, args=(payload,)) for sock in socks]
+        for thread in threads:
+            thread.start()
+        codes = []
+        for sock in socks:
+            length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+            codes.append(json.loads(sock.recv(length, socket.MSG_WAITALL)).get("status", "error"))
+        print(json.dumps(codes))
+    """))
+    assert json.loads(out) == ["ok"] * 4
+    assert time.monotonic() - started < 10     # no waiting out a deadline

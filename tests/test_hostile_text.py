@@ -141,9 +141,9 @@ def test_simulate_does_not_exist_on_a_real_backend(hostile_daemon):
                         "dance": (p.UNKNOWN_ACTION, "Unknown action: dance")}
 
 
-def test_simulation_knobs_cannot_hold_the_device_past_the_watchdog(hostile_daemon, readable_src, model_dir):
-    """simulate_hang_ms outlasts every timeout: root's test hook, like the simulate action;
-    simulate_ms lasts at most what a real inference may (the infer budget)."""
+def test_simulation_knobs_that_hold_the_device_are_roots(hostile_daemon, readable_src, model_dir):
+    """simulate_ms and simulate_hang_ms hold the simulated device (a hang outlasts every
+    timeout): root's test hooks, like the simulate action."""
     daemon = hostile_daemon(watchdog={"infer_budget_s": 2})
     out = attack(ATTACKER, readable_src, daemon.socket_path, """
         import json
@@ -151,7 +151,7 @@ def test_simulation_knobs_cannot_hold_the_device_past_the_watchdog(hostile_daemo
         import numpy as np
         image = {"inputs": {"input_layer1": tensor(np.zeros((224, 224, 3), np.uint8))}}
         codes = []
-        for params in ({"simulate_hang_ms": 15000}, {"simulate_ms": 15000}):
+        for params in ({"simulate_hang_ms": 15000}, {"simulate_ms": 1500}):
             try:
                 Client(SOCK, timeout=30).infer(ARGS[0], image, "generic", params)
                 codes.append("ok")
@@ -159,4 +159,4 @@ def test_simulation_knobs_cannot_hold_the_device_past_the_watchdog(hostile_daemo
                 codes.append(exc.code)
         print(json.dumps(codes))
     """, str(model_dir / "net.hef"))
-    assert json.loads(out) == ["forbidden", "bad_request"]
+    assert json.loads(out) == ["forbidden", "forbidden"]

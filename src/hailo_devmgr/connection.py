@@ -458,9 +458,10 @@ class Connection:
     async def decode(self, frame: Frame) -> dict:
         """The frame's JSON, decoded once its cost is charged to the uid. JSON
         grows when decoded (``{},`` is 3 bytes and a 64-byte dict): about
-        VALUE_BYTES per value count (the text itself is charged already), judged
-        before decoding, and a body that would grow past max_message_bytes is
-        refused unread. Large bodies are decoded in the fair worker pool."""
+        VALUE_BYTES per value count (the text itself is charged already, four
+        times over when it may decode to wide characters), judged before
+        decoding, and a body whose values would take more than max_message_bytes
+        is refused unread. Large bodies are decoded in the fair worker pool."""
         body = frame.body
         large = len(body) > INLINE_PARSE_BYTES
         key = self.client_key
@@ -470,13 +471,21 @@ class Connection:
             raise RequestError(p.TOO_LARGE, f"JSON of {len(body)} bytes with about {values} values would take "
                                             f"about {values * VALUE_BYTES} bytes decoded, over the limit of "
                                             f"{limit} (max_message_bytes): send bulk data as a tensor")
-        cost = values * VALUE_BYTES
-        deadline = asyncio.get_running_loop().time() + self.server.config.frame_timeout_s
-        try:
-            await self.server.pending_bytes.take(self.peer.uid, cost, deadline, own=frame.held)
-        except limits.PoolTimeout as full:
-            raise RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason})",
-                               retry_after_ms=1000) from None
+        # A text with escapes or non-ASCII may decode to 4 bytes a character.
+        wide = not body.isascii() or b"\\u" in body
+        cost = values * VALUE_BYTES + (3 * len(body) if wide else 0)
+        if cost <= len(body):
+            # Grows little (base64 tensors, text): counted without waiting, or
+            # a uid's frames on several connections, each holding its body,
+            # would wait for one another until their deadlines.
+            self.server.pending_bytes.charge(self.peer.uid, cost)
+        else:
+            deadline = asyncio.get_running_loop().time() + self.server.config.frame_timeout_s
+            try:
+                await self.server.pending_bytes.take(self.peer.uid, cost, deadline, own=frame.held)
+            except limits.PoolTimeout as full:
+                raise RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason})",
+                                   retry_after_ms=1000) from None
         frame.held += cost
         return await self.server.worker_pool.run(key, p.decode_body, body) if large else p.decode_body(body)
 

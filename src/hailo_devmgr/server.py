@@ -370,9 +370,9 @@ class Server:
                 raise refusal
         prepared.log_fields = self._log_fields(request, connection)
         prepared.admin = connection is None or self.is_admin(connection.peer)
-        if prepared.scope.get("simulate_hang_ms") and connection is not None and \
-                self.runtime.backend.name == "simulated":
-            # A hang outlasts every timeout and the watchdog: the simulate action's rule.
+        if prepared.scope and connection is not None and self.runtime.backend.name == "simulated":
+            # Test hooks that hold the simulated device (a hang outlasts every
+            # timeout and the watchdog): the simulate action's rule.
             simulate.authorize(self.runtime.backend.name, connection.peer.uid)
         fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
         await self._answers_taken(connection)
@@ -518,17 +518,28 @@ class Server:
         """register_buffer / unregister_buffer, with the uid's registered bytes
         counted here (the mapping itself in a worker: it populates page tables)."""
         uid = _peer(connection).uid
-        size = connection.shm_buffers.size_of(request.body.get("buffer")) \
-            if connection is not None and request.action == "unregister_buffer" else 0
-        answer = await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection, blocks)
         if request.action == "unregister_buffer":
+            size = connection.shm_buffers.size_of(request.body.get("buffer")) if connection is not None else 0
+            answer = await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection,
+                                                blocks)
             self.registered_bytes.give(uid, size)
             return answer
-        refusal = self.registered_bytes.take_now(uid, answer["size"])
+        # Reserved before the worker maps it (mapping populates its pages): many
+        # registrations at once must not all be mapped to be refused afterwards.
+        size = _memfd_size(blocks)
+        refusal = self.registered_bytes.take_now(uid, size)
         if refusal is not None:
-            connection.shm_buffers.unregister(answer["buffer"])
             # bad_request: the client library then sends that array in a one-shot memfd.
             raise RequestError(p.BAD_REQUEST, f"Too much registered shared memory: {refusal}")
+        try:
+            answer = await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection,
+                                                blocks)
+        except BaseException:
+            self.registered_bytes.give(uid, size)
+            raise
+        if answer["size"] != size:  # resized before it was sealed: count what was mapped
+            self.registered_bytes.give(uid, size)
+            self.registered_bytes.charge(uid, answer["size"])
         return answer
 
     def connection_closed(self, connection: Connection) -> None:
@@ -682,6 +693,17 @@ class Server:
             # The code, not the text: the text may quote a client's values (status has it).
             parts.append(f"last error: {self.last_error_code}")
         return f"{self.runtime.backend.name} backend, " + ", ".join(parts)
+
+
+def _memfd_size(blocks: references.Blocks | None) -> int:
+    """The size of the one descriptor a register_buffer frame carries (0 when
+    it carries none or several: the worker then refuses it)."""
+    if blocks is None or len(blocks.fds) != 1:
+        return 0
+    try:
+        return os.fstat(blocks.fds[0]).st_size
+    except OSError:
+        return 0
 
 
 def _jobs_per_uid(config) -> int:
