@@ -217,7 +217,7 @@ class PerClientRate(logging.Filter):
         now = self._clock()
         tokens, last, dropped = self._buckets.get(uid, (self.burst, now, 0))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
-        cost = 1 + len(str(record.msg)) // LINE_BYTES   # after BoundedRecords: the final text
+        cost = 1 + _line_bytes(record) // LINE_BYTES
         if tokens < cost:
             self._buckets[uid] = [tokens, now, dropped + 1]
             return False
@@ -227,6 +227,13 @@ class PerClientRate(logging.Filter):
         if len(self._buckets) > 4096:  # uids that went quiet are full again: forget them
             self._buckets = {key: value for key, value in self._buckets.items() if value[2] or value[0] < self.burst}
         return True
+
+
+def _line_bytes(record: logging.LogRecord) -> int:
+    """What a record writes (after BoundedRecords: the final text): its message
+    and structured fields, in UTF-8 (a character may take up to 4 bytes)."""
+    fields = sum(len(str(value)) for name, value in vars(record).items() if name.isupper())
+    return len(str(record.msg).encode("utf-8", "backslashreplace")) + fields
 
 
 def _stderr_is_journal(environ) -> bool:
