@@ -527,6 +527,8 @@ class Server:
         # Reserved before the worker maps it (mapping populates its pages): many
         # registrations at once must not all be mapped to be refused afterwards.
         size = _memfd_size(blocks)
+        if connection is not None and connection.shm_buffers.total_bytes + size > self.config.shm_buffer_max_bytes:
+            size = 0  # over the connection's own bound: the worker refuses it, in those words
         refusal = self.registered_bytes.take_now(uid, size)
         if refusal is not None:
             # bad_request: the client library then sends that array in a one-shot memfd.
