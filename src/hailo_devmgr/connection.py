@@ -253,12 +253,15 @@ class Connection:
             raise
 
     async def _read_body(self, frame: Frame, length: int, clock: "_FrameClock") -> bytes:
-        """The JSON body, in memory only as it arrives (one chunk ahead): a length
-        prefix that promises 64 MiB and sends one byte holds one chunk."""
+        """The JSON body. Counted whole against the uid before any of it is read,
+        so a frame that has begun always ends (a uid's frames on several
+        connections never hold parts of their bodies waiting for each other);
+        in memory only as it arrives, one chunk ahead: a length prefix that
+        promises 64 MiB and sends one byte holds one chunk of memory."""
+        await self._hold_bytes(frame, length, clock)
         parts = []
         while length:
             part = min(BODY_CHUNK, length)
-            await self._hold_bytes(frame, part, clock)
             parts.append(await clock.within(self._stream.readexactly(part)))
             length -= part
         return parts[0] if len(parts) == 1 else b"".join(parts)
