@@ -288,3 +288,35 @@ def test_timeout_ms_running_out_during_the_inference_is_a_timeout(daemon, model_
                          timeout_ms=300)
         assert caught.value.code == "timeout", caught.value
         assert client.infer(path, {"inputs": {"input_layer1": tensor(IMAGE)}}, "generic")["status"] == "ok"
+
+
+def test_a_request_cancelled_before_its_frame_was_written_frees_its_slot(daemon, model_dir):
+    """No answer comes for a frame never written: its flow-control slot and its
+    pending entry must go at once, or the client stalls after 63 of them."""
+    path = str(model_dir / "net.hef")
+
+    async def scenario():
+        async with AsyncClient(daemon.socket_path, timeout=30, transport="shm") as client:
+            await client.infer(path, generic_input(), "generic")        # buffers registered
+            big = np.zeros((1024, 1024, 3), np.uint8)
+            for _ in range(3):
+                async with client._buffers_lock:                       # the frame cannot be packed yet
+                    task = asyncio.ensure_future(client.infer(path, generic_input(big), "generic"))
+                    await asyncio.sleep(0.05)
+                    task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            return client._slots.used, dict(client._pending), await client.infer(path, generic_input(), "generic")
+    used, pending, after = asyncio.run(scenario())
+    assert (used, pending) == (0, {})
+    assert after["status"] == "ok"
+
+
+def test_a_large_request_with_non_ascii_text_is_not_held_back_by_its_own_bytes(start_daemon, model_dir):
+    """Its own (wide) decoding cost is not an unread answer."""
+    daemon = start_daemon(max_pending_bytes_per_uid=4 * 1024 * 1024, max_message_bytes=4 * 1024 * 1024,
+                          frame_timeout_s=3)
+    started = time.monotonic()
+    with Client(daemon.socket_path, timeout=30) as client:
+        answer = client.load_model(str(model_dir / "net.hef"), "generic", {"note": "café " + "x" * 1_500_000})
+    assert answer["status"] == "ok"
+    assert time.monotonic() - started < 2.5

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import mmap
 import os
+import time
 
 import numpy as np
 import pytest
@@ -519,3 +520,24 @@ def test_concurrent_first_requests_wait_for_hello_and_never_cross(start_daemon, 
         for answer, alone in zip(answers, one_by_one):  # each request got its own answer
             assert np.array_equal(answer["result"]["outputs"]["sum"], alone["result"]["outputs"]["sum"])
     assert len({bytes(alone["result"]["outputs"]["sum"].tobytes()) for alone in one_by_one}) == 10
+
+
+def test_registrations_cut_short_by_a_closing_connection_are_counted_once(start_daemon):
+    """What a connection's registered buffers count for its uid goes back exactly
+    once, whatever the worker was doing when the connection closed."""
+    daemon = start_daemon()
+    keeper = Raw(daemon.socket_path, features=FEATURES)
+    assert register(keeper, sealed(64 * 1024, FUTURE))["status"] == "ok"
+    for delay in (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04):
+        quitter = Raw(daemon.socket_path, features=FEATURES)
+        fd = sealed(32 << 20, FUTURE)      # large: the worker is still mapping it when the connection goes
+        quitter.send({"action": "register_buffer", "fds": 1, "request_id": "r"}, fds=[fd])
+        os.close(fd)
+        time.sleep(delay)
+        quitter.close()
+    time.sleep(0.5)
+    with Client(daemon.socket_path, timeout=10) as client:
+        assert client.status()["held_by_clients"]["registered_shm_bytes"] == 64 * 1024
+        keeper.close()
+        time.sleep(0.5)
+        assert client.status()["held_by_clients"]["registered_shm_bytes"] == 0

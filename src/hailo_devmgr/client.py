@@ -261,6 +261,7 @@ class AsyncClient(_Methods):
         self._lock = asyncio.Lock()         # v1: one request in flight per connection
         self._write_lock = asyncio.Lock()   # v2: whole frames only
         self._pending: dict[int, asyncio.Future] = {}
+        self._sent: set = set()             # v2: request ids whose frame is written (or being written)
         self._slots = _Slots()              # v2: requests in flight within the daemon's limit
         self._answers: asyncio.Task | None = None
         self._stream: t.SocketStream | None = None
@@ -457,8 +458,14 @@ class AsyncClient(_Methods):
         _check(message, await self._pipelined(message, []), False)
 
     async def _pipelined(self, message: dict, fds: list[int]) -> dict:
+        if self._stream is None or self._lost():
+            # The answer reader has stopped (or a reconnect is under way): nobody
+            # would read this request's answer.
+            t.close_fds(fds)
+            raise NotConnected(f"connection to {self.socket_path} closed before the request was sent")
         answer = asyncio.get_running_loop().create_future()
-        self._pending[message["request_id"]] = answer
+        request_id = message["request_id"]
+        self._pending[request_id] = answer
         try:
             try:
                 await self._send(message, fds)
@@ -467,7 +474,8 @@ class AsyncClient(_Methods):
             async with asyncio.timeout(self.timeout):
                 return await asyncio.shield(answer)
         except (asyncio.CancelledError, TimeoutError) as exc:
-            if self._stream is not None and not answer.done():  # tell the daemon not to bother
+            if request_id in self._sent and self._stream is not None and not answer.done():
+                # Tell the daemon not to bother (a frame never written needs no cancel).
                 asyncio.ensure_future(self._send_quietly(
                     _build("cancel", next(self._ids), {"target": message["request_id"]})))
                 # The daemon counts the request in flight until it answers it.
@@ -476,7 +484,10 @@ class AsyncClient(_Methods):
                 raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
             raise
         finally:
-            self._forget_when_answered(message["request_id"], answer)
+            if request_id not in self._sent:
+                self._pending.pop(request_id, None)  # never written: no answer will come
+            self._sent.discard(request_id)
+            self._forget_when_answered(request_id, answer)
 
     def _forget_when_answered(self, request_id, answer: asyncio.Future) -> None:
         """Stop waiting for an answer once it came (a late one is then dropped)."""
@@ -519,6 +530,7 @@ class AsyncClient(_Methods):
             writing = asyncio.ensure_future(self._write(stream, [frame, *buffers], fds))
             writing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen if abandoned
             handed_over = True
+            self._sent.add(message["request_id"])   # it will be written whole: an answer will come
             await asyncio.shield(writing)
         except BaseException as exc:
             if not handed_over:
@@ -533,7 +545,7 @@ class AsyncClient(_Methods):
         """One whole frame (frames never interleave) on the connection it was made
         for; its fds closed once sent."""
         try:
-            if stream is not self._stream or stream.closed:
+            if stream is None or stream is not self._stream or stream.closed:
                 raise ConnectionResetError("the connection this request was made for is closed")
             async with self._write_lock:
                 await stream.send(buffers, fds)
@@ -586,6 +598,10 @@ class AsyncClient(_Methods):
             for waiting in self._pending.values():
                 if not waiting.done():
                     waiting.set_exception(error)
+            if self._stream is not None:
+                # Nobody reads this connection any more: writes on it fail at once,
+                # and the next request opens a new one.
+                self._stream.close()
 
     async def _exchange(self, message: dict) -> dict:
         try:
@@ -718,8 +734,15 @@ class Client(_Methods):
         """Send one request (``action`` and its fields) and return its answer."""
         with self._lock:
             message = _build(action, next(self._ids), fields)
-            refusal = self._deliver(_v1_frame(message))
-            return _check(message, refusal if refusal is not None else self._receive(), _decode)
+            try:
+                refusal = self._deliver(_v1_frame(message))
+                answer = refusal if refusal is not None else self._receive()
+            except BaseException:
+                self.close()  # cut short (an interrupt, a signal): its answer would be read as the next's
+                raise
+            if answer.get("request_id") not in (None, message["request_id"]):
+                self.close()  # out of step: never read another answer on this connection
+            return _check(message, answer, _decode)
 
     def _deliver(self, frame: bytes) -> dict | None:
         """Send a whole request. A connection the daemon had closed (restart,

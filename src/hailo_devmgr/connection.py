@@ -140,6 +140,7 @@ class Connection:
         self.last_active = time.monotonic()   # last frame read or answered (idle eviction)
         self._mid_frame = False                # a frame's first byte has come, not all of it
         self._fds_charged = 0                  # descriptors received for the frame being read
+        self.shm_charged = 0                   # registered shared memory counted for this connection
         self._fds_refusal: str | None = None   # why some of them were closed on arrival
         self._stream.admit_fds = self._admit_fds
         self._tasks: set[asyncio.Task] = set()      # every frame's, refusals and cancels too
@@ -305,7 +306,8 @@ class Connection:
     async def _read_attachments(self, frame: Frame, length: int, clock: "_FrameClock") -> None:
         """Decode the JSON now (it says how many bytes follow) and read its attachments."""
         try:
-            message = await self.decode(frame)
+            with clock.paused():  # waiting for room is not the client's time
+                message = await self.decode(frame)
         except RequestError as error:
             if error.code in (p.TOO_LARGE, p.BUSY):  # its attachments stay unread: framing is lost
                 raise RequestError(error.code, f"{error.message}; closing the connection",
@@ -436,6 +438,7 @@ class Connection:
         # next waits until its answers are taken.
         size = len(frame) + sum(memoryview(buffer).nbytes for buffer in buffers)
         self.server.pending_bytes.charge(self.peer.uid, size)
+        self.server.unsent_answers.charge(self.peer.uid, size)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
             # cancellation that comes as the send completes, and the connection
@@ -451,6 +454,7 @@ class Connection:
             raise ConnectionResetError("the client does not read its answers") from None
         finally:
             self.server.pending_bytes.give(self.peer.uid, size)
+            self.server.unsent_answers.give(self.peer.uid, size)
             transport.close_fds(fds)
         self.last_active = time.monotonic()
 

@@ -122,6 +122,9 @@ class Server:
         self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
                                        config.max_pending_fds_per_uid)
+        # Answers made and not yet taken by their client (also in pending_bytes):
+        # past a uid's share, that uid gets no more device work run.
+        self.unsent_answers = limits.Pool("bytes of unread answers", UNBOUNDED, _bytes_per_uid(config))
         # Registered shared memory: per connection in shm.py; here per uid (the
         # daemon's page tables, and the RSS the kernel's OOM killer reads).
         self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
@@ -145,6 +148,7 @@ class Server:
         self.config = config
         self.pending_bytes.set_limits(config.max_pending_bytes, _bytes_per_uid(config))
         self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
+        self.unsent_answers.set_limits(UNBOUNDED, _bytes_per_uid(config))
         self.registered_bytes.set_limits(*_registered_bounds(config))
         self.device_jobs.set_limits(UNBOUNDED, _jobs_per_uid(config))
 
@@ -422,7 +426,7 @@ class Server:
             return
         deadline = asyncio.get_running_loop().time() + self.config.frame_timeout_s
         try:
-            await self.pending_bytes.take(connection.peer.uid, 0, deadline)
+            await self.unsent_answers.take(connection.peer.uid, 0, deadline)
         except limits.PoolTimeout as full:
             raise RequestError(p.BUSY, f"This client's answers are not being read ({full.reason})",
                                retry_after_ms=1000) from None
@@ -517,36 +521,47 @@ class Server:
                               blocks: references.Blocks | None) -> dict:
         """register_buffer / unregister_buffer, with the uid's registered bytes
         counted here (the mapping itself in a worker: it populates page tables)."""
+        # What the uid's pool holds for this connection is counted here, on the
+        # event loop (connection.shm_charged), whatever the worker was doing when
+        # the connection ended: connection_closed gives back exactly that.
         uid = _peer(connection).uid
+        if connection is None:
+            raise RequestError(p.BAD_REQUEST, f"{request.action} needs protocol 2 (send hello first)")
         if request.action == "unregister_buffer":
-            size = connection.shm_buffers.size_of(request.body.get("buffer")) if connection is not None else 0
             answer = await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection,
                                                 blocks)
-            self.registered_bytes.give(uid, size)
+            self._uncharge_registered(connection, answer.pop("_size"))
             return answer
         # Reserved before the worker maps it (mapping populates its pages): many
         # registrations at once must not all be mapped to be refused afterwards.
         size = _memfd_size(blocks)
-        if connection is not None and connection.shm_buffers.total_bytes + size > self.config.shm_buffer_max_bytes:
+        if connection.shm_buffers.total_bytes + size > self.config.shm_buffer_max_bytes:
             size = 0  # over the connection's own bound: the worker refuses it, in those words
         refusal = self.registered_bytes.take_now(uid, size)
         if refusal is not None:
             # bad_request: the client library then sends that array in a one-shot memfd.
             raise RequestError(p.BAD_REQUEST, f"Too much registered shared memory: {refusal}")
+        connection.shm_charged += size
         try:
             answer = await self.worker_pool.run(_work_key(connection), self._buffer_action, request, connection,
                                                 blocks)
-        except BaseException:
-            self.registered_bytes.give(uid, size)
+        except RequestError:
+            self._uncharge_registered(connection, size)  # refused: nothing registered
             raise
         if answer["size"] != size:  # resized before it was sealed: count what was mapped
-            self.registered_bytes.give(uid, size)
+            self._uncharge_registered(connection, size)
             self.registered_bytes.charge(uid, answer["size"])
+            connection.shm_charged += answer["size"]
         return answer
+
+    def _uncharge_registered(self, connection: Connection, size: int) -> None:
+        self.registered_bytes.give(connection.peer.uid, size)
+        connection.shm_charged -= size
 
     def connection_closed(self, connection: Connection) -> None:
         """Give back what a closed connection's registered buffers counted."""
-        self.registered_bytes.give(connection.peer.uid, connection.shm_buffers.total_bytes)
+        self.registered_bytes.give(connection.peer.uid, connection.shm_charged)
+        connection.shm_charged = 0
 
     def _buffer_action(self, request: p.Request, connection: Connection | None,
                        blocks: references.Blocks | None) -> dict:
@@ -556,8 +571,8 @@ class Server:
         if request.action == "unregister_buffer":
             if "buffer" not in request.body:
                 raise RequestError(p.BAD_REQUEST, "unregister_buffer needs buffer: the id register_buffer gave")
-            connection.shm_buffers.unregister(request.body["buffer"])
-            return {"buffer": request.body["buffer"], "unregistered": True}
+            size = connection.shm_buffers.unregister(request.body["buffer"])
+            return {"buffer": request.body["buffer"], "unregistered": True, "_size": size}
         if not self.config.shm_buffer_max_bytes:
             raise RequestError(p.BAD_REQUEST, "Registered buffers are turned off here (shm_buffer_max_bytes: 0)")
         if len(blocks.fds) != 1:

@@ -259,10 +259,11 @@ class RegisteredBuffers:
         with self._lock:
             return self._sizes.get(buffer_id, 0) if isinstance(buffer_id, int) else 0
 
-    def unregister(self, buffer_id: Any) -> None:
+    def unregister(self, buffer_id: Any) -> int:
+        """Forget a buffer; its size."""
         with self._lock:
             self._buffers.pop(self._known(buffer_id, ""), None)
-            self._sizes.pop(buffer_id, None)
+            return self._sizes.pop(buffer_id, 0)
 
     def view(self, buffer_id: Any, offset: int, nbytes: int, where: str) -> Mapped:
         with self._lock:
