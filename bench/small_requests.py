@@ -165,11 +165,7 @@ def run_clients(path: str, action: str, model: str, count: int, seconds: float,
         cpu_after = cpu_seconds(pid)
         results = [out.get(timeout=seconds + 3 * CLIENT_TIMEOUT_S) for _ in procs]
     finally:
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        reap(procs)
     failed = [r["failed"] for r in results if "failed" in r]
     if failed:
         raise RuntimeError(f"{len(failed)} of {count} {action} clients failed, first: {failed[0]}")
@@ -234,6 +230,15 @@ HOSTILE = {"random bytes": hostile_random_bytes, "big header": hostile_big_heade
            "oversized shape": hostile_shape}
 
 
+def reap(procs) -> None:
+    """Wait a little for client processes, then kill what is left."""
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def storm_process(path: str, model: str, count: int, batch: int, seed: int, deadline: float, out) -> None:
     """``count`` hostile connections, ``batch`` open at once: all sent, then
     the answers of bad JSON and bad shapes read (the others just close)."""
@@ -280,11 +285,7 @@ def storm(path: str, model: str, pid: int, cfg: dict) -> dict:
         for _ in procs:
             tally.update(out.get(timeout=cfg["storm_s"] + 30))
     finally:
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        reap(procs)
     took = time.monotonic() - begin
     rss_right_after = rss_mib(pid)
     time.sleep(cfg["settle_s"])
