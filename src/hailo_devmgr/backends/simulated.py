@@ -393,7 +393,8 @@ class _SimulatedChip:
         return self.settings.infer_ms if override is None else override
 
     def sleep_ms(self, milliseconds: float) -> None:
-        self.sleep(milliseconds / 1000.0)
+        if milliseconds > 0:  # sleep(0) would still hand the GIL away and wait to get it back
+            self.sleep(milliseconds / 1000.0)
 
     def is_lost(self, generation: int) -> bool:
         return generation <= self.faults.lost_up_to_generation
