@@ -37,14 +37,14 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     # The recorded HailoRT API surfaces the simulated backend follows.
-    package_data={"hailo_devmgr.backends": ["hailort_api/*.yaml"]},
+    package_data={"hailo_devmgr.daemon.backends": ["hailort_api/*.yaml"]},
     # The client library's needs only (python3-hailo-devmgr's Depends come
     # from here); the daemon's python3-systemd is in debian/control.
-    install_requires=["numpy", "PyYAML"],
-    extras_require={"daemon": ["systemd-python"]},
+    install_requires=["numpy"],
+    extras_require={"daemon": ["systemd-python", "PyYAML"]},
     entry_points={
         "console_scripts": [
-            "hailo-device-manager = hailo_devmgr.daemon:main",
+            "hailo-device-manager = hailo_devmgr.daemon.main:main",
             "hailo-devmgr = hailo_devmgr.cli:main",
             "hailo-devmgr-http = hailo_devmgr.http.__main__:main",
         ],

@@ -44,7 +44,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from hailo_devmgr import protocol as p  # noqa: E402
+from hailo_devmgr.wire import protocol as p  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import running_daemon  # noqa: E402  (one way to start and stop the daemon)

@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 with atheris.instrument_imports(include=["harness", "hailo_devmgr"]):
     import harness
-    from hailo_devmgr import protocol  # noqa: F401  (instrumented through harness's imports)
+    from hailo_devmgr.wire import protocol  # noqa: F401  (instrumented through harness's imports)
 
 STRICT = "--strict" in sys.argv
 if STRICT:

@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "src") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from hailo_devmgr import actions  # noqa: E402
-from hailo_devmgr import protocol as p  # noqa: E402
-from hailo_devmgr.protocol import RequestError  # noqa: E402
+from hailo_devmgr.daemon import actions  # noqa: E402
+from hailo_devmgr.wire import protocol as p  # noqa: E402
+from hailo_devmgr.wire.protocol import RequestError  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def fuzz_config(model_dir: str, max_message_bytes: int = 1 << 20):
     """A configuration like the daemon's, with ``model_dir`` the only model folder."""
     from dataclasses import replace
 
-    from hailo_devmgr import config as config_mod
+    from hailo_devmgr.daemon import config as config_mod
     return replace(config_mod.Config(), backend="simulated", model_dirs=(model_dir,),
                    max_message_bytes=max_message_bytes, max_pending_bytes=max(max_message_bytes, 1024))
 

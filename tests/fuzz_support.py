@@ -23,8 +23,8 @@ if os.path.join(ROOT, "fuzz") not in sys.path:
 
 import harness  # noqa: E402,F401  (fuzz/harness.py, re-exported to the fuzz tests)
 
-from hailo_devmgr import protocol as p  # noqa: E402
-from hailo_devmgr.tensors import ALLOWED_DTYPES  # noqa: E402
+from hailo_devmgr.wire import protocol as p  # noqa: E402
+from hailo_devmgr.wire.tensors import ALLOWED_DTYPES  # noqa: E402
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
 MULTIPLIER = {"default": 1, "long": 10}.get(PROFILE, 1)

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import DeviceError, tensor
 
 _EXPECTS_SHAPE = re.compile(r"the model expects \[([0-9, ]*)\]")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import env_with_src
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import AsyncClient, Client, DaemonUnreachable, DeviceError, tensor
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hailo_devmgr import config as cfg
+from hailo_devmgr.daemon import config as cfg
 
 CONFFILE = Path(__file__).resolve().parents[1] / "etc/hailo/device-manager.yaml"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import env_with_src
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client
 from hostile import hostile_daemon, socket_folder  # noqa: F401
 

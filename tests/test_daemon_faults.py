@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from conftest import DaemonProcess
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import AsyncClient, Client, DaemonUnreachable
 
 SMALL = np.zeros((224, 224, 3), np.uint8)

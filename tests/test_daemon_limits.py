@@ -6,7 +6,7 @@ import socket
 import struct
 import time
 
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client
 from test_daemon_scheduling import Raw
 

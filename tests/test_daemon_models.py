@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, DeviceError, tensor
 
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from conftest import DaemonProcess, die_with_parent, env_with_src, wait_for_socket, write_config
-from hailo_devmgr import protocol as p
-from hailo_devmgr import systemd
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.daemon import systemd
 from hailo_devmgr.client import Client, DeviceError, tensor
 
 
@@ -323,7 +323,7 @@ def test_notifications_go_out_whatever_text_they_carry(notify):
 
 def test_notifications_to_a_vanished_socket_are_logged_once(tmp_path, caplog):
     notifier = systemd.Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
-    with caplog.at_level(logging.WARNING, logger="hailo_devmgr.systemd"):
+    with caplog.at_level(logging.WARNING, logger="hailo_devmgr.daemon.systemd"):
         for _ in range(3):
             notifier.watchdog()
     assert [record.message for record in caplog.records] == [
@@ -361,7 +361,7 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(start_daemon):
 
 def test_lines_about_one_client_uid_are_rate_limited_and_the_drop_is_told():
     import logging
-    from hailo_devmgr.systemd import PerClientRate
+    from hailo_devmgr.daemon.systemd import PerClientRate
     now = [0.0]
     limit = PerClientRate(rate=20, burst=200, clock=lambda: now[0])
 

@@ -13,13 +13,13 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from hailo_devmgr import config as cfg
-from hailo_devmgr import protocol as p
-from hailo_devmgr.backends import BackendUnavailable, DeviceIdentity
-from hailo_devmgr.backends import simulated as sim
-from hailo_devmgr.backends.simulated import SimulatedBackend
-from hailo_devmgr.device import Chore, DeviceRuntime, DeviceThread
-from hailo_devmgr.handlers import HANDLERS
+from hailo_devmgr.daemon import config as cfg
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.daemon.backends import BackendUnavailable, DeviceIdentity
+from hailo_devmgr.daemon.backends import simulated as sim
+from hailo_devmgr.daemon.backends.simulated import SimulatedBackend
+from hailo_devmgr.daemon.device import Chore, DeviceRuntime, DeviceThread
+from hailo_devmgr.daemon.handlers import HANDLERS
 from test_config import CONFFILE, load_text
 
 
@@ -99,7 +99,7 @@ def runtime_with(backend, **device):
 
 def test_rebuild_backoff_doubles_up_to_the_max_then_gives_up(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("hailo_devmgr.device.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("hailo_devmgr.daemon.device.time.monotonic", lambda: clock[0])
     backend = FakeBackend()
     runtime = runtime_with(backend, rebuild_attempts=4, rebuild_backoff_s=1, rebuild_backoff_max_s=3, retry_s=60)
     reopened = []
@@ -173,7 +173,7 @@ def test_thermal_guard_has_hysteresis_and_fails_open():
 
 def test_temperature_is_due_every_interval_while_open(monkeypatch):
     clock = [50.0]
-    monkeypatch.setattr("hailo_devmgr.device.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("hailo_devmgr.daemon.device.time.monotonic", lambda: clock[0])
     runtime = runtime_with(FakeBackend())
     assert runtime.temperature_due() is None  # no device, nothing to read
     runtime.open()
@@ -288,7 +288,7 @@ def test_scheduling_algorithm_none_reaches_the_vdevice_params(tmp_path):
 def test_real_backend_sets_the_scheduling_algorithm_only_to_turn_it_off(tmp_path):
     import enum
 
-    from hailo_devmgr.backends.hailo import HailoBackend
+    from hailo_devmgr.daemon.backends.hailo import HailoBackend
     from test_hailo_backend import importer_of, make_platform
 
     class HailoSchedulingAlgorithm(enum.IntEnum):
@@ -308,7 +308,7 @@ def test_real_backend_sets_the_scheduling_algorithm_only_to_turn_it_off(tmp_path
 def test_faults_right_after_a_rebuild_continue_the_series(monkeypatch):
     """A device that breaks again at once is not rebuilt forever without backoff."""
     clock = [0.0]
-    monkeypatch.setattr("hailo_devmgr.device.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("hailo_devmgr.daemon.device.time.monotonic", lambda: clock[0])
     runtime = runtime_with(FakeBackend(), rebuild_attempts=3, rebuild_backoff_s=2, rebuild_backoff_max_s=100,
                            retry_s=0)
     runtime.open()

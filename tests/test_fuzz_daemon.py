@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from conftest import DaemonProcess, write_config
 from fuzz_support import FUZZ, dumps, harness, json_values, request_bodies, valid_requests
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 
 REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions"
 CODES = {value for name, value in vars(p).items() if name.isupper() and isinstance(value, str)}
@@ -45,7 +45,7 @@ def fuzz_daemon(tmp_path_factory):
     import yaml
     socket_path = yaml.safe_load(config_path.read_text())["socket_path"]
     daemon = DaemonProcess(root, config_path, socket_path).wait_ready()
-    from hailo_devmgr import config as config_mod
+    from hailo_devmgr.daemon import config as config_mod
     daemon.paths = paths
     daemon.config = config_mod.load(config_path, {})
     yield daemon

@@ -24,11 +24,11 @@ from hypothesis.extra import numpy as hnp
 
 from fuzz_support import FUZZ, MODEL_TYPES, dumps, harness, input_data, json_values, model_params, request_bodies
 from fuzz_support import tensor_like
-from hailo_devmgr import actions
-from hailo_devmgr import protocol as p
-from hailo_devmgr import tensors
-from hailo_devmgr.handlers import HANDLERS, InputLimits
-from hailo_devmgr.model_files import resolve_model_path
+from hailo_devmgr.daemon import actions
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.wire import tensors
+from hailo_devmgr.daemon.handlers import HANDLERS, InputLimits
+from hailo_devmgr.daemon.model_files import resolve_model_path
 
 CODES = {value for name, value in vars(p).items() if name.isupper() and isinstance(value, str)
          and name not in ("DEFAULT_MODEL_TYPE",)}

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from fuzz_support import harness
-from hailo_devmgr import model_files
-from hailo_devmgr import protocol as p
-from hailo_devmgr import tensors
-from hailo_devmgr.handlers import HANDLERS, InputLimits
+from hailo_devmgr.daemon import model_files
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.wire import tensors
+from hailo_devmgr.daemon.handlers import HANDLERS, InputLimits
 
 CASES = Path(__file__).resolve().parent / "fuzz_regressions"
 KNOWN = {issue.name: issue for issue in harness.KNOWN_ISSUES}

@@ -13,9 +13,9 @@ import types
 
 import pytest
 
-from hailo_devmgr.backends import BackendUnavailable, DeviceIdentity
-from hailo_devmgr.backends.hailo import HailoBackend
-from hailo_devmgr.config import DeviceConfig
+from hailo_devmgr.daemon.backends import BackendUnavailable, DeviceIdentity
+from hailo_devmgr.daemon.backends.hailo import HailoBackend
+from hailo_devmgr.daemon.config import DeviceConfig
 
 DEVICE_ID = "0001:01:00.0"
 

@@ -2,7 +2,7 @@
 that Hailo's own sources showed (issue 14), each through a running daemon.
 
 The simulated backend follows the API surface recorded from hailo-ai/hailort
-per version (src/hailo_devmgr/backends/hailort_api/*.yaml), under the real
+per version (src/hailo_devmgr/daemon/backends/hailort_api/*.yaml), under the real
 backend's code (backends/hailo.py): a call that a version lacks fails here
 as it would on a Pi.
 """
@@ -18,12 +18,12 @@ import pytest
 import yaml
 
 import handler_checks as hc
-from hailo_devmgr import protocol as p
-from hailo_devmgr.backends import hailort_api
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.daemon.backends import hailort_api
 from hailo_devmgr.client import Client, tensor
-from hailo_devmgr.config import SIMULATED_HAILORT_VERSIONS
-from hailo_devmgr.handlers.network import stream_dtype
-from hailo_devmgr.model_files import ModelFiles, resolve_model_path
+from hailo_devmgr.daemon.config import SIMULATED_HAILORT_VERSIONS
+from hailo_devmgr.daemon.handlers.network import stream_dtype
+from hailo_devmgr.daemon.model_files import ModelFiles, resolve_model_path
 from test_handlers import models, ocr_params  # noqa: F401 - models is a fixture
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hailo_devmgr"

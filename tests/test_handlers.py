@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import handler_checks as hc
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, tensor
 from test_daemon_v1 import frame, read_frame
 
@@ -169,7 +169,7 @@ def test_whisper_hears_long_audio_in_windows_cut_where_it_is_quiet(client, model
 
 
 def test_whisper_windows_leave_no_sliver_and_silence_makes_few_windows():
-    from hailo_devmgr.handlers.whisper import windows
+    from hailo_devmgr.daemon.handlers.whisper import windows
     rate = hc.SAMPLE_RATE
     assert windows(hc.tone(30.0)) == [(0, 30 * rate)]
     tail = windows(hc.tone(30.0 + 1 / rate))

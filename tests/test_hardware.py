@@ -47,7 +47,7 @@ import yaml
 
 import handler_checks as hc
 from conftest import DaemonProcess
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, tensor
 from test_daemon_models import wait_until
 

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from hailo_devmgr import workers
+from hailo_devmgr.daemon import workers
 from hailo_devmgr.client import Client
 from hostile import ATTACKER, ATTACKER_2, attack, attacker, hostile_daemon, needs_root, rss_mib, socket_folder  # noqa: F401
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, tensor
 from hostile import ATTACKER, ATTACKER_2, attack, hostile_daemon, needs_root, socket_folder  # noqa: F401
 from test_daemon_models import loaded_paths, wait_until

@@ -31,7 +31,7 @@ ATTACK_MAX_S = 25       # an attacker stops by itself after this, whatever happe
 FILL_QUEUE = """
 import json, os, socket, struct, threading, time
 from collections import Counter
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 
 request, count, stop, limit_s = json.loads(ARGS[0]), int(ARGS[1]), ARGS[2], float(ARGS[3])
 answers, lock = Counter(), threading.Lock()

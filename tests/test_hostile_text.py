@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, DeviceError
 from hostile import ATTACKER, ATTACKER_2, attack, attacker, hostile_daemon, needs_root, socket_folder  # noqa: F401
 from test_daemon_systemd import NotifyListener

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from hailo_devmgr import protocol as p
-from hailo_devmgr.actions import keep_alive_seconds
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.daemon.actions import keep_alive_seconds
 from hailo_devmgr.client import Client, tensor
 from handler_checks import refused
 from test_daemon_models import loaded_paths, wait_until

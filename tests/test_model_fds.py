@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hailo_devmgr import protocol as p
+from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, DeviceError, tensor
 
 # Same input, different output names: a result tells which file was read.

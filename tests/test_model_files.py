@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from hailo_devmgr.model_files import resolve_model_path
-from hailo_devmgr.protocol import BAD_REQUEST, FORBIDDEN, MODEL_NOT_FOUND, RequestError
+from hailo_devmgr.daemon.model_files import resolve_model_path
+from hailo_devmgr.wire.protocol import BAD_REQUEST, FORBIDDEN, MODEL_NOT_FOUND, RequestError
 
 
 @pytest.fixture

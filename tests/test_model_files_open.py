@@ -15,10 +15,10 @@ import tempfile
 
 import pytest
 
-from hailo_devmgr import model_files
-from hailo_devmgr.handlers import HANDLERS
-from hailo_devmgr.model_files import AllowedPath, ModelFiles, open_model, resolve_model_path
-from hailo_devmgr.protocol import FORBIDDEN, LOAD_FAILED, MODEL_NOT_FOUND, RequestError
+from hailo_devmgr.daemon import model_files
+from hailo_devmgr.daemon.handlers import HANDLERS
+from hailo_devmgr.daemon.model_files import AllowedPath, ModelFiles, open_model, resolve_model_path
+from hailo_devmgr.wire.protocol import FORBIDDEN, LOAD_FAILED, MODEL_NOT_FOUND, RequestError
 
 
 
@@ -212,8 +212,8 @@ def test_an_unreadable_file_is_load_failed_with_the_hailort_name_and_hint(readab
         os.chmod(path, 0o600)  # root's; the checking user cannot read it
         script = (
             "import os, sys; os.setgid(65534); os.setgroups([]); os.setuid(65534); sys.path.insert(0, sys.argv[2])\n"
-            "from hailo_devmgr.model_files import open_model\n"
-            "from hailo_devmgr.protocol import RequestError\n"
+            "from hailo_devmgr.daemon.model_files import open_model\n"
+            "from hailo_devmgr.wire.protocol import RequestError\n"
             "before = len(os.listdir('/proc/self/fd'))\n"
             "try: open_model(sys.argv[1], (os.path.dirname(sys.argv[1]),))\n"
             "except RequestError as e: print(e.code); print(e.message)\n"

@@ -57,9 +57,12 @@ def test_daemon_package_contents_and_fields(debs):
                  "./usr/share/doc/hailo-device-manager/copyright",
                  "./usr/share/doc/hailo-device-manager/examples/hailo-clip-search.service"):
         assert path in listing, path
+    # The daemon's modules are here; the client library's are python3-hailo-devmgr's.
+    assert "/dist-packages/hailo_devmgr/daemon/server.py" in listing
+    assert "/dist-packages/hailo_devmgr/client/" not in listing and "/hailo_devmgr/wire/" not in listing
     assert field(deb, "Architecture") == "all"
     depends = field(deb, "Depends")
-    for name in ("python3-systemd", "python3-hailo-devmgr"):
+    for name in ("python3-systemd", "python3-yaml", "python3-hailo-devmgr"):
         assert name in depends
     assert "sdnotify" not in depends  # sd_notify is sent by the daemon itself (systemd.py)
     assert "hailort" not in depends  # never a hard dependency
@@ -70,10 +73,14 @@ def test_daemon_package_contents_and_fields(debs):
 def test_library_package_has_the_module_and_no_daemon_files(debs):
     deb = debs["python3-hailo-devmgr"]
     listing = contents(deb)
-    assert "/dist-packages/hailo_devmgr/client.py" in listing
+    assert "/dist-packages/hailo_devmgr/client/library.py" in listing
+    assert "/dist-packages/hailo_devmgr/wire/protocol.py" in listing
+    # The client library alone: nothing of the daemon, its units or its commands.
+    assert "/dist-packages/hailo_devmgr/daemon/" not in listing
     assert "systemd/system" not in listing and "./usr/bin/" not in listing
     depends = field(deb, "Depends")
-    assert "python3-numpy" in depends and "python3-yaml" in depends
+    assert "python3-numpy" in depends
+    assert "python3-yaml" not in depends  # the configuration is the daemon's
     assert "python3-systemd" not in depends and "sdnotify" not in depends  # the daemon's needs only
 
 

@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from hailo_devmgr import protocol as p
-from hailo_devmgr.protocol import RequestError
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.wire.protocol import RequestError
 
 MESSAGES = [
     {"action": "ping"},

@@ -2,7 +2,7 @@
 
 Faults and temperatures reach the simulated accelerator of the real
 process through the `simulate` action (root or the daemon's own user
-only; see src/hailo_devmgr/simulate.py). Every wait has a deadline; no
+only; see src/hailo_devmgr/daemon/simulate.py). Every wait has a deadline; no
 assertion depends on how long anything took.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import threading
 import numpy as np
 import pytest
 
-from hailo_devmgr import hailort_status as hs
-from hailo_devmgr import protocol as p
-from hailo_devmgr import simulate
+from hailo_devmgr.daemon import hailort_status as hs
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.daemon import simulate
 from hailo_devmgr.client import Client, DeviceError, tensor
 from handler_checks import refused
 from test_daemon_models import loaded_paths, wait_until

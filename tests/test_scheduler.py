@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from hailo_devmgr.protocol import BUSY, CANCELLED, TIMEOUT, RequestError
-from hailo_devmgr.scheduler import PRIORITIES, FairScheduler, FifoQueue, Job, QueueLimits
+from hailo_devmgr.wire.protocol import BUSY, CANCELLED, TIMEOUT, RequestError
+from hailo_devmgr.daemon.scheduler import PRIORITIES, FairScheduler, FifoQueue, Job, QueueLimits
 
 INTERACTIVE, NORMAL, BATCH = (PRIORITIES.index(name) for name in ("interactive", "normal", "batch"))
 

@@ -22,9 +22,9 @@ import time
 import numpy as np
 import pytest
 
-from hailo_devmgr import protocol as p
-from hailo_devmgr import shm
-from hailo_devmgr import transport as t
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.wire import shm
+from hailo_devmgr.wire import transport as t
 from hailo_devmgr.client import AsyncClient, Client
 from wire import Raw, assert_no_leak, infer_message, pipe_end, ping_ok, settled_fds
 

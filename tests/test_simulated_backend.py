@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from hailo_devmgr import hailort_status
-from hailo_devmgr.backends import BackendUnavailable
-from hailo_devmgr.backends import simulated as sim
-from hailo_devmgr.backends.simulated import SimulatedBackend, raw_status_error, status_error
-from hailo_devmgr.config import DeviceConfig, SimulatedConfig
+from hailo_devmgr.daemon import hailort_status
+from hailo_devmgr.daemon.backends import BackendUnavailable
+from hailo_devmgr.daemon.backends import simulated as sim
+from hailo_devmgr.daemon.backends.simulated import SimulatedBackend, raw_status_error, status_error
+from hailo_devmgr.daemon.config import DeviceConfig, SimulatedConfig
 
 CLIP_YAML = """\
 inputs:

@@ -116,8 +116,8 @@ def test_tensor_shape_check(value, shape, ok):
 def test_the_simulated_operation_log_is_bounded():
     """Found by the soak: backend.calls grew by one entry per operation for the
     daemon's lifetime (the RSS kept climbing)."""
-    from hailo_devmgr.backends import simulated
-    from hailo_devmgr.config import SimulatedConfig
+    from hailo_devmgr.daemon.backends import simulated
+    from hailo_devmgr.daemon.config import SimulatedConfig
     chip = simulated._SimulatedChip(SimulatedConfig())
     for index in range(simulated.CALL_LOG_ENTRIES + 500):
         chip.record("run", index)

@@ -4,8 +4,8 @@ import base64
 import numpy as np
 import pytest
 
-from hailo_devmgr import tensors
-from hailo_devmgr.protocol import BAD_REQUEST, RequestError
+from hailo_devmgr.wire import tensors
+from hailo_devmgr.wire.protocol import BAD_REQUEST, RequestError
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int16", "float32", "float64"])

@@ -17,12 +17,12 @@ import struct
 import numpy as np
 import pytest
 
-from hailo_devmgr import protocol as p
-from hailo_devmgr import shm
-from hailo_devmgr import references as refs
-from hailo_devmgr import transport as t
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.wire import shm
+from hailo_devmgr.wire import references as refs
+from hailo_devmgr.wire import transport as t
 from hailo_devmgr.client import AsyncClient, Client, DeviceError
-from hailo_devmgr.tensors import DecodedTensor, decode_v1
+from hailo_devmgr.wire.tensors import DecodedTensor, decode_v1
 from wire import (Raw, assert_no_leak, assert_no_mapping_left, infer_message, memfd, pipe_end, ping_ok,
                   regular_file, settled_fds)
 

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from hailo_devmgr import protocol as p
-from hailo_devmgr import shm
-from hailo_devmgr import references as refs
+from hailo_devmgr.wire import protocol as p
+from hailo_devmgr.wire import shm
+from hailo_devmgr.wire import references as refs
 from hailo_devmgr.client import Client
 
 

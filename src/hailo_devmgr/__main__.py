@@ -1,4 +1,4 @@
 """`python3 -m hailo_devmgr` runs the daemon."""
-from .daemon import main
+from .daemon.main import main
 
 raise SystemExit(main())

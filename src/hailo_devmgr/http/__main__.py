@@ -17,7 +17,7 @@ import sys
 from aiohttp import web
 
 from ..client import default_socket_path
-from ..systemd import Notifier, inherited_sockets, setup_logging
+from ..daemon.systemd import Notifier, inherited_sockets, setup_logging
 from .app import create_app
 
 DEFAULT_LISTEN = "127.0.0.1:5099"

@@ -1,0 +1,4 @@
+"""The ``hailo-devmgr`` command."""
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""The daemon: the only process that opens the device."""

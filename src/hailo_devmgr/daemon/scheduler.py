@@ -1,0 +1,290 @@
+"""The device queue: which waiting job the device thread runs next.
+
+The device cannot be pre-empted mid-inference, so the only lever is the
+order of what waits. :class:`FairScheduler` (the default) picks, in turn:
+
+1. **Priority class** (``interactive`` < ``normal`` < ``batch``), after
+   **aging**: a job moves up one class for every ``aging_s`` it has waited,
+   so a ``batch`` job waits at most about 2 x ``aging_s`` before it competes
+   as ``interactive``; nothing starves.
+2. **Round robin across clients** within that class: the client served
+   longest ago goes first, so one client with 100 queued jobs delays
+   another by one job, not 100. A client is a uid (``Job.client`` is the
+   connection's ``client_key``), so more connections or processes buy no
+   extra share.
+3. Its oldest job in that class, unless **model affinity** applies: when
+   that job's model is not loaded and another job of the same class is for
+   a loaded model, the latter runs first. A job can be passed over this way
+   at most ``affinity_max_skips`` times, which bounds the unfairness.
+
+Admission (both policies): a client may hold at most ``max_queue_per_client``
+waiting jobs, and the queue ``max_queue``. A full queue does not belong to
+whoever filled it first: a client holding less than its **fair share**
+(``max_queue`` divided by the number of clients with jobs waiting, itself
+counted) is admitted by **displacing** one job of the client holding the
+most, which is answered ``busy`` as if it had been refused. Counts ignore
+priority, so a higher class buys no larger share. The displaced client
+keeps at least the share (it held more than the newcomer will), so two
+clients never take turns displacing each other, and no set of other
+clients can keep one out of the queue (below ``max_queue`` clients).
+
+Jobs whose deadline passed before they started are answered ``timeout`` and
+never run. :class:`FifoQueue` keeps the core's first-come order (config
+``scheduling.policy: fifo``), for comparison in benchmarks.
+
+Locking: every field is guarded by ``_cond`` (one lock); ``put``, ``remove``
+and ``drop_owner`` come from the event loop, ``get`` from the device thread.
+Futures are completed outside no lock of ours (concurrent.futures has its own).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+from ..wire.protocol import BUSY, CANCELLED, TIMEOUT, RequestError, shutting_down
+
+PRIORITIES = ("interactive", "normal", "batch")   # index = class; lower runs first
+DEFAULT_PRIORITY = "normal"
+_EWMA_WEIGHT = 0.2
+MAX_REMEMBERED_CLIENTS = 1024
+
+
+@dataclass
+class Job:
+    fn: Callable[[], Any]
+    label: str
+    budget_s: float
+    priority: int = PRIORITIES.index(DEFAULT_PRIORITY)
+    client: Hashable = None          # fairness key (the peer's uid, "uid N")
+    owner: Hashable = None           # the connection (cancel and disconnect act per connection)
+    request_id: Any = None
+    deadline: float | None = None    # monotonic; not started by then -> timeout
+    model_key: str | None = None     # for affinity
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    skips: int = 0                   # times passed over for affinity
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    max_queue: int = 256
+    max_queue_per_client: int = 128
+    aging_s: float = 10.0
+    affinity_max_skips: int = 4
+
+
+class JobQueue:
+    """Storage, limits, cancellation and statistics; subclasses choose the order."""
+
+    def __init__(self, limits: QueueLimits = QueueLimits(),
+                 loaded_keys: Callable[[], frozenset] = frozenset):
+        self.limits = limits
+        self._loaded_keys = loaded_keys
+        self._jobs: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._run_s = 0.05  # moving average of a job's run time, for retry_after_ms
+
+    # -- event loop side ----------------------------------------------------
+
+    def put(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise shutting_down()
+            displaced = self._admit(job)
+            if displaced is not None:
+                self._jobs.remove(displaced)
+                refusal = self._displaced_error(displaced)
+            self._jobs.append(job)
+            self._cond.notify()
+        if displaced is not None:
+            displaced.future.set_exception(refusal)  # answered as a refused request is
+
+    def _admit(self, job: Job) -> Job | None:
+        """Raise ``busy`` if ``job`` may not enter; else the job it displaces, if any."""
+        counts = Counter(queued.client for queued in self._jobs)
+        mine = counts[job.client]
+        if mine >= self.limits.max_queue_per_client:
+            raise self._busy(mine, f"this client already has {mine} requests queued (the limit)")
+        if len(self._jobs) < self.limits.max_queue:
+            return None
+        share = self._fair_share(counts, job.client)
+        if mine >= share:
+            raise self._busy(len(self._jobs), f"the device queue is full ({self.limits.max_queue} requests)")
+        # mine < share and the queue is full, so some other client holds more than
+        # the share: it still holds at least the share after losing one job.
+        return self._displaceable(counts)
+
+    def _fair_share(self, counts: Counter, client: Hashable) -> int:
+        holders = len(counts) + (client not in counts)
+        return self.limits.max_queue // holders
+
+    def _displaceable(self, counts: Counter) -> Job:
+        """The heaviest client's least urgent, newest job: losing it costs that
+        client least. Among equally heavy clients, the one that queued last."""
+        newest = {}
+        for queued in self._jobs:
+            newest[queued.client] = max(newest.get(queued.client, queued.enqueued_at), queued.enqueued_at)
+        heaviest = max(counts, key=lambda client: (counts[client], newest[client]))
+        return max((queued for queued in self._jobs if queued.client == heaviest),
+                   key=lambda queued: (queued.priority, queued.enqueued_at))
+
+    def _displaced_error(self, job: Job) -> RequestError:
+        left = sum(1 for queued in self._jobs if queued.client == job.client)
+        return self._busy(left, "the device queue is full and this client held more than its fair share "
+                                "of it; this request made room for another client's")
+
+    def _busy(self, ahead: int, what: str) -> RequestError:
+        retry_ms = max(1, int(ahead * self._run_s * 1000))
+        return RequestError(BUSY, f"Busy: {what}; retry in about {retry_ms} ms", retry_after_ms=retry_ms)
+
+    def remove(self, job: Job, error: RequestError) -> bool:
+        """Take a job out before it starts and answer it with ``error``.
+        False when it is no longer waiting (running or done)."""
+        with self._cond:
+            if job not in self._jobs:
+                return False
+            self._jobs.remove(job)
+        job.future.set_exception(error)
+        return True
+
+    def find(self, owner: Hashable, request_id: Any) -> Job | None:
+        with self._cond:
+            return next((job for job in self._jobs
+                         if job.owner == owner and job.request_id == request_id), None)
+
+    def drop_owner(self, owner: Hashable) -> int:
+        """A connection went away: its waiting jobs never run, nobody is answered."""
+        with self._cond:
+            dropped = [job for job in self._jobs if job.owner == owner]
+            self._jobs = [job for job in self._jobs if job.owner != owner]
+        for job in dropped:
+            job.future.cancel()
+        return len(dropped)
+
+    def close(self) -> list[Job]:
+        """Refuse new jobs; return the ones still waiting."""
+        with self._cond:
+            self._closed = True
+            waiting, self._jobs = self._jobs, []
+            self._cond.notify_all()
+            return waiting
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def depth_by_class(self) -> dict[str, int]:
+        with self._cond:
+            counts = Counter(PRIORITIES[job.priority] for job in self._jobs)
+        return {name: counts.get(name, 0) for name in PRIORITIES}
+
+    def depth_by_client(self) -> dict[str, int]:
+        with self._cond:
+            return dict(Counter(str(job.client) for job in self._jobs))
+
+    # -- device thread ------------------------------------------------------
+
+    def get(self, timeout: float) -> Job | None:
+        """The next job to run, or None after ``timeout`` (or once closed and empty)."""
+        expired: list[Job] = []
+        with self._cond:
+            deadline = time.monotonic() + timeout
+            while True:
+                expired += self._take_expired(time.monotonic())
+                if self._jobs or self._closed:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            job = self._select(time.monotonic()) if self._jobs else None
+            if job is not None:
+                self._jobs.remove(job)
+        for late in expired:
+            late.future.set_exception(RequestError(TIMEOUT, "Timed out before the device could start it"))
+        return job
+
+    def record_run(self, seconds: float) -> None:
+        self._run_s += _EWMA_WEIGHT * (seconds - self._run_s)
+
+    def _take_expired(self, now: float) -> list[Job]:
+        expired = [job for job in self._jobs if job.deadline is not None and job.deadline <= now]
+        if expired:
+            self._jobs = [job for job in self._jobs if job not in expired]
+        return expired
+
+    def _select(self, now: float) -> Job:
+        raise NotImplementedError
+
+
+class FifoQueue(JobQueue):
+    """First come, first served: the core's order, kept for comparison."""
+
+    def _select(self, now: float) -> Job:
+        return min(self._jobs, key=lambda job: job.enqueued_at)
+
+
+class FairScheduler(JobQueue):
+    """Priority classes with aging, round robin across clients, bounded affinity."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._turns = itertools.count(1)
+        self._last_turn: dict[Hashable, int] = {}  # client -> when it was last served
+
+    def effective_class(self, job: Job, now: float) -> int:
+        promoted = int((now - job.enqueued_at) // self.limits.aging_s) if self.limits.aging_s > 0 else 0
+        return max(0, job.priority - promoted)
+
+    def _select(self, now: float) -> Job:
+        best = min(self.effective_class(job, now) for job in self._jobs)
+        in_class = [job for job in self._jobs if self.effective_class(job, now) == best]
+        oldest_of: dict[Hashable, Job] = {}
+        for job in in_class:
+            known = oldest_of.get(job.client)
+            if known is None or job.enqueued_at < known.enqueued_at:
+                oldest_of[job.client] = job
+        client = min(oldest_of, key=lambda c: (self._last_turn.get(c, 0), oldest_of[c].enqueued_at))
+        pick = self._with_affinity(oldest_of[client], in_class)
+        self._last_turn[pick.client] = next(self._turns)
+        if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
+            self._forget_idle_clients()
+        return pick
+
+    def _forget_idle_clients(self) -> None:
+        """Bound the per-client record: clients with nothing queued start afresh."""
+        waiting = {job.client for job in self._jobs}
+        self._last_turn = {client: turn for client, turn in self._last_turn.items() if client in waiting}
+
+    def _with_affinity(self, pick: Job, in_class: list[Job]) -> Job:
+        if pick.skips >= self.limits.affinity_max_skips or pick.model_key is None:
+            return pick
+        loaded = self._loaded_keys()
+        if pick.model_key in loaded:
+            return pick
+        warm = min((job for job in in_class if job.model_key in loaded), key=lambda job: job.enqueued_at,
+                   default=None)
+        if warm is None:
+            return pick
+        pick.skips += 1
+        return warm
+
+
+def create_queue(policy: str, limits: QueueLimits, loaded_keys: Callable[[], frozenset]) -> JobQueue:
+    cls = FifoQueue if policy == "fifo" else FairScheduler
+    return cls(limits, loaded_keys)
+
+
+def cancelled_error() -> RequestError:
+    return RequestError(CANCELLED, "Cancelled by the client")
