@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import env_with_src
-from hailo_devmgr import cli as cli_module
+from hailo_devmgr.cli import command as cli_module
 
 
 def cli(*args, timeout=60):

@@ -1,4 +1,4 @@
 """The ``hailo-devmgr`` command."""
-from .main import main
+from .command import main
 
 __all__ = ["main"]
