@@ -47,6 +47,8 @@ setup(
             "hailo-device-manager = hailo_devmgr.daemon.main:main",
             "hailo-devmgr = hailo_devmgr.cli:main",
             "hailo-devmgr-http = hailo_devmgr.http.__main__:main",
+            # Package hailo-ollama-service (Hailo's hailo-ollama as a managed service).
+            "hailo-ollama-config = hailo_devmgr.ollama_service:main",
         ],
     },
 )

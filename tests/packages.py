@@ -8,6 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 PACKAGES = ("hailo-device-manager", "python3-hailo-devmgr")
+# Built from the same source, installed on its own (it Depends on hailo-device-manager).
+OLLAMA_PACKAGE = "hailo-ollama-service"
 OLD_VERSION = "0.0.9"
 
 
@@ -23,7 +25,7 @@ def build(tree: Path, out: Path) -> dict[str, Path]:
     """`make deb` for ``tree`` into ``out``; the .deb files by package name."""
     run("make", "-C", str(tree), "deb", f"DEB_DIR={out}", env={**SYSTEM_ENV, "HOME": str(out)}, timeout=900)
     debs = {path.name.split("_")[0]: path for path in out.glob("*.deb")}
-    assert set(debs) == set(PACKAGES), debs
+    assert set(debs) == {*PACKAGES, OLLAMA_PACKAGE}, debs
     return debs
 
 
