@@ -26,7 +26,7 @@ from hailo_devmgr.daemon.handlers.network import stream_dtype
 from hailo_devmgr.daemon.model_files import ModelFiles, resolve_model_path
 from test_handlers import models, ocr_params  # noqa: F401 - models is a fixture
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "hailo_devmgr"
+DAEMON_SRC = Path(__file__).resolve().parents[1] / "src" / "hailo_devmgr" / "daemon"
 GENAI_TYPES = ("vlm", "vlm_chat", "whisper")
 # A CLIP text encoder as HailoRT reports it: quantized (UINT8) inputs.
 QUANTIZED_TEXT_NET = {"inputs": [{"name": "tokens", "shape": [77, 64], "format": "UINT8"}],
@@ -211,7 +211,7 @@ def _touched() -> dict[str, set[str]]:
     """``{recorded class or module: attributes}`` the scanned code reads on HailoRT objects."""
     touched: dict[str, set[str]] = {}
     for relative in SCANNED:
-        tree = ast.parse((SRC / relative).read_text())
+        tree = ast.parse((DAEMON_SRC / relative).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute):
                 holder = ast.unparse(node.value)
