@@ -289,7 +289,9 @@ class Connection:
         """The charged descriptors become the frame's. If some were refused on
         arrival (closed at once), the frame is answered busy (its framing is
         intact)."""
-        frame.fds_held, self._fds_charged = self._fds_charged, 0
+        # Those of the next frame, read ahead with this one's end, stay charged to it.
+        frame.fds_held = len(frame.fds)
+        self._fds_charged -= frame.fds_held
         if self._fds_refusal is not None:
             transport.close_fds(frame.fds)
             frame.refusal = RequestError(p.BUSY, f"Too many file descriptors held for requests "
@@ -300,7 +302,7 @@ class Connection:
         """A frame that failed while read: what it holds, and the descriptors
         received for it so far, go back."""
         self._release(frame)
-        transport.close_fds(self._stream.fds)
+        self._stream.drop_fds()
         self.server.pending_fds.give(self.peer.uid, self._fds_charged)
         self._fds_charged, self._fds_refusal = 0, None
 

@@ -12,11 +12,15 @@ frame's first byte, as ``SCM_RIGHTS``, and the JSON counts them in
     {"dtype": "uint8", "shape": [h, w, 3], "shm": 0, "offset": 0}
 
 Rules of this module:
-- :class:`SocketStream` is the only thing that touches the socket: exact
-  reads straight into the caller's buffers (``recvmsg_into``) and gathered
-  writes (``sendmsg``), on the event loop with ``add_reader``/``add_writer``.
-  It never reads past what it was asked for, so the descriptors that arrive
-  while one frame is read belong to that frame.
+- :class:`SocketStream` is the only thing that touches the socket: reads
+  into the caller's buffers (``recvmsg_into``) and gathered writes
+  (``sendmsg``), on the event loop with ``add_reader``/``add_writer``. A
+  short read may take up to READ_AHEAD bytes more than asked (a small
+  frame's header and body in one system call), kept for the next read.
+  Descriptors are tagged with the stream position where the read that
+  brought them ended (the kernel ends a read with the message that carries
+  them), and ``take_fds`` hands over only those whose message has been read,
+  so the descriptors of the next frame stay with the next frame.
 - Every descriptor it receives is in ``fds`` until taken; whoever takes
   descriptors closes them (``close_fds``) on every path.
 - The rest (frame metadata checks, packing) is pure; references.py resolves
@@ -31,6 +35,7 @@ import json
 import os
 import socket
 import sys
+import threading
 
 import numpy as np
 
@@ -46,6 +51,18 @@ CLIENT_SEND_BUFFER = 4 * 1024 * 1024   # SO_SNDBUF the client asks for (requests
 _ATTACHMENTS_KEY = b'"attachments"'
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _MAX_IOV = 512
+# A read shorter than this takes this much (what has arrived of it): one system
+# call for a small frame's header and body. What is read past the frame waits
+# in the stream, at most this much per connection.
+READ_AHEAD = 16 * 1024
+_scratch = threading.local()   # one read-ahead buffer per thread (event loops run in threads)
+
+
+def _read_ahead_buffer() -> memoryview:
+    view = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(READ_AHEAD))
+    return view
 
 
 def close_fds(fds) -> None:
@@ -74,7 +91,11 @@ class SocketStream:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.sock = sock
         self.fds: list[int] = []       # received, not yet taken
+        self._fd_ends: list[int] = []  # per descriptor: the stream position its read ended at
         self.fds_truncated = False     # the kernel dropped some (more than MAX_FDS at once)
+        self._received = 0             # bytes read from the socket
+        self._delivered = 0            # bytes handed to readers
+        self._ahead = memoryview(b"")  # read past what was asked, not yet handed over
         self.closed = False
         self._fileno = sock.fileno()
         self._waiting: set[asyncio.Future] = set()   # a reader's and a writer's, failed by close
@@ -100,10 +121,12 @@ class SocketStream:
                 (loop.remove_writer if writing else loop.remove_reader)(self._fileno)
 
     async def wait_readable(self) -> None:
-        await self._wait(False)
+        if not self._ahead:
+            await self._wait(False)
 
     def _recv(self, view: memoryview) -> int:
         count, ancillary, flags, _ = self.sock.recvmsg_into([view], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+        self._received += count
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -123,6 +146,7 @@ class SocketStream:
         if keep and self.admit_fds is not None and not self.admit_fds(len(keep)):
             keep, extra = [], fds   # the owner's bound: closed at once as well
         self.fds.extend(keep)
+        self._fd_ends.extend([self._received] * len(keep))
         if extra:
             self.fds_truncated = True
             close_fds(extra)
@@ -130,16 +154,41 @@ class SocketStream:
     async def readinto(self, view: memoryview) -> None:
         """Fill ``view`` exactly; IncompleteReadError at end of stream."""
         view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        done, size = 0, len(view)
+        size = len(view)
+        done = self._take_ahead(view)
         while done < size:
             try:
-                count = self._recv(view[done:])
+                count = self._recv_into(view, done)
             except (BlockingIOError, InterruptedError):
                 await self._wait(False)
                 continue
             if count == 0:
                 raise asyncio.IncompleteReadError(bytes(view[:done]), size)
             done += count
+        self._delivered += size
+
+    def _take_ahead(self, view: memoryview) -> int:
+        """Copy what was read ahead into ``view``; how many bytes."""
+        count = min(len(self._ahead), len(view))
+        if count:
+            view[:count] = self._ahead[:count]
+            self._ahead = self._ahead[count:]
+        return count
+
+    def _recv_into(self, view: memoryview, done: int) -> int:
+        """One read for ``view[done:]``: straight into it when large, else through
+        the read-ahead buffer, keeping what came past it. Returns the bytes of
+        ``view`` filled (0: end of stream)."""
+        wanted = len(view) - done
+        if wanted >= READ_AHEAD:
+            return self._recv(view[done:])
+        scratch = _read_ahead_buffer()
+        count = self._recv(scratch)
+        used = min(count, wanted)
+        view[done:done + used] = scratch[:used]
+        if count > used:
+            self._ahead = memoryview(bytes(scratch[used:count]))
+        return used
 
     async def readexactly(self, size: int) -> bytearray:
         buffer = bytearray(size)
@@ -163,8 +212,16 @@ class SocketStream:
                 else:
                     views[0], sent = views[0][sent:], 0
 
+    def drop_fds(self) -> None:
+        """Close every descriptor received and not taken."""
+        close_fds(self.fds)
+        self._fd_ends.clear()
+
     def take_fds(self) -> list[int]:
-        fds, self.fds = self.fds, []
+        """The descriptors whose message has been read to its end by now."""
+        count = sum(1 for end in self._fd_ends if end <= self._delivered)
+        fds, self.fds = self.fds[:count], self.fds[count:]
+        del self._fd_ends[:count]
         return fds
 
     def close(self) -> None:
@@ -177,7 +234,8 @@ class SocketStream:
             loop.remove_writer(self._fileno)
         except RuntimeError:
             pass  # no loop running
-        close_fds(self.fds)
+        self.drop_fds()
+        self._ahead = memoryview(b"")
         self._discard_unread()
         self.sock.close()
         for waiting in self._waiting:  # whoever waits on this socket learns it is gone
