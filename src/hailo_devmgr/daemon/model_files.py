@@ -111,21 +111,44 @@ def _check_form(path: str, field: str) -> None:
         raise RequestError(BAD_REQUEST, f"{field} must be absolute, got {path}")
 
 
+# Names resolved lately: (name, model_dirs) -> (AllowedPath, (st_dev, st_ino)).
+# realpath costs a system call per path component on every request; one stat
+# of the name tells whether it still leads to the same file, which is then
+# the file that was checked (another name for it, a hard link, is the same
+# bytes). Anything else resolves again. Any thread may use it (dict
+# operations are atomic); cleared when full.
+_RESOLVED: dict = {}
+_RESOLVED_MAX = 1024
+
+
 def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "model_path") -> AllowedPath:
     """The real path of an allowed, existing model file; raises RequestError.
 
     ``field`` names the request field in error messages."""
+    key = (path, model_dirs)
+    known = _RESOLVED.get(key)
+    if known is not None:
+        try:
+            found = os.stat(path)
+        except (OSError, ValueError):
+            found = None
+        if found is not None and (found.st_dev, found.st_ino) == known[1] and stat.S_ISREG(found.st_mode):
+            return known[0]
     _check_form(path, field)
     real = _realpath(path, path)
     if not _allowed(real, model_dirs):
         raise _forbidden(path, model_dirs)
     try:
-        mode = os.stat(real).st_mode
+        found = os.stat(real)
     except OSError:
         raise _not_found(path) from None
-    if not stat.S_ISREG(mode):  # a folder or a device is no model file (v1 text, exactly)
+    if not stat.S_ISREG(found.st_mode):  # a folder or a device is no model file (v1 text, exactly)
         raise _not_found(path)
-    return AllowedPath(real, model_dirs)
+    allowed = AllowedPath(real, model_dirs)
+    if len(_RESOLVED) >= _RESOLVED_MAX:
+        _RESOLVED.clear()
+    _RESOLVED[key] = (allowed, (found.st_dev, found.st_ino))
+    return allowed
 
 
 class ModelFile:
