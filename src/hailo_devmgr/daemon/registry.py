@@ -1,8 +1,10 @@
 """Loaded models: cache, load on demand, LRU eviction, pins, keep-alive.
 
 Runs on the device thread only (it creates and releases HailoRT objects).
-The event loop reads ``snapshot`` and the counters, which are replaced
-whole after every change (atomic reference assignment), never mutated.
+The event loop reads ``snapshot`` and the counters. The set of loaded
+models is replaced whole when it changes (atomic reference assignment),
+never mutated; each model's figures (uses, last use) are read as they are
+when status is asked, so an inference publishes nothing.
 
 A model's name is ``model_type:model_path`` with the path as the client
 gave it (v1 services see their own path in ``status``); the file opened is
@@ -193,7 +195,7 @@ class ModelRegistry:
         self._pin_specs: dict[str, ModelSpec] = {}
         self._restore: list[str] = []
         # Read by the event loop; replaced whole, never mutated.
-        self.snapshot: tuple[dict, ...] = ()
+        self._published: tuple[LoadedModel, ...] = ()
         self.total_evictions = 0
         self.last_capacity_event: tuple[str | None, str | None, float | None] = (None, None, None)
         runtime.on_close.append(self.release_all)
@@ -261,7 +263,6 @@ class ModelRegistry:
             model.uses += 1
             model.last_used = model.idle_since = time.time()
             model.last_used_mono = model.idle_since_mono = time.monotonic()
-            self._publish()
         return result, (time.perf_counter() - started) * 1000
 
     def unload(self, model_type: str, model_path: str, log_fields: dict | None = None,
@@ -499,4 +500,9 @@ class ModelRegistry:
             model.files.close()  # after HailoRT let go of the model
 
     def _publish(self) -> None:
-        self.snapshot = tuple(model.info() for model in self._models.values())
+        self._published = tuple(self._models.values())
+
+    @property
+    def snapshot(self) -> tuple[dict, ...]:
+        """The loaded models as status shows them (any thread)."""
+        return tuple(model.info() for model in self._published)
