@@ -129,6 +129,31 @@ def test_socket_stream_passes_fds_and_reads_into_buffers():
     asyncio.run(main())
 
 
+
+def test_frames_read_in_one_go_keep_their_own_descriptors():
+    """Small frames sent back to back arrive in one read-ahead; the memfd
+    sent with a frame goes to that frame's reader, never to the one before."""
+    async def main():
+        left, right = socket.socketpair()
+        a, b = t.SocketStream(left), t.SocketStream(right)
+        second, third = memfd(b"two"), memfd(b"three")
+        await a.send([b"frame-1:"])
+        await a.send([b"frame-2:"], [second])
+        await a.send([b"frame-3:"], [third])
+        seen = []
+        for _ in range(3):
+            data = await b.readexactly(8)
+            fds = b.take_fds()
+            seen.append((bytes(data), [os.pread(fd, 5, 0) for fd in fds]))
+            t.close_fds(fds)
+        assert seen == [(b"frame-1:", []), (b"frame-2:", [b"two"]), (b"frame-3:", [b"three"])]
+        for fd in (second, third):
+            os.close(fd)
+        a.close()
+        b.close()
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- against the daemon
 
 @pytest.fixture
