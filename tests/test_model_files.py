@@ -61,3 +61,21 @@ def test_missing_and_directory_use_the_v1_not_found_text(dirs):
 def test_malformed_paths_are_bad_requests(dirs, path):
     _, model_dirs = dirs
     assert _code(path, model_dirs)[0] == BAD_REQUEST
+
+
+def test_a_name_resolved_before_is_resolved_again_once_it_leads_elsewhere(dirs):
+    """Names are remembered (one stat instead of realpath per request), but a
+    name that now leads to another file, or to none, is checked from scratch."""
+    root, model_dirs = dirs
+    link = root / "link-in.hef"
+    assert resolve_model_path(str(link), model_dirs) == f"{root}/models/ok.hef"
+    link.unlink()
+    link.symlink_to(root / "secret" / "key.hef")      # same name, now a file outside
+    code, message = _code(str(link), model_dirs)
+    assert code == FORBIDDEN and "outside the allowed model folders" in message
+    assert resolve_model_path(f"{root}/models/ok.hef", model_dirs) == f"{root}/models/ok.hef"
+    os.unlink(f"{root}/models/ok.hef")
+    assert _code(f"{root}/models/ok.hef", model_dirs)[0] == MODEL_NOT_FOUND
+    # Another allowed folder list is another question.
+    (root / "models" / "ok.hef").write_text("x")
+    assert _code(f"{root}/models/ok.hef", (str(root / "secret"),))[0] == FORBIDDEN
