@@ -14,9 +14,9 @@ Each connection writes only its own answers, under one write lock, so
 frames never interleave and nothing reaches another client.
 
 The socket is read and written through :class:`transport.SocketStream`
-(exact reads with ``recvmsg_into``, so v2 frames can carry binary
-attachments, read straight into their buffers, and memfds passed with
-``SCM_RIGHTS``). A frame is its JSON, then the attachments its JSON lists,
+(``recvmsg_into``: large attachments read straight into their buffers,
+small frames in one read with what follows kept for the next, memfds passed
+with ``SCM_RIGHTS`` handed to the frame they came with). A frame is its JSON, then the attachments its JSON lists,
 then the descriptors that came while it was read; all of it counts against
 ``max_message_bytes`` (JSON and attachments) and the server's pools of
 request bytes and descriptors (limits.py, per uid and in all), and its
