@@ -245,6 +245,8 @@ class AdminConfig:
 class SimulatedConfig:
     load_ms: int = _key(_integer(0, 600_000), 200)
     infer_ms: int = _key(_integer(0, 600_000), 20)
+    # genai LLM: time per generated token (a VLM spreads infer_ms over its answer).
+    token_ms: int = _key(_integer(0, 600_000), 20)
     device_memory_mb: int = _key(_integer(1), 4096)
     model_memory_mb: int = _key(_integer(0), 512)
     lock_path: str = _key(_absolute_path, "/tmp/hailo-devmgr-simulated.lock")

@@ -43,6 +43,7 @@ import enum
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -85,6 +86,10 @@ DEFAULT_CONTEXT_CAPACITY = 4096
 # How many prompt words a generated answer repeats.
 ECHO_WORDS = 12
 END_TOKEN = "<|im_end|>"
+# What a simulated LLM or VLM says past its end token (when stop tokens replaced it),
+# and how many tokens a generation makes unless asked or the model's YAML says.
+FILLER_WORDS = ("and ", "so ", "on ")
+DEFAULT_MAX_GENERATED_TOKENS = 256
 HANG_LIMIT_S = 3600.0
 # Speech2Text: the audio rate HailoRT expects, and the simulated segment length.
 SPEECH_SAMPLE_RATE = 16000
@@ -1088,14 +1093,29 @@ def _image_slots(prompt) -> int | None:
 
 
 class LLMGeneratorCompletion:
-    """A streaming generation: iterate for str tokens; ``read``, ``read_all``, ``release``."""
+    """A streaming generation: iterate for str tokens; ``read``, ``read_all``, ``release``.
 
-    def __init__(self, model, tokens: list, end_status, duration_ms: int):
+    Tokens are made one at a time as they are read (``_GenAIModel._tokens``),
+    each read costing its time, so a generation that is released (leaving the
+    ``with`` block) makes no further token and costs no further time: as on
+    the device, where releasing a completion that is still GENERATING aborts
+    it (llm.cpp:714-727, v5.2.0). The status comes with each token, as the
+    server sends it (llm.cpp:905-908; llm_server.cpp:958-968): the token that
+    reaches ``max_generated_tokens`` ends with MAX_TOKENS_REACHED, one that
+    completes a stop sequence with LOGICAL_END_OF_GENERATION.
+    """
+
+    def __init__(self, model, tokens, max_generated_tokens: int, stop_sequences: list,
+                 first_ms: float, token_ms: float):
         self._model = model
-        self._tokens = list(tokens)
-        self._next = 0
-        self._end_status = end_status
-        self._token_ms = duration_ms / max(len(tokens), 1)
+        self._source = iter(tokens)
+        self._max = max_generated_tokens
+        self._stops = [list(sequence) for sequence in stop_sequences if sequence]
+        self._recent: list = []   # word ids of the tokens so far, for stop matching
+        self._count = 0
+        self._first_ms = first_ms
+        self._token_ms = token_ms
+        self._status = LLMGeneratorCompletionStatus.GENERATING
         self._released = False
 
     def __enter__(self):
@@ -1106,40 +1126,60 @@ class LLMGeneratorCompletion:
         return False
 
     def release(self) -> None:
-        self._released = True
+        if not self._released:
+            self._released = True
+            if self._status == LLMGeneratorCompletionStatus.GENERATING:
+                self._status = LLMGeneratorCompletionStatus.ABORTED
+                self._model._chip.record(f"{self._model._kind}_abort", self._model._file.label, self._count)
+                self._model._generation_ended(self._count)
         self._model._completion_finished(self)
 
     @property
     def generation_status(self):
-        if self._next < len(self._tokens):
-            return (LLMGeneratorCompletionStatus.ABORTED if self._released
-                    else LLMGeneratorCompletionStatus.GENERATING)
-        return self._end_status
+        return self._status
 
     def read(self, timeout_ms=10000) -> str:
         self._ensure_not_released()
-        if self._next >= len(self._tokens):
-            # Uncertain: the number HailoRT gives for reading a finished generation.
-            raise status_error(INVALID_OPERATION, "the generation is over")
-        self._spend(self._token_ms, timeout_ms)
-        token = self._tokens[self._next]
-        self._next += 1
-        return token
+        if self._status != LLMGeneratorCompletionStatus.GENERATING:
+            # llm.cpp:889-890 (v5.2.0): "read() cannot be called after generation completed!"
+            raise status_error(INVALID_OPERATION, "read() cannot be called after generation completed!")
+        self._spend(self._next_cost(), timeout_ms)
+        return self._next_token()
 
     def read_all(self, timeout_ms=10000) -> str:
+        """Every token left, within one budget (llm.cpp:914-923)."""
         self._ensure_not_released()
-        remaining = self._tokens[self._next:]
-        self._spend(self._token_ms * len(remaining), timeout_ms)
-        self._next = len(self._tokens)
-        return "".join(remaining)
+        budget, text = float(timeout_ms), []
+        while self._status == LLMGeneratorCompletionStatus.GENERATING:
+            cost = self._next_cost()
+            self._spend(cost, budget)
+            budget -= cost
+            text.append(self._next_token())
+        return "".join(text)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
+        # PY:4102-4105 (v5.2.0): StopIteration once the status is no longer GENERATING.
         if self.generation_status != LLMGeneratorCompletionStatus.GENERATING:
-            raise StopIteration
+            raise StopIteration("Generation complete")
         return self.read()
+
+    def _next_cost(self) -> float:
+        return self._token_ms + (self._first_ms if self._count == 0 else 0.0)
+
+    def _next_token(self) -> str:
+        token = next(self._source)
+        self._count += 1
+        self._recent.extend(self._model._word_ids(token))
+        if self._count >= self._max:
+            self._status = LLMGeneratorCompletionStatus.MAX_TOKENS_REACHED
+        elif any(self._recent[-len(stop):] == stop for stop in self._stops if len(stop) <= len(self._recent)):
+            self._status = LLMGeneratorCompletionStatus.LOGICAL_END_OF_GENERATION
+        if self._status != LLMGeneratorCompletionStatus.GENERATING:
+            self._model._generation_ended(self._count)
+        return token
 
     def _ensure_not_released(self) -> None:
         if self._released:
@@ -1149,7 +1189,7 @@ class LLMGeneratorCompletion:
         chip = self._model._chip
         if milliseconds > timeout_ms:
             chip.sleep_ms(timeout_ms)
-            raise status_error(TIMEOUT, f"generation needs {milliseconds:.0f} ms, timeout {timeout_ms} ms")
+            raise status_error(TIMEOUT, f"the next token needs {milliseconds:.0f} ms, timeout {timeout_ms} ms")
         chip.sleep_ms(milliseconds)
 
 
@@ -1218,17 +1258,40 @@ class _ServerPathMixin:
 
 
 class _GenAIModel(_ServerPathMixin, _GenAIBase):
-    """What LLM and VLM share: generation and context."""
+    """What LLM and VLM share: generation and context.
+
+    The answer is made of words: "Simulated LLM answer <digest>:" and up to
+    ECHO_WORDS words of the prompt's last text, then the model's end token
+    ``END_TOKEN``; past it (when ``set_stop_tokens`` took the end token away)
+    the model rambles on with FILLER_WORDS until ``max_generated_tokens``
+    (the request's, else the model's default: ``max_generated_tokens`` in its
+    YAML, DEFAULT_MAX_GENERATED_TOKENS). Stop tokens are matched on word ids
+    (``tokenize``), as the server matches token sequences (llm_server.cpp:821-852).
+
+    Time: an LLM takes ``infer_ms`` for the prompt and ``token_ms`` per
+    token (``simulated.token_ms``, or ``token_ms`` in the model's YAML); a
+    VLM spreads ``infer_ms`` over its answer's tokens unless its YAML sets
+    ``token_ms``; ``simulate_ms`` (request_scope) is spread over the answer.
+    """
 
     def __init__(self, vdevice, model_path):
         self._context_used = 0
-        self._stop_tokens: list = []
+        # The model's built-in end token (the server reads stop_token_id from
+        # the model's config, llm_server.cpp:118-122, v5.2.0).
+        self._stop_tokens: list = [END_TOKEN]
         self._active: LLMGeneratorCompletion | None = None
         super().__init__(vdevice, model_path)
 
     def _configure_from(self, description: dict) -> None:
         capacity = description.get("context_capacity", DEFAULT_CONTEXT_CAPACITY)
         self._context_capacity = _positive_int(capacity, "context_capacity")
+        maximum = description.get("max_generated_tokens", DEFAULT_MAX_GENERATED_TOKENS)
+        self._default_max_tokens = _positive_int(maximum, "max_generated_tokens")
+        token_ms = description.get("token_ms")
+        if token_ms is not None and (isinstance(token_ms, bool) or not isinstance(token_ms, (int, float))
+                                     or not 0 <= token_ms <= 600_000):
+            raise ValueError(f"token_ms must be a number of milliseconds, got {token_ms!r}")
+        self._token_ms = token_ms
 
     def _start(self, prompt, frames, seed, max_generated_tokens) -> LLMGeneratorCompletion:
         """Begin a generation (a device operation); tokens come from a digest of the inputs."""
@@ -1238,20 +1301,37 @@ class _GenAIModel(_ServerPathMixin, _GenAIBase):
         if running:  # uncertain: HailoRT's answer to overlapping generations
             raise status_error(INVALID_OPERATION, "a generation is still running; release it first")
         self._chip.device_operation(self._vdevice.generation)
-        tokens, end_status = self._answer(prompt, frames, seed, max_generated_tokens)
-        used = self._context_used + len(_prompt_text(prompt).split()) + len(tokens)
+        answer = self._answer(prompt, frames, seed)
         # Uncertain what HailoRT does with a full context; we just stop counting.
-        self._context_used = min(used, self._context_capacity)
+        self._context_used = min(self._context_used + len(_prompt_text(prompt).split()), self._context_capacity)
         self._chip.record(f"{self._kind}_generate", self._file.label)
-        self._active = _make(self._chip, "LLMGeneratorCompletion", self, tokens, end_status,
-                             self._chip.infer_ms())
+        first_ms, token_ms = self._pace(len(answer))
+        self._active = _make(self._chip, "LLMGeneratorCompletion", self, self._tokens(answer),
+                             max_generated_tokens or self._default_max_tokens,
+                             [self._word_ids(stop) for stop in self._stop_tokens], first_ms, token_ms)
         return self._active
+
+    def _pace(self, answer_tokens: int) -> tuple[float, float]:
+        """(ms before the first token, ms per token) for an answer of this many tokens."""
+        chip = self._chip
+        if chip.infer_ms_override is not None:
+            return 0.0, chip.infer_ms_override / answer_tokens
+        token_ms = self._token_ms
+        if token_ms is None and self._kind == "llm":
+            token_ms = chip.settings.token_ms
+        if token_ms is None:
+            return 0.0, chip.infer_ms() / answer_tokens
+        return float(chip.infer_ms()), float(token_ms)
 
     def _completion_finished(self, completion) -> None:
         if self._active is completion:
             self._active = None
 
-    def _answer(self, prompt, frames, seed, max_generated_tokens):
+    def _generation_ended(self, generated: int) -> None:
+        """The generated tokens stay in the context (until clear_context)."""
+        self._context_used = min(self._context_used + generated, self._context_capacity)
+
+    def _answer(self, prompt, frames, seed) -> list:
         hasher = hashlib.blake2b(self._file.digest, digest_size=16)
         hasher.update(json.dumps(prompt, sort_keys=True, default=str).encode())
         for frame in frames:
@@ -1259,15 +1339,22 @@ class _GenAIModel(_ServerPathMixin, _GenAIBase):
         hasher.update(repr(seed).encode())
         words = ["Simulated", self._kind.upper(), "answer", f"{hasher.hexdigest()[:8]}:",
                  *_prompt_text(prompt).split()[:ECHO_WORDS]]
-        tokens = [word + " " for word in words[:-1]] + [words[-1], END_TOKEN]
-        if max_generated_tokens is not None and max_generated_tokens < len(tokens):
-            return tokens[:max(max_generated_tokens, 0)], LLMGeneratorCompletionStatus.MAX_TOKENS_REACHED
-        return tokens, LLMGeneratorCompletionStatus.LOGICAL_END_OF_GENERATION
+        return [word + " " for word in words[:-1]] + [words[-1], END_TOKEN]
+
+    @staticmethod
+    def _tokens(answer: list):
+        yield from answer
+        for number in itertools.count():
+            yield FILLER_WORDS[number % len(FILLER_WORDS)]
+
+    @staticmethod
+    def _word_ids(text) -> list:
+        return [int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % 151936
+                for word in str(text).split()]
 
     def tokenize(self, text) -> list:
         self._ensure_usable()
-        return [int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % 151936
-                for word in str(text).split()]
+        return self._word_ids(text)
 
     def clear_context(self) -> None:
         self._ensure_usable()
@@ -1285,9 +1372,15 @@ class _GenAIModel(_ServerPathMixin, _GenAIBase):
         return "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
     def set_stop_tokens(self, stop_tokens) -> None:
-        self._stop_tokens = list(stop_tokens)  # stored only; the simulated text never contains them
+        """Replaces every stop token, the built-in end token too (llm.hpp:532; llm_server.cpp:712-713,
+        v5.2.0); a string that tokenizes to nothing is dropped (llm.cpp:474-479)."""
+        self._ensure_usable()
+        if not isinstance(stop_tokens, list) or not all(isinstance(stop, str) for stop in stop_tokens):
+            raise TypeError("set_stop_tokens(): incompatible function arguments: stop_tokens must be a list of str")
+        self._stop_tokens = [stop for stop in stop_tokens if self._word_ids(stop)]
 
     def get_stop_tokens(self) -> list:
+        self._ensure_usable()
         return list(self._stop_tokens)
 
     def save_context(self) -> bytes:
