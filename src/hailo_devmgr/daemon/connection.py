@@ -120,8 +120,9 @@ class Frame:
 
 
 class Connection:
-    def __init__(self, server, sock: socket.socket):
-        self.server = server
+    def __init__(self, dispatcher, sock: socket.socket):
+        self.dispatcher = dispatcher
+        self.admission = dispatcher.admission
         self.id = next(_connection_ids)
         self.peer = Peer.of(sock)
         self.protocol = 1
@@ -132,7 +133,7 @@ class Connection:
         self.cancel_requested: set = set()
         self.binary_results = False     # v2 hello asked for attachments: ndarrays go raw
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
-        self.shm_buffers = shm.RegisteredBuffers(server.config.shm_buffer_max_bytes)
+        self.shm_buffers = shm.RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)
         self._stream = transport.SocketStream(sock)
         self._write_lock = asyncio.Lock()
         # v1 answers in order: a few frames read ahead (so a vanished client is
@@ -174,17 +175,17 @@ class Connection:
             pass  # the client went away, or was cut off
         finally:
             # Its queued device work never runs; a running job's answer is dropped.
-            self.server.client_gone(self)
+            self.dispatcher.drop_queued_work(self)
             in_order.cancel()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(in_order, *self._tasks, return_exceptions=True)
             for frame in list(self._frames):  # read but never answered
                 self._release(frame)
-            self.server.connection_closed(self)
+            self.dispatcher.session_closed(self)
             self.shm_buffers.clear()
             self._stream.close()
-            self.server.pending_fds.give(self.peer.uid, self._fds_charged)  # a frame cut short
+            self.admission.pending_fds.give(self.peer.uid, self._fds_charged)  # a frame cut short
 
     async def _read_frame(self) -> Frame | None:
         """The next frame; None when the connection must end.
@@ -192,7 +193,7 @@ class Connection:
         Once a frame's first byte has come, all of it must follow within
         ``frame_timeout_s``: a client that stalls mid-frame is cut off and
         the memory reserved for its body is given back."""
-        config = self.server.config
+        config = self.dispatcher.config
         stream = self._stream
         try:
             async with asyncio.timeout(config.idle_timeout_s or None):
@@ -272,13 +273,13 @@ class Connection:
         """Charge ``size`` more bytes of this frame to its uid, waiting for room
         (time waited is not the client's: its frame clock stops meanwhile)."""
         with clock.paused():
-            await self.server.pending_bytes.take(self.peer.uid, size, clock.pool_deadline, own=frame.held)
+            await self.admission.pending_bytes.take(self.peer.uid, size, clock.pool_deadline, own=frame.held)
         frame.held += size
 
     def _admit_fds(self, count: int) -> bool:
         """Charge descriptors to the uid as they arrive (SocketStream asks), so a
         frame that never ends cannot hold more than the uid's share."""
-        reason = self.server.pending_fds.take_now(self.peer.uid, count)
+        reason = self.admission.pending_fds.take_now(self.peer.uid, count)
         if reason is not None:
             self._fds_refusal = reason
             return False
@@ -303,7 +304,7 @@ class Connection:
         received for it so far, go back."""
         self._release(frame)
         self._stream.drop_fds()
-        self.server.pending_fds.give(self.peer.uid, self._fds_charged)
+        self.admission.pending_fds.give(self.peer.uid, self._fds_charged)
         self._fds_charged, self._fds_refusal = 0, None
 
     async def _read_attachments(self, frame: Frame, length: int, clock: "_FrameClock") -> None:
@@ -325,20 +326,20 @@ class Connection:
                                               "closing the connection", fatal=True)
         sizes = transport.attachment_sizes(message)
         total = sum(sizes)
-        limit = self.server.config.max_message_bytes
+        limit = self.dispatcher.config.max_message_bytes
         if length + total > limit:
             raise RequestError(p.TOO_LARGE, f"Message of {length + total} bytes with its attachments "
                                             f"exceeds the limit of {limit} bytes", fatal=True)
         await self._hold_bytes(frame, total, clock)
         for size in sizes:
-            block = self.server.buffers.get(size)
+            block = self.dispatcher.buffers.get(size)
             frame.attachments.append(block)
             await clock.within(self._stream.readinto(memoryview(block)))
 
     def _release(self, frame: Frame) -> None:
         """Give back what a frame holds: its bytes and its descriptors."""
-        self.server.pending_bytes.give(self.peer.uid, frame.held)
-        self.server.pending_fds.give(self.peer.uid, frame.fds_held)
+        self.admission.pending_bytes.give(self.peer.uid, frame.held)
+        self.admission.pending_fds.give(self.peer.uid, frame.fds_held)
         frame.held = frame.fds_held = 0
         self._frames.discard(frame)
         if frame.blocks is not None:
@@ -346,11 +347,11 @@ class Connection:
         transport.close_fds(frame.fds)
         blocks, frame.attachments = frame.attachments, []
         while blocks:
-            self.server.buffers.put(blocks.pop())
+            self.dispatcher.buffers.put(blocks.pop())
 
     def _stalled(self) -> None:
         log.warning("closing a connection that stalled mid-frame for %g s (frame_timeout_s)",
-                    self.server.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
+                    self.dispatcher.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
         return None
 
     def is_idle(self) -> bool:
@@ -368,7 +369,7 @@ class Connection:
             # Answered at once, and what a client at the limit needs most: never
             # refused, never counted against the in-flight limit.
             task = asyncio.ensure_future(self._answer(frame))
-        elif len(self._requests) >= self.server.config.scheduling.max_inflight_per_connection:
+        elif len(self._requests) >= self.dispatcher.config.scheduling.max_inflight_per_connection:
             task = asyncio.ensure_future(self._refuse_busy(frame))
         else:
             task = asyncio.ensure_future(self._answer(frame))
@@ -382,7 +383,7 @@ class Connection:
         requests in flight and as many busy refusals): a client that sends and
         never reads its answers stops being read, and its own socket buffer
         pushes back on it, instead of the daemon's memory."""
-        most = 2 * self.server.config.scheduling.max_inflight_per_connection
+        most = 2 * self.dispatcher.config.scheduling.max_inflight_per_connection
         while len(self._tasks) >= most:
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
@@ -393,7 +394,7 @@ class Connection:
 
     async def _answer(self, frame: Frame) -> None:
         try:
-            response = await self.server.answer(frame, self)
+            response = await self.dispatcher.answer(frame, self)
             await self.send(response)
         except asyncio.CancelledError:
             raise  # the connection is ending
@@ -422,7 +423,7 @@ class Connection:
                     message = await self.decode(frame)  # for its request_id, which the answer echoes
                 except RequestError:
                     pass
-            await self.send(self.server.error_answer(None, message, error, self))
+            await self.send(self.dispatcher.error_answer(None, message, error, self))
         finally:
             self._release(frame)
 
@@ -434,30 +435,30 @@ class Connection:
         if not self.binary_results:
             frame, buffers, fds = p.encode_frame(response), [], []
         else:
-            shm_min = self.server.config.shm_result_min_bytes if self.shm_results else None
+            shm_min = self.dispatcher.config.shm_result_min_bytes if self.shm_results else None
             frame, buffers, fds = transport.pack(response, shm_min_bytes=shm_min)
         # An answer waiting to be written is memory the client holds: charged to
         # its uid (past the bound too: it exists), so that what the uid sends
         # next waits until its answers are taken.
         size = len(frame) + sum(memoryview(buffer).nbytes for buffer in buffers)
-        self.server.pending_bytes.charge(self.peer.uid, size)
-        self.server.unsent_answers.charge(self.peer.uid, size)
+        self.admission.pending_bytes.charge(self.peer.uid, size)
+        self.admission.unsent_answers.charge(self.peer.uid, size)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
             # cancellation that comes as the send completes, and the connection
             # would never end.
-            async with asyncio.timeout(self.server.config.frame_timeout_s):
+            async with asyncio.timeout(self.dispatcher.config.frame_timeout_s):
                 await self._send_in_turn([frame, *buffers], fds)
         except TimeoutError:
             # A client that does not take its answers holds them (and the
             # requests behind them) in our memory: it is cut off.
             log.warning("closing a connection that has not read its answers for %g s (frame_timeout_s)",
-                        self.server.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
+                        self.dispatcher.config.frame_timeout_s, extra={**self.peer.log_fields(), "CODE": "timeout"})
             self.close()
             raise ConnectionResetError("the client does not read its answers") from None
         finally:
-            self.server.pending_bytes.give(self.peer.uid, size)
-            self.server.unsent_answers.give(self.peer.uid, size)
+            self.admission.pending_bytes.give(self.peer.uid, size)
+            self.admission.unsent_answers.give(self.peer.uid, size)
             transport.close_fds(fds)
         self.last_active = time.monotonic()
 
@@ -475,8 +476,8 @@ class Connection:
         body = frame.body
         large = len(body) > INLINE_PARSE_BYTES
         key = self.client_key
-        values = await self.server.worker_pool.run(key, _json_values, body) if large else _json_values(body)
-        limit = self.server.config.max_message_bytes
+        values = await self.dispatcher.worker_pool.run(key, _json_values, body) if large else _json_values(body)
+        limit = self.dispatcher.config.max_message_bytes
         if values * VALUE_BYTES > limit:
             raise RequestError(p.TOO_LARGE, f"JSON of {len(body)} bytes with about {values} values would take "
                                             f"about {values * VALUE_BYTES} bytes decoded, over the limit of "
@@ -488,16 +489,16 @@ class Connection:
             # Grows little (base64 tensors, text): counted without waiting, or
             # a uid's frames on several connections, each holding its body,
             # would wait for one another until their deadlines.
-            self.server.pending_bytes.charge(self.peer.uid, cost)
+            self.admission.pending_bytes.charge(self.peer.uid, cost)
         else:
-            deadline = asyncio.get_running_loop().time() + self.server.config.frame_timeout_s
+            deadline = asyncio.get_running_loop().time() + self.dispatcher.config.frame_timeout_s
             try:
-                await self.server.pending_bytes.take(self.peer.uid, cost, deadline, own=frame.held)
+                await self.admission.pending_bytes.take(self.peer.uid, cost, deadline, own=frame.held)
             except limits.PoolTimeout as full:
                 raise RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason})",
                                    retry_after_ms=1000) from None
         frame.held += cost
-        return await self.server.worker_pool.run(key, p.decode_body, body) if large else p.decode_body(body)
+        return await self.dispatcher.worker_pool.run(key, p.decode_body, body) if large else p.decode_body(body)
 
 
 class _FrameClock:

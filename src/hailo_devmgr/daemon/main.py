@@ -28,7 +28,9 @@ from .backends import create_backend
 from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
 from .scheduler import QueueLimits, create_queue
-from .server import Server, bind_unix_socket, refuse_connections
+from . import status
+from .dispatch import Dispatcher
+from .listener import Listener, bind_unix_socket, refuse_connections
 
 log = logging.getLogger("hailo_devmgr")
 
@@ -113,7 +115,8 @@ class Daemon:
             Chore("reload pinned model", self.registry.restore_due, self.registry.restore_next_pin,
                   lambda: budgets().load_budget_s),
         ])
-        self.server: Server | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.listener: Listener | None = None
         self._stop = asyncio.Event()
         self._bound_path: str | None = None
         self._bound_inode: tuple | None = None
@@ -122,8 +125,9 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         listener = self._listener()
-        self.server = Server(self.config, self.device, self.runtime, self.registry,
-                             self.config.socket_path)
+        self.dispatcher = Dispatcher(self.config, self.device, self.runtime, self.registry,
+                                     self.config.socket_path)
+        self.listener = Listener(self.dispatcher)
         # Handlers first: a SIGTERM while the device opens still stops cleanly.
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -133,10 +137,10 @@ class Daemon:
         # without the reason it could not be). Meanwhile clients wait in the
         # listen backlog, as they do under socket activation before READY.
         await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
-        await self.server.start(listener)
-        self.notifier.ready(self.server.summary())
+        await self.listener.start(listener)
+        self.notifier.ready(status.summary(self.dispatcher))
         log.info("hailo-device-manager %s ready on %s (backend %s)", __version__,
-                 self.server.socket_path, self.config.backend)
+                 self.dispatcher.socket_path, self.config.backend)
         self.prewarm()
         tasks = [asyncio.ensure_future(self._status_loop())]
         if self.notifier.watchdog_interval_s:
@@ -160,18 +164,16 @@ class Daemon:
     def prewarm(self) -> None:
         """Load pinned models after READY, in the background (READY never waits)."""
         for pin in self.config.pin:
-            message = {"action": "load_model", "model_type": pin.model_type,
-                       "model_path": pin.model_path, "model_params": pin.model_params}
-            asyncio.ensure_future(self._prewarm_one(message))
+            asyncio.ensure_future(self._prewarm_one(pin))
 
-    async def _prewarm_one(self, message: dict) -> None:
-        response = await self.server.handle_message(message)
+    async def _prewarm_one(self, pin) -> None:
+        response = await self.dispatcher.preload(pin.model_type, pin.model_path, pin.model_params)
         if "error" in response:
-            log.error("pinned model %s could not be loaded: %s", message["model_path"], response["error"])
+            log.error("pinned model %s could not be loaded: %s", pin.model_path, response["error"])
 
     async def _status_loop(self) -> None:
         while True:
-            self.notifier.status(self.server.summary())
+            self.notifier.status(status.summary(self.dispatcher))
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _watchdog_loop(self, interval_s: float) -> None:
@@ -195,7 +197,7 @@ class Daemon:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:
             self._apply(new)
-        self.notifier.ready(self.server.summary())
+        self.notifier.ready(status.summary(self.dispatcher))
 
     def _apply(self, new) -> None:
         needs_restart = [key for key in ("backend", "socket_path", "socket_mode", "socket_dir_mode",
@@ -206,7 +208,7 @@ class Daemon:
         if needs_restart:
             log.warning("configuration reloaded; %s change only after a restart", ", ".join(needs_restart))
         systemd.set_level(new.log_level)
-        self.server.apply_config(new)
+        self.dispatcher.apply_config(new)
         self.runtime.budgets = new.watchdog
         self.device.queue.limits = queue_limits(new)  # the policy itself needs a restart
         self.runtime.thermal = new.thermal  # used from the next temperature reading
@@ -221,12 +223,12 @@ class Daemon:
     async def shutdown(self) -> int:
         log.info("stopping: refusing new work")
         self.notifier.stopping()
-        self.server.shutting_down = True
-        self.server.stop_accepting()
+        self.dispatcher.shutting_down = True
+        self.listener.stop_accepting()
         loop = asyncio.get_running_loop()
         log.info("stopping: answering queued work, finishing the running operation")
         stopped = await loop.run_in_executor(None, self.device.stop, SHUTDOWN_DRAIN_S)
-        await self.server.close_connections(grace_s=1.0)
+        await self.listener.close_connections(grace_s=1.0)
         if self._bound_path and _inode(self._bound_path) == self._bound_inode:
             # Only the socket file we made: a daemon started by hand after us
             # (ours was stopping) has bound the same path anew.

@@ -1,0 +1,111 @@
+"""Admission: what each uid may hold while its requests are read, waited on
+and answered, and who may ask for what.
+
+The pools (limits.Pool) bound, per uid and in all, the request bytes and
+descriptors held, the answers not yet taken, the registered shared memory
+and the device jobs between submission and answer. Peer rules: admins
+(root, the daemon's own user, config ``admin``) and the priority a client
+gets from ``scheduling.client_priorities``. Event loop only.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from . import limits
+from ..wire import protocol as p
+from ..wire.protocol import RequestError
+
+UNBOUNDED = 1 << 62
+
+
+class Admission:
+    def __init__(self, config):
+        self.config = config
+        # What clients' requests hold while read and until answered, bounded in all and per uid.
+        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, _bytes_per_uid(config))
+        self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
+                                       config.max_pending_fds_per_uid)
+        # Answers made and not yet taken by their client (also in pending_bytes):
+        # past a uid's share, that uid gets no more device work run.
+        self.unsent_answers = limits.Pool("bytes of unread answers", UNBOUNDED, _bytes_per_uid(config))
+        # Registered shared memory: per connection in shm.py; here per uid (the
+        # daemon's page tables, and the RSS the kernel's OOM killer reads).
+        self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
+        # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
+        self.device_jobs = limits.Pool("device requests", UNBOUNDED, _jobs_per_uid(config))
+
+    def apply(self, config) -> None:
+        """The bounds of a new configuration (what is held stays counted)."""
+        self.config = config
+        self.pending_bytes.set_limits(config.max_pending_bytes, _bytes_per_uid(config))
+        self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
+        self.unsent_answers.set_limits(UNBOUNDED, _bytes_per_uid(config))
+        self.registered_bytes.set_limits(*_registered_bounds(config))
+        self.device_jobs.set_limits(UNBOUNDED, _jobs_per_uid(config))
+
+    def held(self) -> dict:
+        return {"request_bytes": self.pending_bytes.used, "descriptors": self.pending_fds.used,
+                "registered_shm_bytes": self.registered_bytes.used}
+
+    # -- peers ----------------------------------------------------------------
+
+    def is_admin(self, peer) -> bool:
+        """Root, the daemon's own user, and the uids/groups in config `admin`."""
+        if peer.uid is None:
+            return False
+        admin = self.config.admin
+        if peer.uid in (0, os.getuid()) or peer.uid in admin.uids:
+            return True
+        return bool(admin.groups) and bool(set(admin.groups) & peer.groups())
+
+    def configured_priority(self, peer, unit: str | None) -> str | None:
+        """The priority ``scheduling.client_priorities`` gives this peer, by uid or unit."""
+        for rule in self.config.scheduling.client_priorities:
+            if rule.get("uid") == peer.uid or (unit is not None and rule.get("unit") == unit):
+                return rule["priority"]
+        return None
+
+    # -- device work ----------------------------------------------------------
+
+    def take_job_slot(self, uid) -> None:
+        """A uid's device jobs from submission until their answer is made:
+        queued, running, and done but not yet encoded. The queue's own bound
+        counts only those waiting; with a fast device, a uid that never reads
+        could otherwise have any number of answers made before one of them
+        was counted against its share."""
+        refusal = self.device_jobs.take_now(uid, 1)
+        if refusal is not None:
+            raise RequestError(p.BUSY, f"Too many device requests at once ({refusal})", retry_after_ms=100)
+
+    def give_job_slot(self, uid) -> None:
+        self.device_jobs.give(uid, 1)
+
+    async def answers_taken(self, uid) -> None:
+        """Wait while the uid holds more than its share of request bytes and
+        unread answers: a client that asks and never reads gets no more of
+        its work run, so its answers cannot pile up past its share (and what
+        its queue held already). Bounded like any wait: then busy."""
+        deadline = asyncio.get_running_loop().time() + self.config.frame_timeout_s
+        try:
+            await self.unsent_answers.take(uid, 0, deadline)
+        except limits.PoolTimeout as full:
+            raise RequestError(p.BUSY, f"This client's answers are not being read ({full.reason})",
+                               retry_after_ms=1000) from None
+
+
+def _jobs_per_uid(config) -> int:
+    """Those waiting (the queue's own bound), one running and one being answered."""
+    return config.scheduling.max_queue_per_client + 2
+
+
+def _registered_bounds(config) -> tuple[int, int]:
+    """(all uids, one uid): one uid may register what one connection may, all
+    together four times that."""
+    return 4 * config.shm_buffer_max_bytes, config.shm_buffer_max_bytes
+
+
+def _bytes_per_uid(config) -> int:
+    """A uid's share of request bytes, never below one whole message: a body is
+    charged a chunk at a time, and its own earlier chunks count."""
+    return max(config.max_pending_bytes_per_uid, config.max_message_bytes)
