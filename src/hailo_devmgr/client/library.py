@@ -41,12 +41,14 @@ from typing import Any
 
 import numpy as np
 
+from ..wire import codec
 from ..wire import protocol as p
 from ..wire import shm
 from ..wire import references as refs
 from ..wire import transport as t
 from .._version import __version__
 from ..wire.tensors import decode_results, encode_results, encode_v1
+from .stream import SocketStream, read_frame, read_frame_blocking, send_all
 
 # How AsyncClient sends ndarrays found in a request (``transport=``).
 TRANSPORTS = ("auto", "shm", "attachments", "base64")
@@ -157,6 +159,19 @@ def _v1_frame(message: dict) -> bytes:
     return p.encode_frame(message)
 
 
+def _resolved(frame: codec.Frame) -> dict:
+    """An answer frame's message, its attachment and shm tensors as ndarrays
+    (its descriptors closed)."""
+    answer = frame.message
+    blocks = refs.Blocks(frame.attachments, frame.fds)
+    try:
+        if (frame.attachments or frame.fds) and "result" in answer:
+            answer["result"] = refs.resolve(answer["result"], blocks, 2 ** 62, "result", as_array=True)
+    finally:
+        blocks.close()
+    return answer
+
+
 def _model_fields(model_path, model_type, model_params, input_data=None) -> dict:
     return {"model_path": model_path, "model_type": model_type,
             "model_params": model_params, "input_data": input_data}
@@ -264,7 +279,8 @@ class AsyncClient(_Methods):
         self._sent: set = set()             # v2: request ids whose frame is written (or being written)
         self._slots = _Slots()              # v2: requests in flight within the daemon's limit
         self._answers: asyncio.Task | None = None
-        self._stream: t.SocketStream | None = None
+        self._stream: SocketStream | None = None
+        self._reader: codec.FrameReader | None = None   # the connection's frames, read ahead included
         # True once connect() finished, hello included: until then no request may
         # use the stream, or it would go out as v1 on a connection becoming v2.
         self._ready = False
@@ -282,7 +298,8 @@ class AsyncClient(_Methods):
                 if not self._keep_trying(started, exc):
                     raise _refused(exc, self.socket_path) from exc
                 await asyncio.sleep(RECONNECT_POLL_S)
-        self._stream = t.SocketStream(sock, send_buffer=t.CLIENT_SEND_BUFFER)
+        self._stream = SocketStream(sock, send_buffer=t.CLIENT_SEND_BUFFER)
+        self._reader = codec.FrameReader(self.max_message_bytes)
         if self.pipelining:
             await self._negotiate()
         self._ready = True
@@ -329,6 +346,9 @@ class AsyncClient(_Methods):
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self.protocol = 1
         self.features = frozenset()
 
@@ -541,7 +561,7 @@ class AsyncClient(_Methods):
                                    f"{exc}") from exc
             raise
 
-    async def _write(self, stream: t.SocketStream, buffers: list, fds: list[int]) -> None:
+    async def _write(self, stream: SocketStream, buffers: list, fds: list[int]) -> None:
         """One whole frame (frames never interleave) on the connection it was made
         for; its fds closed once sent."""
         try:
@@ -564,14 +584,9 @@ class AsyncClient(_Methods):
 
     async def _read_message(self) -> dict:
         """The next answer, its attachment and shm tensors as ndarrays."""
-        answer, attachments, fds = await t.read_message(self._stream, self.max_message_bytes)
-        blocks = refs.Blocks(attachments, fds)
-        try:
-            if (attachments or fds) and "result" in answer:
-                answer["result"] = refs.resolve(answer["result"], blocks, 2 ** 62, "result", as_array=True)
-        finally:
-            blocks.close()
-        return answer
+        if self._reader is None:
+            raise ConnectionResetError("the connection was closed")
+        return _resolved(await read_frame(self._stream, self._reader))
 
     async def _read_answers(self) -> None:
         """v2: hand each answer to the request waiting for its request_id."""

@@ -1,0 +1,324 @@
+"""The socket side of the device protocol, for the asyncio client and the daemon.
+
+:class:`SocketStream` is the only thing that touches an asyncio socket:
+reads into the caller's buffers (``recvmsg_into``) and gathered writes
+(``sendmsg``), on the event loop with ``add_reader``/``add_writer``.
+Frames are cut by the codec (:class:`hailo_devmgr.wire.codec.FrameReader`):
+``await stream.fill(reader)`` does one read for it, and :func:`read_frame`
+loops until a whole frame is in. :func:`read_for` and :func:`send_all` do
+the same for a blocking socket (the blocking :class:`~.library.Client`).
+
+Rules:
+- A short read may take up to READ_AHEAD bytes more than asked (a small
+  frame's header and body in one system call); the reader keeps them for
+  the next frame. Descriptors are handed to the reader with the read that
+  brought them; it gives them to the frame that read ended in.
+- Whoever takes descriptors closes them (``close_fds``) on every path.
+- The older exact-read interface (``readexactly``, ``readinto``,
+  ``take_fds``; descriptors tagged by stream position, at most MAX_FDS
+  held, ``admit_fds`` asked before keeping them) stays until the daemon
+  reads through the codec too.
+
+It lives outside ``wire/`` because ``wire/`` has no asyncio (DESIGN.md).
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import socket
+import threading
+
+from ..wire.codec import MAX_FDS, NEED_DATA, Frame, FrameReader, close_fds
+
+# A read shorter than this takes this much (what has arrived of it): one system
+# call for a small frame's header and body. What is read past the frame waits
+# in the reader (or the stream), at most this much per connection.
+READ_AHEAD = 16 * 1024
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_MAX_IOV = 512
+_scratch = threading.local()   # one read-ahead buffer per thread (event loops run in threads)
+
+
+def _read_ahead_buffer() -> memoryview:
+    view = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(READ_AHEAD))
+    return view
+
+
+def recv_with_fds(sock: socket.socket, view: memoryview) -> tuple[int, list[int], bool]:
+    """One ``recvmsg_into``: (bytes read, descriptors, whether the kernel dropped some)."""
+    count, ancillary, flags, _ = sock.recvmsg_into([view], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(data[:len(data) - len(data) % received.itemsize])
+            fds.extend(received)
+    return count, fds, bool(flags & socket.MSG_CTRUNC)
+
+
+def read_for(sock: socket.socket, reader: FrameReader) -> int:
+    """One read from ``sock`` for ``reader`` (after NEED_DATA): into the buffer
+    it wants when that is at least READ_AHEAD bytes, else up to READ_AHEAD
+    bytes fed to it. Returns the byte count (0: end of stream); raises what
+    the socket raises (BlockingIOError, TimeoutError, ...)."""
+    view = reader.want()
+    if len(view) >= READ_AHEAD:
+        count, fds, truncated = recv_with_fds(sock, view)
+        reader.got(count, fds, truncated)
+    else:
+        scratch = _read_ahead_buffer()
+        count, fds, truncated = recv_with_fds(sock, scratch)
+        reader.feed(scratch[:count], fds, truncated)
+    return count
+
+
+def read_frame_blocking(sock: socket.socket, reader: FrameReader) -> Frame:
+    """The next whole frame from a blocking socket (the reader decodes, decode=True).
+    ConnectionResetError at the end of the stream."""
+    while True:
+        event = reader.next_event()
+        if isinstance(event, Frame):
+            return event
+        if event is NEED_DATA and read_for(sock, reader) == 0:
+            raise ConnectionResetError("the daemon closed the connection")
+
+
+def _views(buffers) -> list[memoryview]:
+    return [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0], sent = views[0][sent:], 0
+
+
+def _rights(fds) -> list:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+
+
+def send_all(sock: socket.socket, buffers, fds=()) -> None:
+    """Write every buffer on a blocking socket, in order; ``fds`` go with the first byte."""
+    views = _views(buffers)
+    ancillary = _rights(fds)
+    while views:
+        sent = sock.sendmsg(views[:_MAX_IOV], ancillary)
+        ancillary = []
+        _advance(views, sent)
+
+
+async def read_frame(stream: "SocketStream", reader: FrameReader) -> Frame:
+    """The next whole frame from ``stream`` (the reader decodes, decode=True).
+    IncompleteReadError at the end of the stream."""
+    while True:
+        event = reader.next_event()
+        if isinstance(event, Frame):
+            return event
+        if event is NEED_DATA:
+            await stream.fill(reader)
+
+
+class SocketStream:
+    """Exact reads and gathered writes on a non-blocking stream socket, with
+    descriptor passing. One reader and one writer at a time."""
+
+    def __init__(self, sock: socket.socket, send_buffer: int | None = None):
+        sock.setblocking(False)
+        if send_buffer:
+            # A Unix stream socket has at most SO_SNDBUF bytes in flight (208 KiB by
+            # default): a 6 MB frame then takes ~60 wake-ups of both event loops.
+            # The kernel caps the value at net.core.wmem_max; best effort.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.sock = sock
+        self.fds: list[int] = []       # received, not yet taken
+        self._fd_ends: list[int] = []  # per descriptor: the stream position its read ended at
+        self.fds_truncated = False     # the kernel dropped some (more than MAX_FDS at once)
+        self._received = 0             # bytes read from the socket
+        self._delivered = 0            # bytes handed to readers
+        self._ahead = memoryview(b"")  # read past what was asked, not yet handed over
+        self.closed = False
+        self._fileno = sock.fileno()
+        self._waiting: set[asyncio.Future] = set()   # a reader's and a writer's, failed by close
+        # Asked before descriptors are kept (the daemon charges them to the peer's uid).
+        self.admit_fds = None
+
+    async def _wait(self, writing: bool) -> None:
+        if self.closed:
+            raise ConnectionResetError("the connection was closed")
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake():
+            if not ready.done():
+                ready.set_result(None)
+        (loop.add_writer if writing else loop.add_reader)(self._fileno, wake)
+        self._waiting.add(ready)
+        try:
+            await ready
+        finally:
+            self._waiting.discard(ready)
+            if not self.closed:
+                (loop.remove_writer if writing else loop.remove_reader)(self._fileno)
+
+    async def wait_readable(self) -> None:
+        if not self._ahead:
+            await self._wait(False)
+
+    def _recv(self, view: memoryview) -> int:
+        count, fds, truncated = recv_with_fds(self.sock, view)
+        self._received += count
+        if fds:
+            self._keep_fds(fds)
+        if truncated:
+            self.fds_truncated = True
+        return count
+
+    def _keep_fds(self, fds: list[int]) -> None:
+        """Keep at most MAX_FDS until taken; close the rest at once. A frame's
+        body may come in many reads, each with its own descriptors: counting
+        only at the frame's end let one frame hold every descriptor the
+        daemon may open."""
+        room = max(0, MAX_FDS - len(self.fds))
+        keep, extra = fds[:room], fds[room:]
+        if keep and self.admit_fds is not None and not self.admit_fds(len(keep)):
+            keep, extra = [], fds   # the owner's bound: closed at once as well
+        self.fds.extend(keep)
+        self._fd_ends.extend([self._received] * len(keep))
+        if extra:
+            self.fds_truncated = True
+            close_fds(extra)
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` exactly; IncompleteReadError at end of stream."""
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        size = len(view)
+        done = self._take_ahead(view)
+        while done < size:
+            try:
+                count = self._recv_into(view, done)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(False)
+                continue
+            if count == 0:
+                raise asyncio.IncompleteReadError(bytes(view[:done]), size)
+            done += count
+        self._delivered += size
+
+    def _take_ahead(self, view: memoryview) -> int:
+        """Copy what was read ahead into ``view``; how many bytes."""
+        count = min(len(self._ahead), len(view))
+        if count:
+            view[:count] = self._ahead[:count]
+            self._ahead = self._ahead[count:]
+        return count
+
+    def _recv_into(self, view: memoryview, done: int) -> int:
+        """One read for ``view[done:]``: straight into it when large, else through
+        the read-ahead buffer, keeping what came past it. Returns the bytes of
+        ``view`` filled (0: end of stream)."""
+        wanted = len(view) - done
+        if wanted >= READ_AHEAD:
+            return self._recv(view[done:])
+        scratch = _read_ahead_buffer()
+        count = self._recv(scratch)
+        used = min(count, wanted)
+        view[done:done + used] = scratch[:used]
+        if count > used:
+            self._ahead = memoryview(bytes(scratch[used:count]))
+        return used
+
+    async def fill(self, reader: FrameReader) -> None:
+        """One read for ``reader`` after it said NEED_DATA: straight into the
+        buffer it wants when that is large (an attachment), else up to
+        READ_AHEAD bytes fed to it (a small frame in one system call).
+        IncompleteReadError at the end of the stream (``reader.mid_frame``
+        says whether a frame was cut). Descriptors go to the reader, which
+        gives them to their frame; ``admit_fds`` here is not asked."""
+        if self._ahead or self.fds:   # left by readinto(): the reader takes over
+            ahead, self._ahead = self._ahead, memoryview(b"")
+            self._delivered += len(ahead)
+            reader.feed(ahead, self.take_all_fds(), self.fds_truncated)
+            self.fds_truncated = False
+            return
+        while True:
+            try:
+                count = read_for(self.sock, reader)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(False)
+                continue
+            self._received += count
+            self._delivered += count
+            if count == 0:
+                raise asyncio.IncompleteReadError(b"", None)
+            return
+
+    async def readexactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        await self.readinto(memoryview(buffer))
+        return buffer
+
+    async def send(self, buffers, fds=()) -> None:
+        """Write every buffer, in order; ``fds`` go with the first byte."""
+        views = _views(buffers)
+        ancillary = _rights(fds)
+        while views:
+            try:
+                sent = self.sock.sendmsg(views[:_MAX_IOV], ancillary)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(True)
+                continue
+            ancillary = []
+            _advance(views, sent)
+
+    def drop_fds(self) -> None:
+        """Close every descriptor received and not taken."""
+        close_fds(self.fds)
+        self._fd_ends.clear()
+
+    def take_all_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        self._fd_ends.clear()
+        return fds
+
+    def take_fds(self) -> list[int]:
+        """The descriptors whose message has been read to its end by now."""
+        count = sum(1 for end in self._fd_ends if end <= self._delivered)
+        fds, self.fds = self.fds[:count], self.fds[count:]
+        del self._fd_ends[:count]
+        return fds
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._fileno)
+            loop.remove_writer(self._fileno)
+        except RuntimeError:
+            pass  # no loop running
+        self.drop_fds()
+        self._ahead = memoryview(b"")
+        self._discard_unread()
+        self.sock.close()
+        for waiting in self._waiting:  # whoever waits on this socket learns it is gone
+            if not waiting.done():
+                waiting.set_exception(ConnectionResetError("the connection was closed"))
+
+    def _discard_unread(self) -> None:
+        """Read (and drop) input already queued, up to a bound: closing a Unix
+        socket with unread data resets the peer, which would then lose the
+        answers still queued for it (e.g. a too_large error)."""
+        scratch = bytearray(64 * 1024)
+        for _ in range(64):
+            try:
+                if self.sock.recv_into(scratch, len(scratch), socket.MSG_DONTWAIT) <= 0:
+                    return
+            except OSError:
+                return
