@@ -202,9 +202,11 @@ HOLDERS = {
     "bindings": "ConfiguredInferModel.Bindings", "self.vlm": "VLM", "vdevice": "VDevice",
     "self.vdevice": "VDevice", "device": "Device", "info_device": "Device", "reading": "TemperatureInfo",
     "info": "BoardInformation", "self.speech2text": "Speech2Text", "segment": "SegmentInfo",
+    "self.llm": "LLM", "completion": "LLMGeneratorCompletion",
 }
 SCANNED = ("handlers/network.py", "handlers/clip.py", "handlers/ocr.py", "handlers/vlm.py", "handlers/whisper.py",
-           "handlers/generic.py", "handlers/depth.py", "handlers/pose.py", "backends/hailo.py")
+           "handlers/generic.py", "handlers/depth.py", "handlers/pose.py", "handlers/llm.py",
+           "handlers/generation.py", "backends/hailo.py")
 
 
 def _touched() -> dict[str, set[str]]:

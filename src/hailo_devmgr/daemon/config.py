@@ -26,7 +26,7 @@ BACKENDS = ("hailo", "simulated")
 SIMULATED_HAILORT_VERSIONS = ("4.23.0", "5.1.1", "5.2.0")
 SCHEDULING_ALGORITHMS = ("round_robin", "none")
 # The model types handlers/ implements (a test keeps the two lists equal).
-MODEL_TYPES = ("generic", "clip", "vlm", "vlm_chat", "whisper", "ocr", "depth", "pose")
+MODEL_TYPES = ("generic", "clip", "vlm", "vlm_chat", "whisper", "ocr", "depth", "pose", "llm")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
 

@@ -5,6 +5,7 @@ from .base import Handler, InputLimits
 from .clip import ClipHandler
 from .depth import DepthHandler
 from .generic import GenericHandler
+from .llm import LlmHandler
 from .ocr import OcrHandler
 from .pose import PoseHandler
 from .vlm import VlmChatHandler, VlmHandler
@@ -13,7 +14,7 @@ from .whisper import WhisperHandler
 HANDLERS: dict[str, type[Handler]] = {
     handler.model_type: handler
     for handler in (GenericHandler, ClipHandler, VlmHandler, VlmChatHandler, WhisperHandler, OcrHandler,
-                    DepthHandler, PoseHandler)
+                    DepthHandler, PoseHandler, LlmHandler)
 }
 
 __all__ = ["HANDLERS", "Handler", "InputLimits"]

@@ -59,23 +59,28 @@ def _message(message: Any, where: str) -> dict:
     return {"role": role, "content": [_part(part, f"{where}.content[{index}]") for index, part in enumerate(content)]}
 
 
-def prompt_field(data: dict, where: str = "input_data") -> str | list[dict]:
-    """``data["prompt"]``: a string, or a validated copy of a chat list."""
-    prompt = data.get("prompt")
+def prompt_field(data: dict, where: str = "input_data", key: str = "prompt") -> str | list[dict]:
+    """``data[key]``: a string, or a validated copy of a chat list."""
+    prompt = data.get(key)
     if isinstance(prompt, str):
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise _bad(f"{where}.prompt is longer than {MAX_PROMPT_CHARS} characters")
+            raise _bad(f"{where}.{key} is longer than {MAX_PROMPT_CHARS} characters")
         return prompt
     if not isinstance(prompt, list):
-        raise _bad(f"{where}.prompt must be a string or a chat list of messages, got {json_type(prompt)}")
+        raise _bad(f"{where}.{key} must be a string or a chat list of messages, got {json_type(prompt)}")
     if not prompt:
-        raise _bad(f"{where}.prompt is an empty chat list")
+        raise _bad(f"{where}.{key} is an empty chat list")
     if len(prompt) > MAX_MESSAGES:
-        raise _bad(f"{where}.prompt has {len(prompt)} messages, over the limit of {MAX_MESSAGES}")
-    messages = [_message(message, f"{where}.prompt[{index}]") for index, message in enumerate(prompt)]
+        raise _bad(f"{where}.{key} has {len(prompt)} messages, over the limit of {MAX_MESSAGES}")
+    messages = [_message(message, f"{where}.{key}[{index}]") for index, message in enumerate(prompt)]
     if sum(len(text) for text in _texts(messages)) > MAX_PROMPT_CHARS:
-        raise _bad(f"{where}.prompt holds more than {MAX_PROMPT_CHARS} characters of text")
+        raise _bad(f"{where}.{key} holds more than {MAX_PROMPT_CHARS} characters of text")
     return messages
+
+
+def texts(messages: list[dict]) -> list[str]:
+    """The text of every message and text part, in order."""
+    return list(_texts(messages))
 
 
 def _texts(messages: list[dict]):

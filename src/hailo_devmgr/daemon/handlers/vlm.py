@@ -9,6 +9,12 @@ context is cleared after every call, so one client's conversation never
 leaks into the next request.
 Frames must match the model's ``input_frame_shape()`` and
 ``input_frame_format_type()`` (336x336x3 uint8 on the public Qwen2-VL HEF).
+
+``run`` answers the text (``generate_all``); ``generate(inputs, timeout_ms,
+on_token)`` reads the same generation token by token through
+``VLM.generate`` (``PY:4638`` at v5.1.1, ``PY:4668`` at v5.2.0) and answers
+``{text, prompt_tokens, generated_tokens, prompt_ms, generation_ms,
+done_reason}`` as the llm type does (handlers/generation.py).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...wire.protocol import BAD_REQUEST, RequestError, optional_number
-from . import chat
+from . import chat, generation
 from .base import MAX_TIMEOUT_MS, Handler, InputLimits, genai_class, hailort_version, match_stream, require_object, tensor_field, tensor_list_field
 
 MAX_GENERATED_TOKENS = 8192
@@ -59,22 +65,10 @@ class VlmChatHandler(Handler):
     def load(self) -> None:
         vlm_class = genai_class(self.platform, "VLM", self.model_type, MINIMUM_HAILORT)
         self.vlm = vlm_class(self.vdevice, self.model_path)
+        self.end_tokens: list[str] | None = None  # read at the first generate()
 
     def run(self, inputs: dict, timeout_ms: int) -> str:
-        shape = list(self.vlm.input_frame_shape())
-        dtype = np.dtype(self.vlm.input_frame_format_type())
-        frames = [match_stream(frame, shape, dtype, self._frame_field(index))
-                  for index, frame in enumerate(inputs["frames"])]
-        if len(frames) > MAX_FRAMES_BEFORE_5_2 and hailort_version(self.platform) < (5, 2):
-            raise RequestError(BAD_REQUEST, f"input_data has {len(frames)} frames; HailoRT "
-                                            f"{self.platform.__version__} takes at most {MAX_FRAMES_BEFORE_5_2} "
-                                            "in one generation (5.2 and later take more)")
-        options = {key: inputs[key] for key in ("temperature", "seed", "max_generated_tokens")
-                   if inputs[key] is not None}
-        if options.get("temperature") == 0:
-            # HailoRT wants temperature > 0 (genai llm.cpp:553-565); 0 means greedy.
-            del options["temperature"]
-            options["do_sample"] = False
+        frames, options = self._checked(inputs)
         try:
             # Keywords only: HailoRT 5.2 inserted `videos` third (PY:4729).
             return self.vlm.generate_all(
@@ -84,6 +78,39 @@ class VlmChatHandler(Handler):
                 **options)
         finally:
             self.vlm.clear_context()
+
+    def generate(self, inputs: dict, timeout_ms: int, on_token: generation.OnToken | None) -> dict:
+        """The generation of ``run`` token by token; ``on_token(text) -> bool`` per piece (False cancels)."""
+        frames, options = self._checked(inputs)
+        if self.end_tokens is None:
+            # The model's end tokens, cut from the text: get_stop_tokens PY:4898 (v5.1.1), PY:4943 (v5.2.0).
+            self.end_tokens = [str(token) for token in self.vlm.get_stop_tokens()]
+        # tokenize: PY:4744 (v5.1.1), PY:4789 (v5.2.0); the text only, not the image tokens.
+        prompt_tokens = len(self.vlm.tokenize("\n".join(chat.texts(inputs["prompt"]))))
+        try:
+            # VLM.generate: keywords only (5.2 put `videos` third, PY:4668).
+            result = generation.read_tokens(
+                lambda: self.vlm.generate(prompt=inputs["prompt"], frames=frames, **options),
+                timeout_ms=min(inputs["timeout_ms"] or timeout_ms, timeout_ms), stops=self.end_tokens,
+                max_generated_tokens=inputs["max_generated_tokens"], on_token=on_token)
+        finally:
+            # clear_context: PY:4802 (v5.1.1), PY:4847 (v5.2.0).
+            self.vlm.clear_context()
+        return {"text": result["text"], "prompt_tokens": prompt_tokens,
+                **{key: value for key, value in result.items() if key != "text"}}
+
+    def _checked(self, inputs: dict) -> tuple[list[np.ndarray], dict]:
+        """The frames as the model takes them, and the sampling keywords."""
+        shape = list(self.vlm.input_frame_shape())
+        dtype = np.dtype(self.vlm.input_frame_format_type())
+        frames = [match_stream(frame, shape, dtype, self._frame_field(index))
+                  for index, frame in enumerate(inputs["frames"])]
+        if len(frames) > MAX_FRAMES_BEFORE_5_2 and hailort_version(self.platform) < (5, 2):
+            raise RequestError(BAD_REQUEST, f"input_data has {len(frames)} frames; HailoRT "
+                                            f"{self.platform.__version__} takes at most {MAX_FRAMES_BEFORE_5_2} "
+                                            "in one generation (5.2 and later take more)")
+        # HailoRT wants temperature > 0 (genai llm.cpp:553-565); 0 means greedy (generation.sampling).
+        return frames, generation.sampling(inputs)
 
     def release(self) -> None:
         self.vlm.release()
