@@ -26,7 +26,9 @@ Behaviour: outputs are a pure function of (model file content, output name,
 input bytes); ``configure()`` and genai constructors sleep ``load_ms`` and
 reserve device memory (81 when ``device_memory_mb`` or the limit of 8 loaded
 networks is exceeded); one inference sleeps ``infer_ms`` (or ``simulate_ms``
-inside ``SimulatedBackend.request_scope``); ``group_id "UNIQUE"`` takes an
+inside ``SimulatedBackend.request_scope``); a genai LLM generation takes
+``infer_ms`` for the prompt and ``token_ms`` per token, each token made as
+it is read (see _GenAIModel); ``group_id "UNIQUE"`` takes an
 exclusive ``flock`` on ``settings.lock_path`` (74 for a second owner). Tests
 can read ``backend.calls``, replace ``backend.sleep`` with a fake clock, and
 inject faults with ``backend.inject_fault``.
