@@ -7,7 +7,8 @@ hold numpy arrays directly: the async client sends them the fastest way the
 daemon offers (protocol v2: shared memory for large ones, in buffers
 registered once per connection and reused, binary attachments for the rest;
 v1: base64) and gets tensor results back the same way; the blocking client
-speaks v1 and sends them as base64.
+speaks v2 too (attachments, one-shot memfds for large arrays, no registered
+buffers) and falls back to v1 and base64 against an older daemon.
 
 What can go wrong, and whether a retry is safe (docs/client.md):
 
@@ -130,11 +131,10 @@ def _check(message: dict, response: dict, decode: bool) -> dict:
     return response
 
 
-def _answer_length(header: bytes, limit: int) -> int:
-    try:
-        return p.parse_length(header, limit)
-    except p.RequestError as exc:
-        raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE) from None
+def _unknown_action(error: DeviceError) -> bool:
+    """An answer to hello from a daemon without it: code unknown_action, or (the
+    earliest daemons, which had no codes) the v1 text alone."""
+    return error.code == p.UNKNOWN_ACTION or (error.code is None and error.message.startswith("Unknown action"))
 
 
 def _has_arrays(value: Any) -> bool:
@@ -318,7 +318,7 @@ class AsyncClient(_Methods):
         try:
             answer = _check(hello, await self._exchange_in_time(hello), False)
         except DeviceError as exc:
-            if exc.code != p.UNKNOWN_ACTION:
+            if not _unknown_action(exc):
                 raise
             return  # an older daemon: stay on v1
         self.protocol = int(answer.get("protocol", 1))
@@ -706,13 +706,33 @@ class Client(_Methods):
     """Blocking client, one connection. Safe to share between threads: their
     requests take turns on the connection, one in flight at a time (for
     requests in parallel give each thread its own Client, or use
-    :class:`AsyncClient`)."""
+    :class:`AsyncClient`).
+
+    It says ``hello`` when it connects and, if the daemon speaks protocol
+    2, sends the ndarrays of ``input_data`` as binary attachments (from
+    ``shm_min_bytes`` up in a sealed one-shot memfd, with ``transport``
+    "auto" or "shm") and takes tensor results as attachments (or memfds:
+    "shm"); against an older daemon it speaks v1 and sends them as base64.
+    ``transport`` "attachments" never uses shared memory, "base64" never
+    says hello. Either way ``result`` holds ndarrays (or, with
+    ``decode=False``, v1 tensors as the daemon would send them to a v1
+    client)."""
 
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None,
-                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES, reconnect_s: float = 0.0):
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES, reconnect_s: float = 0.0,
+                 client_name: str | None = None, transport: str = "auto",
+                 shm_min_bytes: int = t.DEFAULT_SHM_MIN_BYTES):
         super().__init__(socket_path, timeout=timeout, max_message_bytes=max_message_bytes,
                          reconnect_s=reconnect_s)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.client_name = client_name or f"hailo_devmgr.client/{__version__}"
+        self.transport = transport
+        self.shm_min_bytes = 0 if transport == "shm" else shm_min_bytes
+        self.protocol = 1
+        self.features: frozenset = frozenset()   # what the daemon offered in hello, and this client uses
         self._sock: socket.socket | None = None
+        self._reader: codec.FrameReader | None = None   # the connection's frames, read ahead included
         self._lock = threading.RLock()   # one request (and one connect or close) at a time
 
     def connect(self) -> "Client":
@@ -731,13 +751,51 @@ class Client(_Methods):
                     time.sleep(RECONNECT_POLL_S)
             self.close()
             self._sock = sock
+            self._reader = codec.FrameReader(self.max_message_bytes)
+            if self.transport != "base64":
+                try:
+                    self._negotiate()
+                except BaseException:
+                    self.close()
+                    raise
             return self
+
+    def _negotiate(self) -> None:
+        """hello: protocol 2 when the daemon speaks it, else stay on v1."""
+        receives, sends = {"auto": (["attachments"], {"attachments", "shm"}),
+                           "shm": (["attachments", "shm"], {"attachments", "shm"}),
+                           "attachments": (["attachments"], {"attachments"})}[self.transport]
+        hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
+                                                  "features": receives})
+        try:
+            send_all(self._sock, [p.encode_frame(hello)])
+        except OSError as exc:
+            answer = self._unread_answer()   # a refusal written before closing (busy)
+            if answer is None:
+                raise NotConnected(f"connection to {self.socket_path} closed before the request was "
+                                   f"sent: {exc}") from exc
+        else:
+            answer = self._receive()
+        try:
+            answer = _check(hello, answer, False)
+        except DeviceError as exc:
+            if not _unknown_action(exc):
+                raise
+            return  # an older daemon: v1
+        self.protocol = int(answer.get("protocol", 1)) if isinstance(answer.get("protocol"), int) else 1
+        if self.protocol >= 2:
+            self.features = frozenset(answer.get("features") or ()) & frozenset(sends)
 
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self.protocol = 1
+            self.features = frozenset()
 
     def __enter__(self):
         return self.connect()
@@ -750,16 +808,26 @@ class Client(_Methods):
         with self._lock:
             message = _build(action, next(self._ids), fields)
             try:
-                refusal = self._deliver(_v1_frame(message))
+                refusal = self._deliver(message)
                 answer = refusal if refusal is not None else self._receive()
             except BaseException:
                 self.close()  # cut short (an interrupt, a signal): its answer would be read as the next's
                 raise
             if answer.get("request_id") not in (None, message["request_id"]):
                 self.close()  # out of step: never read another answer on this connection
+            if not _decode and "result" in answer:
+                answer["result"] = encode_results(answer["result"])   # as a v1 client gets it
             return _check(message, answer, _decode)
 
-    def _deliver(self, frame: bytes) -> dict | None:
+    def _encode(self, message: dict) -> tuple[list, list[int]]:
+        """(buffers, fds) for a request on this connection: its ndarrays as
+        attachments or memfds with protocol 2, as base64 with v1."""
+        if "attachments" not in self.features or not _has_arrays(message.get("input_data")):
+            return [_v1_frame(message)], []
+        shm_min = self.shm_min_bytes if "shm" in self.features else None
+        return codec.encode(message, shm_min_bytes=shm_min)
+
+    def _deliver(self, message: dict) -> dict | None:
         """Send a whole request. A connection the daemon had closed (restart,
         idle) is replaced once: none of the request reached it. A refusal
         the daemon wrote before closing (busy, too_large) is returned."""
@@ -767,8 +835,9 @@ class Client(_Methods):
             reused = self._sock is not None
             if not reused:
                 self.connect()
+            buffers, fds = self._encode(message)   # per connection: its protocol may differ
             try:
-                self._sock.sendall(frame)
+                send_all(self._sock, buffers, fds)
                 return None
             except OSError as exc:
                 refusal = self._unread_answer()
@@ -778,12 +847,13 @@ class Client(_Methods):
                 if not reused or attempt:
                     raise NotConnected(f"connection to {self.socket_path} closed before the request was "
                                        f"sent: {exc}") from exc
+            finally:
+                codec.close_fds(fds)   # the daemon has its own copies once sent
         return None
 
     def _receive(self) -> dict:
         try:
-            header = self._recv_exactly(p.HEADER_SIZE)
-            body = self._recv_exactly(_answer_length(header, self.max_message_bytes))
+            frame = read_frame_blocking(self._sock, self._reader)
         except TimeoutError:
             self.close()  # a late answer would be read as the next request's
             raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
@@ -791,27 +861,17 @@ class Client(_Methods):
             self.close()
             raise ConnectionLost(f"connection to {self.socket_path} lost after the request was sent: "
                                  f"{exc}") from exc
-        except DeviceError:
+        except p.RequestError as exc:
             self.close()  # the unread answer leaves the stream unusable
+            if exc.code == p.TOO_LARGE:
+                raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE) from None
             raise
-        return p.decode_body(body)
+        return _resolved(frame)
 
     def _unread_answer(self) -> dict | None:
         """An answer the daemon wrote before closing (a refusal), if there is one."""
         try:
             self._sock.settimeout(1.0)
-            header = self._recv_exactly(p.HEADER_SIZE)
-            return p.decode_body(self._recv_exactly(_answer_length(header, self.max_message_bytes)))
+            return _resolved(read_frame_blocking(self._sock, self._reader))
         except Exception:
             return None
-
-    def _recv_exactly(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        received = 0
-        while received < size:
-            count = self._sock.recv_into(view[received:])
-            if count == 0:
-                raise ConnectionResetError("the daemon closed the connection")
-            received += count
-        return bytes(buffer)

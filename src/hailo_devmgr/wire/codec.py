@@ -209,6 +209,7 @@ class FrameReader:
         self._cuts: list[int] = []       # positions of reads whose extra descriptors were closed
         self._error: RequestError | None = None
         self._closed = False
+        self._start = 0                  # stream position where the frame being read starts
         self._new_frame()
 
     def _new_frame(self) -> None:
@@ -232,6 +233,11 @@ class FrameReader:
     def buffered(self) -> int:
         """Bytes fed and not yet used by a frame."""
         return len(self._pending) - self._pos
+
+    @property
+    def pending(self) -> int:
+        """Bytes received past the last whole frame (of the frames still to come)."""
+        return self._received - self._start
 
     @property
     def held_fds(self) -> int:
@@ -477,6 +483,7 @@ class FrameReader:
         truncated = bool(self._cuts) and self._cuts[0] <= end
         while self._cuts and self._cuts[0] <= end:
             self._cuts.pop(0)
+        self._start = end
         frame = Frame(self._body, self._message, self._blocks, fds, truncated)
         if not self.v2 and (fds or truncated):
             close_fds(fds)
