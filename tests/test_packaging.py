@@ -7,6 +7,7 @@ running, so maintainer scripts must cope) and purge what they installed.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from packages import OLD_VERSION, PACKAGES, ROOT, SYSTEM_ENV, run
+from packages import OLD_VERSION, OLLAMA_PACKAGE, PACKAGES, ROOT, SYSTEM_ENV, run
 def contents(deb: Path) -> str:
     return run("dpkg-deb", "-c", str(deb)).stdout
 
@@ -58,7 +59,7 @@ def test_daemon_package_contents_and_fields(debs):
                  "./usr/share/doc/hailo-device-manager/examples/hailo-clip-search.service"):
         assert path in listing, path
     # The daemon's modules are here; the client library's are python3-hailo-devmgr's.
-    assert "/dist-packages/hailo_devmgr/daemon/server.py" in listing
+    assert "/dist-packages/hailo_devmgr/daemon/dispatch.py" in listing
     assert "/dist-packages/hailo_devmgr/client/" not in listing and "/hailo_devmgr/wire/" not in listing
     assert field(deb, "Architecture") == "all"
     depends = field(deb, "Depends")
@@ -126,7 +127,8 @@ def dpkg_install(*debs: Path):
 
 
 def purge():
-    run("dpkg", "--purge", *PACKAGES, check=False, timeout=300)
+    # hailo-ollama-service first in the same call: it Depends on hailo-device-manager.
+    run("dpkg", "--purge", OLLAMA_PACKAGE, *PACKAGES, check=False, timeout=300)
 
 
 @pytest.fixture
@@ -253,6 +255,116 @@ def test_purge_keeps_model_files(debs, clean_system):
                 os.rmdir(folder)
             except OSError:
                 pass
+
+
+# ------------------------------------------------------------------ hailo-ollama-service
+
+def unit_text(root: Path, name: str) -> str:
+    """A unit from an extracted package (/lib on Debian 12, /usr/lib from 13)."""
+    [path] = [path for path in (root / "lib/systemd/system" / name, root / "usr/lib/systemd/system" / name)
+              if path.exists()]
+    return path.read_text()
+
+
+def test_ollama_package_contents_fields_and_conffile(debs):
+    deb = debs[OLLAMA_PACKAGE]
+    listing = contents(deb).replace("./usr/lib/systemd/", "./lib/systemd/")
+    for path in ("./lib/systemd/system/hailo-ollama.service",
+                 "./usr/lib/sysusers.d/hailo-ollama-service.conf",
+                 "./usr/lib/tmpfiles.d/hailo-ollama-service.conf",
+                 "./etc/hailo/hailo-ollama.yaml",
+                 "./usr/bin/hailo-ollama-config",
+                 "/dist-packages/hailo_devmgr/ollama_service.py",
+                 "./usr/share/man/man8/hailo-ollama-config.8.gz",
+                 "./usr/share/doc/hailo-ollama-service/hailo-ollama.md.gz",
+                 "./usr/share/doc/hailo-ollama-service/copyright"):
+        assert path in listing, path
+    assert "hailo-ollama.json" not in listing  # generated at start, never shipped
+    others = contents(debs["hailo-device-manager"]) + contents(debs["python3-hailo-devmgr"])
+    assert "ollama_service" not in others and "hailo-ollama" not in others  # each file in one package
+    assert field(deb, "Architecture") == "all"
+    depends = field(deb, "Depends")
+    assert "hailo-device-manager (= 0.1.0)" in depends and "python3-yaml" in depends  # the lending CLI, the YAML
+    assert "hailo-gen-ai-model-zoo" not in depends and "hailort" not in depends  # Hailo's, never a hard dependency
+    assert field(deb, "Suggests") == "hailo-gen-ai-model-zoo"  # provides /usr/bin/hailo-ollama
+    assert control_file(deb, "conffiles").split() == ["/etc/hailo/hailo-ollama.yaml"]
+
+
+def test_ollama_unit_is_the_issues(debs, tmp_path):
+    run("dpkg-deb", "-x", str(debs[OLLAMA_PACKAGE]), str(tmp_path))
+    lines = unit_text(tmp_path, "hailo-ollama.service").splitlines()
+    for line in ("Type=simple", "User=hailo-ollama", "Group=hailo-ollama", "SupplementaryGroups=hailo",
+                 "StateDirectory=hailo-ollama",
+                 "Environment=XDG_CONFIG_HOME=/etc/xdg XDG_CONFIG_DIRS=/etc/xdg XDG_DATA_HOME=/var/lib "
+                 "XDG_DATA_DIRS=/var/lib",
+                 "Wants=network-online.target", "After=network-online.target",
+                 "Restart=always", "RestartSec=5", "TimeoutStopSec=30", "KillSignal=SIGTERM",
+                 "ExecCondition=/usr/bin/hailo-ollama-config --check-binary",
+                 "ExecStart=/usr/bin/hailo-ollama", "WantedBy=multi-user.target",
+                 "Conflicts=hailo-devmgr-ollama.socket hailo-devmgr-ollama.service"):
+        assert line in lines, line
+    # In this order: the YAML is checked before the device is borrowed, and given back after any stop.
+    pre = [line for line in lines if line.startswith("ExecStartPre=")]
+    assert pre == ["ExecStartPre=+/usr/bin/hailo-ollama-config --apply",
+                   "ExecStartPre=+hailo-devmgr lend --to hailo-ollama.service --wait 30"]
+    assert [line for line in lines if line.startswith("ExecStopPost=")] == ["ExecStopPost=+hailo-devmgr reclaim"]
+    sysusers = (tmp_path / "usr/lib/sysusers.d/hailo-ollama-service.conf").read_text().splitlines()
+    assert "m hailo-ollama hailo" in sysusers and any(line.startswith("u hailo-ollama ") for line in sysusers)
+
+
+def test_ollama_packaged_template_renders_the_issues_json(debs, tmp_path):
+    run("dpkg-deb", "-x", str(debs[OLLAMA_PACKAGE]), str(tmp_path))
+    [module] = (tmp_path / "usr/lib").glob("python3*/dist-packages/hailo_devmgr/ollama_service.py")
+    output = tmp_path / "out" / "hailo-ollama.json"
+    run("/usr/bin/python3", str(module), "--config", str(tmp_path / "etc/hailo/hailo-ollama.yaml"),
+        "--output", str(output))
+    assert json.loads(output.read_text()) == {"server": {"host": "0.0.0.0", "port": 11434},
+                                              "library": {"host": "dev-public.hailo.ai", "port": 443},
+                                              "main_poll_time_ms": 200}
+
+
+def test_ollama_maintainer_scripts_never_enable_or_start_it(debs):
+    deb = debs[OLLAMA_PACKAGE]
+    postinst = control_file(deb, "postinst")
+    assert "deb-systemd-helper --quiet was-enabled 'hailo-ollama.service'" in postinst  # enabled only if it was
+    assert "deb-systemd-invoke start" not in postinst and "deb-systemd-invoke restart" not in postinst
+    assert "deb-systemd-invoke try-restart 'hailo-ollama.service'" in postinst  # upgrade: only if running
+    assert "systemd-sysusers" in postinst and "systemd-tmpfiles" in postinst
+    prerm = control_file(deb, "prerm")
+    before_stop = prerm.split("deb-systemd-invoke stop 'hailo-ollama.service'")
+    assert len(before_stop) == 2 and '[ "$1" = remove ]' in before_stop[0].rstrip().splitlines()[-1]
+
+
+@needs_root
+def test_ollama_install_warns_without_the_binary_and_purge_keeps_models_and_user(debs, clean_system, tmp_path):
+    binary = Path("/usr/bin/hailo-ollama")
+    if binary.exists():
+        pytest.skip("Hailo's hailo-ollama is installed on this machine: the warning cannot be seen")
+    result = dpkg_install(debs["python3-hailo-devmgr"], debs["hailo-device-manager"], debs[OLLAMA_PACKAGE])
+    output = result.stdout + result.stderr
+    assert ("hailo-ollama-service: warning: /usr/bin/hailo-ollama not found: install Hailo's "
+            "hailo-gen-ai-model-zoo package") in output  # a warning, not a failure
+    data = Path("/var/lib/hailo-ollama")
+    try:
+        assert "hailo-ollama" in grp.getgrnam("hailo").gr_mem  # for /dev/hailo*
+        assert pwd.getpwnam("hailo-ollama").pw_shell == "/usr/sbin/nologin"
+        assert pwd.getpwuid((data / "models").stat().st_uid).pw_name == "hailo-ollama"
+        assert os.readlink(data / "models" / "manifests") == "/usr/share/hailo-ollama/models/manifests"
+        assert not Path("/etc/systemd/system/multi-user.target.wants/hailo-ollama.service").exists()
+        rendered = run("/usr/bin/hailo-ollama-config")  # by hand, as root: the default paths
+        assert "wrote /etc/xdg/hailo-ollama/hailo-ollama.json" in rendered.stdout
+        (data / "models" / "blob").mkdir(exist_ok=True)
+        (data / "models" / "blob" / "sha256_test").write_text("a pulled model")
+        run("dpkg", "--remove", OLLAMA_PACKAGE)
+        assert Path("/etc/hailo/hailo-ollama.yaml").exists()  # remove keeps the configuration
+        run("dpkg", "--purge", OLLAMA_PACKAGE)
+        assert not Path("/etc/hailo/hailo-ollama.yaml").exists()
+        assert not Path("/etc/xdg/hailo-ollama").exists()  # the generated JSON and its folder
+        assert (data / "models" / "blob" / "sha256_test").read_text() == "a pulled model"  # models stay
+        assert pwd.getpwnam("hailo-ollama")  # the user stays, as Debian does
+        assert Path("/etc/hailo/device-manager.yaml").exists()  # the daemon's package untouched
+    finally:
+        run("rm", "-rf", str(data), "/etc/xdg/hailo-ollama")
 
 
 def test_stdeb_builds_a_client_package_that_imports(tmp_path):
