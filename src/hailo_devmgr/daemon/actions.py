@@ -45,6 +45,7 @@ class DeviceRequest:
     deadline: float | None = None       # monotonic; not started by then -> timeout
     admin: bool = True                  # the client may unload, or shorten the keep-alive of,
                                         # models other uids loaded
+    stream: bool = False                # infer token by token (generative model types, protocol v2)
 
 
 def _model_type(body: dict) -> str:
@@ -126,13 +127,26 @@ def prepare(request: p.Request, config) -> DeviceRequest:
         params, lambda path, name: resolve_model_path(path, dirs, f"model_params.{name}"))
     prepared.spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
     if action == "infer":
+        prepared.stream = _stream_flag(body, handler_cls, model_type)
         limits = InputLimits(max_tensor_elements=config.max_tensor_elements, max_audio_s=config.max_audio_s)
         prepared.inputs = handler_cls.parse_input(body["input_data"], limits)
     return prepared
 
 
-def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], Any], str, float]:
-    """(callable for the device thread, label, budget in seconds)."""
+def _stream_flag(body: dict, handler_cls, model_type: str) -> bool:
+    value = body.get("stream", False)
+    if not isinstance(value, bool):
+        raise RequestError(p.BAD_REQUEST, f"stream must be true or false, got {p.json_type(value)}")
+    if value and not callable(getattr(handler_cls, "generate", None)):
+        raise RequestError(p.BAD_REQUEST, f"model type {model_type} does not stream tokens "
+                                          "(stream: true is for generative model types)")
+    return value
+
+
+def device_job(request: DeviceRequest, registry, budgets,
+               on_token: Callable[[str], bool] | None = None) -> tuple[Callable[[], Any], str, float]:
+    """(callable for the device thread, label, budget in seconds). ``on_token``:
+    for a streamed infer, called on the device thread per piece of text."""
     model_type, model_path, spec = request.model_type, request.model_path, request.spec
     runtime = registry.runtime
 
@@ -172,6 +186,9 @@ def device_job(request: DeviceRequest, registry, budgets) -> tuple[Callable[[], 
         # The HailoRT timeout: the infer budget, capped by what the load left of the deadline.
         timeout_ms = hailort_timeout_ms(int(infer_budget_s * 1000), request.deadline)
         try:
+            if request.stream:
+                return registry.generate(spec, request.inputs, timeout_ms, on_token, request.scope,
+                                         request.log_fields, request.keep_alive, request.admin)
             return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
                                   request.keep_alive, request.admin)
         except RequestError as error:

@@ -131,6 +131,7 @@ class Connection:
         self.unit = self.peer.unit()      # systemd unit of the peer, read once
         self.inflight: dict = {}        # request_id -> Job (None while validated), for cancel
         self.cancel_requested: set = set()
+        self.streams: dict = {}         # request_id -> TokenStream of a streamed infer
         self.binary_results = False     # v2 hello asked for attachments: ndarrays go raw
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
         self.shm_buffers = shm.RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)

@@ -12,6 +12,7 @@ thread; the event loop only waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import actions, scheduler, simulate, status, workers
+from . import actions, scheduler, simulate, status, streaming, workers
 from .admission import Admission
 from .connection import Connection, Frame, Peer
 from .metrics import Metrics
@@ -127,7 +128,10 @@ class Dispatcher:
         if error.code not in (p.BAD_REQUEST, p.UNKNOWN_ACTION, p.CANCELLED):
             self.last_error, self.last_error_code = text, error.code
         log.info("%s refused: %s", request.action or "request", text, extra=fields)
-        return p.error_response(request, error)
+        response = p.error_response(request, error)
+        if request.body.get("stream") is True and request.action == "infer":
+            response.update(stream=True, done=True)   # ends the stream, as a final answer does
+        return response
 
     def _actions(self) -> dict:
         """The table of actions: name -> coroutine(request, connection, blocks).
@@ -202,7 +206,9 @@ class Dispatcher:
             # Test hooks that hold the simulated device (a hang outlasts every
             # timeout and the watchdog): the simulate action's rule.
             simulate.authorize(self.runtime.backend.name, connection.peer.uid)
-        fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog)
+        tokens = self._open_stream(request, connection) if prepared.stream else None
+        fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog,
+                                                 tokens.on_token if tokens else None)
         if connection is not None:
             await self.admission.answers_taken(connection.peer.uid)
         if tracked and request.request_id in connection.cancel_requested:
@@ -215,7 +221,8 @@ class Dispatcher:
             if tracked:
                 connection.inflight[request.request_id] = job
             try:
-                result = await self._await_job(job)
+                waiting = self._await_job(job)
+                result = await (self._streamed(tokens, request, connection, waiting) if tokens else waiting)
             except RequestError as error:
                 self.metrics.observe(request.action, prepared.model_type, job, error.code)
                 raise
@@ -227,10 +234,52 @@ class Dispatcher:
             self.metrics.observe(request.action, prepared.model_type, job, None)
             if request.action == "infer":
                 result = await self._infer_payload(result, connection)
+            if tokens:
+                result.update(stream=True, done=True)
+                if tokens.stop_reason is not None:
+                    result["result"]["stop_reason"] = tokens.stop_reason
             return result
         finally:
             # From here the answer counts in the uid's request bytes (Connection.send).
             self.admission.give_job_slot(uid)
+            if tokens:
+                connection.streams.pop(request.request_id, None)
+
+    @staticmethod
+    def _open_stream(request: p.Request, connection: Connection | None) -> streaming.TokenStream:
+        """A streamed infer's token buffer, known to cancel by its request_id."""
+        if connection is None or connection.protocol < 2:
+            raise RequestError(p.BAD_REQUEST, "stream: true needs protocol 2 (send hello first)")
+        if not request.has_request_id:
+            raise RequestError(p.BAD_REQUEST, "stream: true needs a request_id (every chunk carries it)")
+        tokens = streaming.TokenStream(asyncio.get_running_loop())
+        connection.streams[request.request_id] = tokens
+        return tokens
+
+    @staticmethod
+    async def _streamed(tokens: streaming.TokenStream, request: p.Request, connection: Connection, waiting):
+        """Await the job while its tokens go out as chunk frames; the last chunk
+        is written before the final answer. A request that ends otherwise
+        (cancelled, the client gone, an error) stops the generation at once."""
+        async def send_chunk(text: str) -> None:
+            await connection.send({"status": "ok", "request_id": request.request_id,
+                                   "stream": True, "done": False, "chunk": text})
+
+        def writer_ended(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                tokens.stop("the connection failed while tokens were being sent")
+        writer = asyncio.ensure_future(tokens.forward(send_chunk))
+        writer.add_done_callback(writer_ended)
+        try:
+            result = await waiting
+        except BaseException:
+            tokens.stop("the request ended before its generation")
+            writer.cancel()
+            raise
+        tokens.finish()
+        with contextlib.suppress(OSError):   # the connection is closing: its final answer fails too
+            await writer
+        return result
 
 
 
@@ -392,16 +441,21 @@ class Dispatcher:
             raise RequestError(p.BAD_REQUEST, "cancel needs target: the request_id to cancel")
         known = connection is not None and target in connection.inflight
         job = connection.inflight.get(target) if known else None
+        tokens = connection.streams.get(target) if known else None
         if known and job is None:
             connection.cancel_requested.add(target)  # still being validated: it will not be queued
             state = "cancelled"
         elif job is not None and self.device.queue.remove(job, scheduler.cancelled_error()):
             state = "cancelled"
+        elif tokens is not None:
+            tokens.stop("cancelled by the client")   # its final answer follows: done_reason cancelled
+            state = "stopping"
         elif job is not None:
             state = "running" if job.started_at else "finishing"
         else:
             state = "unknown"
-        return {"action": "cancel", "target": target, "cancelled": state == "cancelled", "state": state}
+        return {"action": "cancel", "target": target, "cancelled": state in ("cancelled", "stopping"),
+                "state": state}
 
     @staticmethod
     def _log_fields(request: p.Request, connection: Connection | None) -> dict:
