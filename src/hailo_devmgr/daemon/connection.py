@@ -13,7 +13,7 @@ noticed at once: its queued device work is dropped and never runs.
 Each connection writes only its own answers, under one write lock, so
 frames never interleave and nothing reaches another client.
 
-The socket is read and written through :class:`transport.SocketStream`
+The socket is read and written through :class:`client.stream.SocketStream`
 (``recvmsg_into``: large attachments read straight into their buffers,
 small frames in one read with what follows kept for the next, memfds passed
 with ``SCM_RIGHTS`` handed to the frame they came with). A frame is its JSON, then the attachments its JSON lists,
@@ -39,6 +39,7 @@ from pathlib import Path
 from ..wire import protocol as p
 from . import limits
 from ..wire import references, shm, transport
+from ..client.stream import SocketStream
 from ..wire.protocol import RequestError
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class Connection:
         self.binary_results = False     # v2 hello asked for attachments: ndarrays go raw
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
         self.shm_buffers = shm.RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)
-        self._stream = transport.SocketStream(sock)
+        self._stream = SocketStream(sock)
         self._write_lock = asyncio.Lock()
         # v1 answers in order: a few frames read ahead (so a vanished client is
         # noticed), then reading stops until the client takes its answers.
