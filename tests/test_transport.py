@@ -12,18 +12,19 @@ import fcntl
 import json
 import os
 import socket
-import struct
 
 import numpy as np
 import pytest
 
+from hailo_devmgr.wire import codec
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.wire import shm
 from hailo_devmgr.wire import references as refs
 from hailo_devmgr.wire import transport as t
 from hailo_devmgr.client import AsyncClient, Client, DeviceError
 from hailo_devmgr.wire.tensors import DecodedTensor, decode_v1
-from wire import (Raw, assert_no_leak, assert_no_mapping_left, infer_message, memfd, pipe_end, ping_ok,
+from hailo_devmgr.client import library
+from wire import (Raw, V1Peer, assert_no_leak, assert_no_mapping_left, infer_message, memfd, pipe_end, ping_ok,
                   regular_file, settled_fds)
 
 A = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
@@ -36,9 +37,10 @@ def test_pack_then_resolve_gives_the_same_arrays():
     message = {"action": "infer", "input_data": {"inputs": {"a": A, "b": B, "s": np.float32(2.5)}}}
     frame, buffers, fds = t.pack(message, shm_min_bytes=None)
     assert fds == []
-    (length,) = struct.unpack(">I", frame[:4])
+    reader = codec.FrameReader(decode=False)
+    reader.feed(frame)
+    assert reader.next_event() == codec.Header(len(frame) - 4)
     header = json.loads(frame[4:])
-    assert len(frame) == 4 + length
     assert header["attachments"] == [48, 32]
     assert header["input_data"]["inputs"]["a"] == {"dtype": "uint8", "shape": [4, 4, 3], "attachment": 0}
     assert header["input_data"]["inputs"]["s"] == 2.5
@@ -355,6 +357,97 @@ def test_async_client_against_a_v1_only_peer_sends_base64(fast_daemon, model_dir
                                         model_type="generic")
             assert isinstance(answer["result"]["outputs"]["sum"], np.ndarray)
     run_async(main())
+
+
+class _Spy:
+    """What the blocking Client sends and receives: buffers per frame, attachments per answer."""
+
+    def __init__(self, monkeypatch):
+        self.sent, self.received = [], []
+        send_all, read_frame = library.send_all, library.read_frame_blocking
+
+        def sending(sock, buffers, fds=()):
+            self.sent.append((len(buffers), len(fds)))
+            return send_all(sock, buffers, fds)
+
+        def reading(sock, reader):
+            frame = read_frame(sock, reader)
+            self.received.append((len(frame.attachments), len(frame.fds)))
+            return frame
+        monkeypatch.setattr(library, "send_all", sending)
+        monkeypatch.setattr(library, "read_frame_blocking", reading)
+
+
+def test_the_blocking_client_speaks_v2_with_attachments(fast_daemon, model_dir, monkeypatch):
+    path = str(model_dir / "two.hef")
+    with Client(fast_daemon.socket_path, timeout=30, transport="base64") as client:
+        assert client.protocol == 1
+        expected = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")["result"]
+        raw = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic", decode=False)["result"]
+    spy = _Spy(monkeypatch)
+    with Client(fast_daemon.socket_path, timeout=30, client_name="blocking-v2") as client:
+        assert client.protocol == 2 and client.features == {"attachments", "shm"}
+        del spy.sent[:], spy.received[:]
+        answer = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")
+        assert spy.sent == [(3, 0)] and spy.received == [(2, 0)]   # header+JSON, a, b; sum and map back
+        for name, value in expected["outputs"].items():
+            got = answer["result"]["outputs"][name]
+            assert isinstance(got, np.ndarray) and got.dtype == value.dtype and np.array_equal(got, value)
+        # decode=False: v1 tensors, as a v1 client gets them
+        assert client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic", decode=False)["result"] == raw
+        mine = [entry for entry in client.status()["clients"] if entry["client"] == "blocking-v2"]
+        assert [entry["protocol"] for entry in mine] == [2]
+
+
+def test_the_blocking_client_sends_large_arrays_in_shared_memory(fast_daemon, model_dir, monkeypatch):
+    path = str(model_dir / "two.hef")
+    before = settled_fds(fast_daemon.process.pid)
+    spy = _Spy(monkeypatch)
+    with Client(fast_daemon.socket_path, timeout=30, shm_min_bytes=40) as client:   # a: 48 bytes, b: 32
+        result = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")["result"]
+        assert spy.sent[-1] == (2, 1)   # b attached, a in a memfd
+    with Client(fast_daemon.socket_path, timeout=30, transport="shm") as client:
+        assert client.features == {"attachments", "shm"}
+        again = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")["result"]
+        assert spy.sent[-1] == (1, 2) and spy.received[-1][1] >= 1   # both in memfds; results in memfds
+    for name in ("sum", "map"):
+        assert np.array_equal(result["outputs"][name], again["outputs"][name])
+    assert_no_leak(fast_daemon.process.pid, before)
+
+
+@pytest.mark.parametrize("hello", ["unknown_action", "protocol 1"])
+def test_the_blocking_client_falls_back_to_v1_against_a_v1_only_peer(fast_daemon, model_dir, tmp_path, hello):
+    peer = V1Peer(str(tmp_path / "v1.sock"), fast_daemon.socket_path, hello=hello)
+    path = str(model_dir / "two.hef")
+    try:
+        with Client(peer.path, timeout=30) as client:
+            assert client.protocol == 1 and client.features == frozenset()
+            answer = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")
+            assert isinstance(answer["result"]["outputs"]["sum"], np.ndarray)
+            assert client.ping()["status"] == "ok"
+        with Client(fast_daemon.socket_path, timeout=30) as client:
+            direct = client.infer(path, {"inputs": {"a": A, "b": B}}, model_type="generic")
+        assert np.array_equal(answer["result"]["outputs"]["sum"], direct["result"]["outputs"]["sum"])
+        sent = [message for message in peer.seen if message["action"] == "infer"]
+        assert len(sent) == 1 and "attachments" not in sent[0]
+        assert "data_b64" in sent[0]["input_data"]["inputs"]["a"]
+    finally:
+        peer.close()
+
+
+def test_the_async_client_falls_back_to_v1_against_a_v1_only_peer(fast_daemon, model_dir, tmp_path):
+    peer = V1Peer(str(tmp_path / "v1.sock"), fast_daemon.socket_path)
+
+    async def main():
+        async with AsyncClient(peer.path, timeout=30) as client:
+            assert client.protocol == 1
+            answer = await client.infer(str(model_dir / "two.hef"), {"inputs": {"a": A, "b": B}},
+                                        model_type="generic")
+            assert isinstance(answer["result"]["outputs"]["sum"], np.ndarray)
+    try:
+        run_async(main())
+    finally:
+        peer.close()
 
 
 def test_errors_still_raise_device_errors(fast_daemon, model_dir):

@@ -1,22 +1,49 @@
 """Protocol v2 frames by hand, for the transport tests: a raw connection,
-memfds, and counting the daemon's open descriptors."""
+memfds, counting the daemon's open descriptors, reading answers (through
+the codec, wire/codec.py: tests parse no frame themselves) and a daemon
+that speaks only v1."""
 from __future__ import annotations
 
 import array
 import fcntl
-import json
 import os
 import socket
-import struct
 import tempfile
+import threading
 import time
+import weakref
 
-import numpy as np
 
+from hailo_devmgr.wire import codec
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.wire import shm
 from hailo_devmgr.wire import references as refs
 from hailo_devmgr.client import Client
+from hailo_devmgr.client.stream import read_frame_blocking, send_all
+
+_readers: "weakref.WeakKeyDictionary[socket.socket, codec.FrameReader]" = weakref.WeakKeyDictionary()
+
+
+def read_frame(sock: socket.socket) -> codec.Frame | None:
+    """The next frame from a blocking socket (one reader per socket, so what it
+    read ahead is kept); None when the peer closed between frames."""
+    reader = _readers.get(sock)
+    if reader is None:
+        reader = _readers[sock] = codec.FrameReader(1 << 30)
+    try:
+        return read_frame_blocking(sock, reader)
+    except ConnectionResetError:
+        assert not reader.mid_frame, "closed in the middle of a frame"
+        return None
+
+
+def read_answer(sock: socket.socket) -> dict | None:
+    """The next answer's JSON (its descriptors closed); None at a clean close."""
+    frame = read_frame(sock)
+    if frame is None:
+        return None
+    codec.close_fds(frame.fds)
+    return frame.message
 
 
 def pipe_end() -> int:
@@ -59,29 +86,15 @@ class Raw:
 
     def read(self) -> dict | None:
         """The next answer (attachment/shm results resolved); None at a clean close."""
-        header = self._exactly(4)
-        if header is None:
+        frame = read_frame(self.sock)
+        if frame is None:
             return None
-        (length,) = struct.unpack(">I", header)
-        answer = json.loads(self._exactly(length))
-        blocks = [np.frombuffer(self._exactly(n), np.uint8) for n in answer.get("attachments", [])]
-        assert "fds" not in answer  # these tests do not ask for shm results here
-        if blocks and "result" in answer:
-            answer["result"] = refs.resolve(answer["result"], refs.Blocks(blocks), 10 ** 9, as_array=True)
+        answer = frame.message
+        assert not frame.fds  # these tests do not ask for shm results here
+        if frame.attachments and "result" in answer:
+            blocks = refs.Blocks(frame.attachments)
+            answer["result"] = refs.resolve(answer["result"], blocks, 10 ** 9, as_array=True)
         return answer
-
-    def _exactly(self, size: int) -> bytes | None:
-        data = b""
-        while len(data) < size:
-            try:
-                chunk = self.sock.recv(size - len(data))
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                assert not data, "closed in the middle of a frame"
-                return None
-            data += chunk
-        return data
 
     def close(self) -> None:
         self.sock.close()
@@ -137,3 +150,60 @@ def assert_no_mapping_left(pid: int) -> None:
 def ping_ok(daemon) -> None:
     with Client(daemon.socket_path, timeout=10) as client:
         assert client.ping()["status"] == "ok"
+
+
+class V1Peer:
+    """A daemon that speaks only protocol v1, in front of a real one, at ``path``:
+    ``hello`` gets what an older daemon answers (``"unknown_action"``: its v1
+    error; ``"protocol 1"``: a hello answer naming protocol 1), everything else
+    goes to ``upstream`` on a connection that never said hello, so anything
+    but v1 is refused there. ``seen`` keeps every request as it came."""
+
+    def __init__(self, path: str, upstream: str, hello: str = "unknown_action"):
+        self.path, self.upstream, self.hello = path, upstream, hello
+        self.seen: list[dict] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = codec.FrameReader(v2=False)   # attachments or descriptors: refused, closed
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        up.connect(self.upstream)
+        try:
+            while True:
+                try:
+                    frame = read_frame_blocking(conn, reader)
+                except p.RequestError as error:
+                    send_all(conn, [p.encode_frame(p.error_response(None, error))])
+                    return
+                message = frame.message
+                self.seen.append(message)
+                if message.get("action") == "hello" and self.hello == "unknown_action":
+                    answer = {"error": "Unknown action: hello", "code": "unknown_action"}
+                elif message.get("action") == "hello":
+                    answer = {"status": "ok", "protocol": 1, "features": []}
+                else:
+                    send_all(up, [p.encode_frame(message)])
+                    answer = read_answer(up)
+                if "request_id" in message:
+                    answer["request_id"] = message["request_id"]
+                send_all(conn, [p.encode_frame(answer)])
+        except OSError:
+            pass
+        finally:
+            reader.close()
+            conn.close()
+            up.close()
+
+    def close(self) -> None:
+        self.listener.close()
