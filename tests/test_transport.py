@@ -401,6 +401,8 @@ def test_the_blocking_client_speaks_v2_with_attachments(fast_daemon, model_dir, 
 
 def test_the_blocking_client_sends_large_arrays_in_shared_memory(fast_daemon, model_dir, monkeypatch):
     path = str(model_dir / "two.hef")
+    with Client(fast_daemon.socket_path, timeout=30) as client:
+        client.load_model(path, "generic")   # the daemon keeps the model's file open
     before = settled_fds(fast_daemon.process.pid)
     spy = _Spy(monkeypatch)
     with Client(fast_daemon.socket_path, timeout=30, shm_min_bytes=40) as client:   # a: 48 bytes, b: 32
