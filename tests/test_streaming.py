@@ -164,3 +164,57 @@ def test_tokens_gathered_between_wake_ups_go_out_as_one_chunk():
         await writer
         assert sent == ["abc", "d"]
     asyncio.run(main())
+
+
+# ------------------------------------------------------------ the client library
+
+def test_blocking_client_iterates_the_text_then_has_the_final_answer(start_daemon, llm):
+    daemon = start_daemon(simulated={"token_ms": 1})
+    with Client(daemon.socket_path, timeout=30) as client:
+        generation = client.generate(llm, PROMPT, "llm")
+        pieces = list(generation)
+        result = generation.result["result"]
+        assert len(pieces) >= 2 and "".join(pieces) == result["text"] and result["done_reason"] == "length"
+        assert client.ping()["status"] == "ok"   # the connection is free again
+
+
+def test_blocking_client_leaving_early_stops_the_generation(start_daemon, llm):
+    daemon = start_daemon(simulated={"token_ms": 20})
+    with Client(daemon.socket_path, timeout=30) as client:
+        for _ in client.generate(llm, {"prompt": "go on", "max_generated_tokens": 3000}, "llm"):
+            break
+        with Client(daemon.socket_path, timeout=30) as other:
+            assert device_free_within(other, 20.0)
+        assert client.ping()["status"] == "ok"   # on a new connection
+
+
+def test_async_client_streams_and_other_requests_share_the_connection(start_daemon, llm):
+    from hailo_devmgr.client import AsyncClient
+    daemon = start_daemon(simulated={"token_ms": 5})
+
+    async def main():
+        async with AsyncClient(daemon.socket_path, timeout=30) as client:
+            generation = client.generate(llm, {"prompt": "a story", "max_generated_tokens": 30}, "llm")
+            pieces, pings = [], []
+            async for text in generation:
+                pieces.append(text)
+                if len(pings) < 2:
+                    pings.append((await client.ping())["status"])   # pipelined beside the stream
+            result = generation.result["result"]
+            assert "".join(pieces) == result["text"] and 0 < result["generated_tokens"] <= 30
+            assert pings == ["ok", "ok"]
+            # Leaving early cancels it on the device.
+            async for _ in client.generate(llm, {"prompt": "go on", "max_generated_tokens": 3000}, "llm"):
+                break
+            deadline = time.monotonic() + 20
+            while (await client.status())["device_busy_with"] is not None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+    asyncio.run(main())
+
+
+def test_clients_against_a_v1_daemon_get_the_whole_text_in_one_piece(start_daemon, llm):
+    daemon = start_daemon(simulated={"token_ms": 1})
+    with Client(daemon.socket_path, timeout=30, transport="base64") as client:   # says no hello: v1
+        generation = client.generate(llm, PROMPT, "llm")
+        assert list(generation) == [generation.result["result"]["text"]]

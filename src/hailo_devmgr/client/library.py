@@ -276,6 +276,7 @@ class AsyncClient(_Methods):
         self._lock = asyncio.Lock()         # v1: one request in flight per connection
         self._write_lock = asyncio.Lock()   # v2: whole frames only
         self._pending: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, asyncio.Queue] = {}   # v2: chunks of streamed requests
         self._sent: set = set()             # v2: request ids whose frame is written (or being written)
         self._slots = _Slots()              # v2: requests in flight within the daemon's limit
         self._answers: asyncio.Task | None = None
@@ -455,6 +456,72 @@ class AsyncClient(_Methods):
             async with self._buffers_lock:
                 await self._buffers.disown(array)
 
+    def generate(self, model_path: str, input_data: Any, model_type: str,
+                 model_params: dict | None = None, keep_alive: float | str | None = None,
+                 **scheduling) -> "AsyncGeneration":
+        """Text as a generative model (llm, vlm, vlm_chat) makes it:
+        ``async for text in client.generate(...)``, then ``.result`` is the
+        final answer (``result``: the whole text and its statistics). Against
+        a daemon without protocol 2 the whole text comes as one piece.
+        ``timeout`` bounds each wait for the next piece, not the whole answer;
+        leaving the loop early (or cancelling) stops the generation."""
+        fields = {"keep_alive": keep_alive, **scheduling,
+                  **_model_fields(model_path, model_type, model_params, input_data)}
+        return AsyncGeneration(self, {key: value for key, value in fields.items() if value is not None})
+
+    async def _streamed(self, fields: dict):
+        """Yields ("chunk", text) ..., then ("final", answer)."""
+        message = _build("infer", next(self._ids), {**fields, "stream": True})
+        request_id = message["request_id"]
+        async with self._slots.turn(fields.get("priority")):
+            if self._stream is None or self._lost():
+                raise NotConnected(f"connection to {self.socket_path} closed before the request was sent")
+            answer = asyncio.get_running_loop().create_future()
+            chunks: asyncio.Queue = asyncio.Queue()
+            self._pending[request_id], self._streams[request_id] = answer, chunks
+            finished = False
+            try:
+                try:
+                    await self._send(message, [])
+                except NotConnected:
+                    finished = True
+                    yield "final", _check(message, await self._refusal(answer), True)
+                    return
+                while True:
+                    if chunks.empty() and answer.done():
+                        finished = True
+                        yield "final", _check(message, answer.result(), True)
+                        return
+                    text = await self._next_chunk(chunks, answer)
+                    if text is not None:
+                        yield "chunk", text
+            finally:
+                self._streams.pop(request_id, None)
+                if not finished and request_id in self._sent and self._stream is not None and not answer.done():
+                    # Left early, timed out or cancelled: the generation stops on the device.
+                    asyncio.ensure_future(self._send_quietly(
+                        _build("cancel", next(self._ids), {"target": request_id})))
+                    self._slots.hold_until(answer)
+                if request_id not in self._sent:
+                    self._pending.pop(request_id, None)
+                self._sent.discard(request_id)
+                self._forget_when_answered(request_id, answer)
+
+    async def _next_chunk(self, chunks: asyncio.Queue, answer: asyncio.Future) -> str | None:
+        """The next piece of text; None when the final answer came first."""
+        if not chunks.empty():
+            return chunks.get_nowait()
+        getting = asyncio.ensure_future(chunks.get())
+        try:
+            async with asyncio.timeout(self.timeout):
+                await asyncio.wait({getting, answer}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise RequestTimeout(f"no word from {self.socket_path} within {self.timeout} s") from None
+        finally:
+            if not getting.done():
+                getting.cancel()
+        return getting.result() if getting.done() and not getting.cancelled() else None
+
     async def _register_buffer(self, buffer: shm.WritableBuffer) -> int | None:
         """The daemon's id for a new buffer; None if it refused it (its limits).
         On this connection only: a buffer belongs to the connection it was registered on."""
@@ -599,6 +666,11 @@ class AsyncClient(_Methods):
                     if exc.code == p.TOO_LARGE:
                         raise DeviceError(f"answer too large for this client: {exc.message}", p.TOO_LARGE)
                     raise
+                if answer.get("stream") is True and answer.get("done") is False:
+                    chunks = self._streams.get(answer.get("request_id"))
+                    if chunks is not None:
+                        chunks.put_nowait(answer.get("chunk", ""))
+                    continue   # the request goes on: its final answer comes later
                 self._release_buffers(answer)   # the daemon is done with the request's buffers
                 waiting = self._pending.get(answer.get("request_id"))
                 if waiting is not None and not waiting.done():
@@ -819,6 +891,42 @@ class Client(_Methods):
                 answer["result"] = encode_results(answer["result"])   # as a v1 client gets it
             return _check(message, answer, _decode)
 
+    def generate(self, model_path: str, input_data: Any, model_type: str,
+                 model_params: dict | None = None, keep_alive: float | str | None = None,
+                 **scheduling) -> "Generation":
+        """Text as a generative model (llm, vlm, vlm_chat) makes it:
+        ``for text in client.generate(...)``, then ``.result`` is the final
+        answer. The connection is this generation's until the loop ends;
+        leaving it early closes the connection, which stops the generation
+        (the next request opens a new one). ``timeout`` bounds each wait for
+        the next piece. Against a daemon without protocol 2 the whole text
+        comes as one piece."""
+        fields = {"keep_alive": keep_alive, **scheduling,
+                  **_model_fields(model_path, model_type, model_params, input_data)}
+        return Generation(self, {key: value for key, value in fields.items() if value is not None})
+
+    def _streamed(self, fields: dict):
+        """Yields ("chunk", text) ..., then ("final", answer), holding the connection."""
+        with self._lock:
+            if self._sock is None:
+                self.connect()
+            message = _build("infer", next(self._ids), {**fields, "stream": True})
+            finished = False
+            try:
+                refusal = self._deliver(message)
+                answer = refusal if refusal is not None else self._receive()
+                while answer.get("stream") is True and answer.get("done") is False \
+                        and answer.get("request_id") == message["request_id"]:
+                    yield "chunk", answer.get("chunk", "")
+                    answer = self._receive()
+                if answer.get("request_id") not in (None, message["request_id"]):
+                    self.close()  # out of step: never read another answer on this connection
+                finished = True
+                yield "final", _check(message, answer, True)
+            finally:
+                if not finished:
+                    self.close()   # left early or interrupted: the daemon stops the generation
+
     def _encode(self, message: dict) -> tuple[list, list[int]]:
         """(buffers, fds) for a request on this connection: its ndarrays as
         attachments or memfds with protocol 2, as base64 with v1."""
@@ -875,3 +983,62 @@ class Client(_Methods):
             return _resolved(read_frame_blocking(self._sock, self._reader))
         except Exception:
             return None
+
+
+def _text_of(answer: dict) -> str:
+    result = answer.get("result")
+    return result if isinstance(result, str) else str((result or {}).get("text", ""))
+
+
+class Generation:
+    """What :meth:`Client.generate` returns: iterate it for the text as it
+    comes; afterwards ``result`` is the final answer (``result.text``,
+    ``done_reason``, token counts and durations)."""
+
+    def __init__(self, client: "Client", fields: dict):
+        self._client, self._fields = client, fields
+        self.result: dict | None = None
+
+    def __iter__(self):
+        client = self._client
+        with client._lock:
+            if client._sock is None:
+                client.connect()
+            if client.protocol < 2:
+                self.result = client.request("infer", **self._fields)
+                yield _text_of(self.result)
+                return
+            for kind, value in client._streamed(self._fields):
+                if kind == "final":
+                    self.result = value
+                elif value:
+                    yield value
+
+
+class AsyncGeneration:
+    """What :meth:`AsyncClient.generate` returns: ``async for`` it for the
+    text as it comes; afterwards ``result`` is the final answer."""
+
+    def __init__(self, client: "AsyncClient", fields: dict):
+        self._client, self._fields = client, fields
+        self.result: dict | None = None
+
+    def __aiter__(self):
+        return self._pieces()
+
+    async def _pieces(self):
+        client = self._client
+        await client._connected()
+        if client.protocol < 2:
+            self.result = await client.request("infer", **self._fields)
+            yield _text_of(self.result)
+            return
+        steps = client._streamed(self._fields)
+        try:
+            async for kind, value in steps:
+                if kind == "final":
+                    self.result = value
+                elif value:
+                    yield value
+        finally:
+            await steps.aclose()
