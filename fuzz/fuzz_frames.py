@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Coverage-guided fuzzing (atheris, libFuzzer) of framing and request parsing.
+"""Coverage-guided fuzzing (atheris, libFuzzer) of the frame codec and request parsing.
 
 Each input is one frame's body or a byte stream as one connection would
 send it (the first byte says which: harness.fuzz_one); it goes through
-FrameDecoder, decode_body, parse_request and, for device actions,
+the frame codec (wire/codec.py FrameReader: v1 frames and v2 frames with
+attachments, fed whole and read into the buffers it asks for),
+decode_body, parse_request and, for device actions,
 actions.prepare (model-file rules, handlers, tensors) against a model
 folder of its own (fuzz/harness.py). Any exception but a RequestError is
 a crash; bugs listed in harness.KNOWN_ISSUES are counted, not crashes,
@@ -24,7 +26,6 @@ import base64
 import collections
 import json
 import os
-import struct
 import sys
 
 import atheris
@@ -35,6 +36,7 @@ sys.path.insert(0, HERE)
 with atheris.instrument_imports(include=["harness", "hailo_devmgr"]):
     import harness
     from hailo_devmgr.wire import protocol  # noqa: F401  (instrumented through harness's imports)
+    from hailo_devmgr.wire import codec
 
 STRICT = "--strict" in sys.argv
 if STRICT:
@@ -57,7 +59,14 @@ def stream(*frames: bytes) -> bytes:
 
 
 def frame(text: bytes) -> bytes:
-    return struct.pack(">I", len(text)) + text
+    """Any text framed, valid JSON or not."""
+    return protocol.HEADER.pack(len(text)) + text
+
+
+def v2_frame(message: dict) -> bytes:
+    """A v2 frame: ndarrays in ``message`` become attachments after its JSON."""
+    buffers, _ = codec.encode(message)
+    return b"".join(bytes(memoryview(buffer).cast("B")) for buffer in buffers)
 
 
 def seeds() -> list[bytes]:
@@ -84,7 +93,14 @@ def seeds() -> list[bytes]:
             streams.append(body(message))
     streams.append(stream(frame(b'{"action": "ping"'), frame(b"[1, 2]"), b"\x00\x00"))
     streams.append(stream(frame(b'{"action": "status", "request_id": "a"}'), frame(b'{"action": "ping"}')))
-    streams.append(stream(struct.pack(">I", (1 << 20) + 1), b"{"))
+    streams.append(stream(protocol.HEADER.pack((1 << 20) + 1), b"{"))
+    import numpy as np
+    tensor = np.arange(4, dtype=np.uint8)
+    streams.append(stream(v2_frame({"action": "infer", "model_type": "generic", "model_path": PATHS["small"],
+                                    "request_id": 2, "input_data": {"inputs": {"x": tensor}}}),
+                          frame(b'{"action": "ping", "attachments": [3, 0, 1]}') + b"abcd",
+                          frame(b'{"action": "ping", "attachments": [1048577]}'),
+                          frame(b'{"action": "ping", "attachments": [-1]}')))
     return streams
 
 

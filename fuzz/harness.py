@@ -5,7 +5,10 @@ before the device thread sees it: ``decode_body``, ``parse_request``, and
 for device actions ``actions.prepare`` (model-file rules, every handler's
 ``check_params`` and ``parse_input``, tensor decoding), then builds the
 response it would send and encodes it. ``feed(data, config)`` runs a byte
-stream through ``FrameDecoder`` first.
+stream through the frame codec first (wire/codec.py ``FrameReader``, as
+the daemon uses it: JSON decoded by the caller, attachments read into
+buffers), half of it fed as read ahead and half read into the buffers
+the reader asks for.
 
 The rule under test: a client can only ever cause a ``RequestError``.
 Anything else escaping is a bug (the server would answer ``internal_error``
@@ -31,6 +34,7 @@ if os.path.join(ROOT, "src") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from hailo_devmgr.daemon import actions  # noqa: E402
+from hailo_devmgr.wire import codec  # noqa: E402
 from hailo_devmgr.wire import protocol as p  # noqa: E402
 from hailo_devmgr.wire.protocol import RequestError  # noqa: E402
 
@@ -85,21 +89,36 @@ def answer(body: bytes, config) -> dict:
 def feed(data: bytes, config, split: int | None = None) -> list[dict]:
     """A byte stream as one connection would send it: frames out, each answered.
 
-    ``split`` feeds the stream in two pieces at that offset (incremental
-    decoding). A fatal framing error (``too_large``) ends the stream, as
-    the server closes the connection after answering it."""
-    decoder = p.FrameDecoder(config.max_message_bytes)
+    ``split`` cuts the stream in two at that offset: the first piece is fed
+    whole (read ahead), the second read into the views the reader asks for,
+    a few bytes at a time (as a socket read would), so both ways in are
+    driven. A fatal framing error (``too_large``, a bad ``attachments``
+    list) ends the stream, as the server closes the connection after
+    answering it."""
+    reader = codec.FrameReader(config.max_message_bytes, decode=False)
     split = len(data) // 2 if split is None else max(0, min(split, len(data)))
     responses = []
-    for piece in (data[:split], data[split:]):
-        try:
-            bodies = decoder.feed(piece)
-        except RequestError as error:
-            assert error.code == p.TOO_LARGE and error.fatal, error
-            responses.append(p.error_response(None, error))
-            return responses
-        responses.extend(answer(body, config) for body in bodies)
-    assert decoder.pending < p.HEADER_SIZE + config.max_message_bytes
+    try:
+        reader.feed(data[:split])
+        responses.extend(answer(frame.body, config) for frame in reader.frames())
+        rest = memoryview(data)[split:]
+        step = 1 + split % 7
+        while True:
+            responses.extend(answer(frame.body, config) for frame in reader.frames())
+            if not rest:
+                break
+            view = reader.want()
+            count = min(len(view), len(rest), step)
+            view[:count] = rest[:count]
+            rest = rest[count:]
+            reader.got(count)
+    except RequestError as error:
+        assert error.fatal and error.code in (p.TOO_LARGE, p.BAD_REQUEST), error
+        responses.append(p.error_response(None, error))
+        return responses
+    finally:
+        reader.close()
+    assert reader.pending < p.HEADER_SIZE + config.max_message_bytes
     return responses
 
 

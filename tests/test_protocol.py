@@ -4,6 +4,7 @@ import struct
 
 import pytest
 
+from hailo_devmgr.wire import codec
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.wire.protocol import RequestError
 
@@ -25,24 +26,28 @@ def test_frame_is_big_endian_length_then_utf8_json(message):
 
 def test_decoder_whole_byte_by_byte_and_with_junk_after():
     frames = b"".join(p.encode_frame(m) for m in MESSAGES)
-    whole = p.FrameDecoder().feed(frames)
-    assert [p.decode_body(b) for b in whole] == MESSAGES
+    reader = codec.FrameReader(decode=False)
+    reader.feed(frames)
+    assert [p.decode_body(f.body) for f in reader.frames()] == MESSAGES
 
-    decoder = p.FrameDecoder()
+    reader = codec.FrameReader(decode=False)
     bodies = []
     for index in range(len(frames)):
-        bodies += decoder.feed(frames[index:index + 1])
+        reader.feed(frames[index:index + 1])
+        bodies += [f.body for f in reader.frames()]
     assert [p.decode_body(b) for b in bodies] == MESSAGES
 
-    decoder = p.FrameDecoder()
-    assert len(decoder.feed(frames + b"\x00\x00")) == len(MESSAGES)
-    assert decoder.pending == 2
+    reader = codec.FrameReader(decode=False)
+    reader.feed(frames + b"\x00\x00")
+    assert len(reader.frames()) == len(MESSAGES)
+    assert reader.pending == 2
 
 
 def test_length_over_limit_is_fatal_too_large_before_reading_body():
-    decoder = p.FrameDecoder(max_message_bytes=10)
+    reader = codec.FrameReader(max_message_bytes=10)
+    reader.feed(struct.pack(">I", 11))
     with pytest.raises(RequestError) as info:
-        decoder.feed(struct.pack(">I", 11))
+        reader.frames()
     assert info.value.code == p.TOO_LARGE and info.value.fatal
 
 

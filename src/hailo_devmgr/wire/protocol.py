@@ -2,7 +2,8 @@
 
 Rules of this module:
 - It knows nothing of sockets or asyncio: bytes go in, messages come out,
-  and the other way round. The server is a thin I/O wrapper around it.
+  and the other way round. Frames are cut by codec.py (the one frame
+  reader); this module has the header format and the message rules.
 - Every error a client can cause is a :class:`RequestError` carrying the
   machine ``code`` and the human message to answer with; the server turns
   it into an error response in one place.
@@ -108,34 +109,6 @@ def parse_length(header: bytes, max_message_bytes: int) -> int:
             fatal=True,
         )
     return length
-
-
-class FrameDecoder:
-    """Incremental decoder: feed bytes, get complete bodies (bytes) out.
-
-    Used by the synchronous client and by tests; the server reads frames
-    with exact-size reads instead, which needs no buffering.
-    """
-
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.max_message_bytes = max_message_bytes
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        bodies = []
-        while len(self._buffer) >= HEADER_SIZE:
-            length = parse_length(bytes(self._buffer[:HEADER_SIZE]), self.max_message_bytes)
-            if len(self._buffer) < HEADER_SIZE + length:
-                break
-            bodies.append(bytes(self._buffer[HEADER_SIZE:HEADER_SIZE + length]))
-            del self._buffer[:HEADER_SIZE + length]
-        return bodies
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet form a complete frame."""
-        return len(self._buffer)
 
 
 # ---------------------------------------------------------------- messages
