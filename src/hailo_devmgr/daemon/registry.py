@@ -244,43 +244,32 @@ class ModelRegistry:
               log_fields: dict | None = None, keep_alive: float | None = None,
               admin: bool = True) -> tuple[Any, float]:
         """Run one inference (loading first if needed); returns (result, run ms)."""
-        model, _ = self.load(spec, log_fields, keep_alive, admin)
-        started = time.perf_counter()
-        try:
-            with self.runtime.backend.request_scope(scope_params):
-                result = model.handler.run(inputs, timeout_ms)
-        except RequestError as error:
-            raise _shown(error, model.files) from None
-        except Exception as exc:
-            error = _failure("Inference failed: ", exc, INFERENCE_FAILED, model.files)
-            status = hs.status_of(exc)
-            if status in hs.RUNTIME_BROKEN:
-                self.runtime.mark_broken(hs.describe(exc))
-            elif status in hs.SHUTS_MODEL_DOWN and model.handler.failed_run_breaks_model:
-                error = self._discard_broken(model, error, log_fields)
-            raise error from exc
-        finally:
-            model.uses += 1
-            model.last_used = model.idle_since = time.time()
-            model.last_used_mono = model.idle_since_mono = time.monotonic()
-        return result, (time.perf_counter() - started) * 1000
+        return self._run(spec, lambda handler: handler.run(inputs, timeout_ms), scope_params,
+                         log_fields, keep_alive, admin)
 
     def generate(self, spec: ModelSpec, inputs: Any, timeout_ms: int, on_token, scope_params: dict,
                  log_fields: dict | None = None, keep_alive: float | None = None,
                  admin: bool = True) -> tuple[Any, float]:
         """``infer`` token by token, for model types whose handler has ``generate`` (llm,
-        vlm, vlm_chat): loads first if needed, calls ``on_token(text) -> bool`` on this
-        (the device) thread for each piece of text (False aborts the generation on the
-        device: done_reason "cancelled"); returns (result with its statistics, run ms).
-        Errors and use counters as ``infer``."""
+        vlm, vlm_chat): calls ``on_token(text) -> bool`` on this (the device) thread
+        for each piece of text (False aborts the generation on the device:
+        done_reason "cancelled"); returns (result with its statistics, run ms)."""
         if not callable(getattr(spec.handler_cls, "generate", None)):
             raise RequestError(BAD_REQUEST, f"model type {spec.model_type} does not generate tokens; "
                                             "streaming is for llm, vlm and vlm_chat")
+        return self._run(spec, lambda handler: handler.generate(inputs, timeout_ms, on_token), scope_params,
+                         log_fields, keep_alive, admin)
+
+    def _run(self, spec: ModelSpec, call, scope_params: dict, log_fields: dict | None,
+             keep_alive: float | None, admin: bool) -> tuple[Any, float]:
+        """``call(handler)`` on the model (loaded first if needed): HailoRT's
+        failures become answers, and those that break the model or the
+        device are dealt with here."""
         model, _ = self.load(spec, log_fields, keep_alive, admin)
         started = time.perf_counter()
         try:
             with self.runtime.backend.request_scope(scope_params):
-                result = model.handler.generate(inputs, timeout_ms, on_token)
+                result = call(model.handler)
         except RequestError as error:
             raise _shown(error, model.files) from None
         except Exception as exc:
