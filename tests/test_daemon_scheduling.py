@@ -8,17 +8,16 @@ loaded would have loaded it.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
-import struct
 import time
 
 import numpy as np
 import pytest
 
 from hailo_devmgr.wire import protocol as p
+from wire import read_answer
 from hailo_devmgr.client import Client, tensor
 
 IMAGE = tensor(np.zeros((224, 224, 3), np.uint8))
@@ -40,16 +39,9 @@ class Raw:
         self.sock.sendall(p.encode_frame(message))
 
     def read(self) -> dict:
-        header = self._exactly(4)
-        return json.loads(self._exactly(struct.unpack(">I", header)[0]))
-
-    def _exactly(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.sock.recv(size - len(data))
-            assert chunk, "connection closed"
-            data += chunk
-        return data
+        answer = read_answer(self.sock)
+        assert answer is not None, "connection closed"
+        return answer
 
     def close(self) -> None:
         self.sock.close()

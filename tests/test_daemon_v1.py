@@ -11,6 +11,7 @@ import pytest
 
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, DeviceError, tensor
+from wire import read_answer
 
 V1_STATUS_FIELDS = {
     "status", "device_id", "loaded_models", "uptime_seconds", "socket_path", "queue_depth",
@@ -29,21 +30,8 @@ def raw_exchange(path: str, payload: bytes, *, read: bool = True) -> dict | None
 
 
 def read_frame(sock: socket.socket) -> dict | None:
-    header = _recv(sock, 4)
-    if header is None:
-        return None
-    (length,) = struct.unpack(">I", header)
-    return json.loads(_recv(sock, length))
-
-
-def _recv(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
+    """The next answer (through the codec); None when the daemon closed between frames."""
+    return read_answer(sock)
 
 
 def frame(body: bytes) -> bytes:

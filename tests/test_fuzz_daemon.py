@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from conftest import DaemonProcess, write_config
 from fuzz_support import FUZZ, dumps, harness, json_values, request_bodies, valid_requests
 from hailo_devmgr.wire import protocol as p
+from wire import read_answer
 
 REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions"
 CODES = {value for name, value in vars(p).items() if name.isupper() and isinstance(value, str)}
@@ -53,28 +54,13 @@ def fuzz_daemon(tmp_path_factory):
     assert daemon.stop() == 0
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes | None:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            assert not data, f"the daemon closed in the middle of an answer ({len(data)} of {size} bytes)"
-            return None
-        data += chunk
-    return bytes(data)
-
-
 def read_answers(sock: socket.socket, wanted: int | None) -> list[dict]:
     """``wanted`` answers (or until a clean close when None or earlier)."""
     answers = []
     while wanted is None or len(answers) < wanted:
-        header = recv_exactly(sock, 4)
-        if header is None:
+        answer = read_answer(sock)   # the codec; asserts no answer is cut short
+        if answer is None:
             break
-        (length,) = struct.unpack(">I", header)
-        body = recv_exactly(sock, length)
-        assert body is not None, "the daemon closed after an answer's header"
-        answer = json.loads(body)
         assert isinstance(answer, dict)
         answers.append(answer)
     return answers

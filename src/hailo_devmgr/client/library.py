@@ -837,8 +837,9 @@ class Client(_Methods):
         receives, sends = {"auto": (["attachments"], {"attachments", "shm"}),
                            "shm": (["attachments", "shm"], {"attachments", "shm"}),
                            "attachments": (["attachments"], {"attachments"})}[self.transport]
-        hello = _build("hello", next(self._ids), {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
-                                                  "features": receives})
+        # An id of its own: the requests' ids stay 1, 2, ... as before hello existed.
+        hello = _build("hello", "hello", {"protocol": p.PROTOCOL_MAX, "client": self.client_name,
+                                          "features": receives})
         try:
             send_all(self._sock, [p.encode_frame(hello)])
         except OSError as exc:
