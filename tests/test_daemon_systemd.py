@@ -119,8 +119,8 @@ def test_socket_activated_with_broken_config_answers_waiting_clients_then_exits_
         env=env_with_src(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_socket(socket_path, process)
-        with Client(socket_path, timeout=30) as client:
-            with pytest.raises(DeviceError) as info:
+        with pytest.raises(DeviceError) as info:   # the first answer (hello's) carries it
+            with Client(socket_path, timeout=30) as client:
                 client.request("status")
         # The client gets the reason instead of waiting on a queued connection
         # (which would make systemd restart us until the socket unit fails).
@@ -293,7 +293,9 @@ def test_unit_files_follow_the_design():
                  "User=hailo-device-mgr", "SupplementaryGroups=hailo", "MemoryMax=2G", "CPUQuota=200%",
                  "ProtectSystem=strict", "DevicePolicy=closed", "NoNewPrivileges=yes"):
         assert f"\n{line}\n" in service, line
-    assert "\nRuntimeDirectory" not in service  # would delete /run/hailo and the socket
+    assert "\nRuntimeDirectory=hailo\n" not in service  # would delete /run/hailo and the socket
+    # Its own folder, kept across restarts: a loan of the device survives them.
+    assert "\nRuntimeDirectory=hailo-device-manager\n" in service and "\nRuntimeDirectoryPreserve=yes\n" in service
     for line in ("ListenStream=/run/hailo/device.sock", "SocketMode=0660", "SocketGroup=hailo",
                  "DirectoryMode=0755"):
         assert f"\n{line}\n" in sock, line

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ..daemon import config
+from . import lend as lending
 from . import selftest
 from ..wire import protocol as p
 from .._version import __version__
@@ -30,7 +31,9 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 75
 # the default watchdog budgets (load 300 s, infer 120 s), so the daemon's
 # own limits end a hung call first.
 DEFAULT_TIMEOUTS = {"status": 5.0, "ping": 5.0, "device": 10.0, "wait": 30.0, "unload": 90.0,
-                    "load": 360.0, "infer": 480.0, "selftest": 900.0}
+                    "load": 360.0, "infer": 480.0, "selftest": 900.0,
+                    # lend and exclusive: at least --wait more (the daemon waits that long for the device).
+                    "lend": 30.0, "reclaim": 60.0, "exclusive": 30.0}
 # Answers that mean "a moment": a daemon stopping for a restart, or a full queue.
 TRANSIENT_CODES = (p.SHUTTING_DOWN, p.BUSY)
 WAIT_POLL_S = 0.1
@@ -120,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     _command(commands, "status", "daemon, device and loaded models")
     _command(commands, "device", "device identity, temperature and networks")
     _command(commands, "ping", "check that the daemon answers")
-    _command(commands, "wait", "wait until the daemon answers (for service scripts)")
+    wait = _command(commands, "wait", "wait until the daemon answers (for service scripts)")
+    wait.add_argument("--device", action="store_true",
+                      help="also wait until the device is not lent to another program")
+    lend_command = _command(commands, "lend", "release the device for another program (admins)")
+    lend_command.add_argument("--to", required=True, metavar="NAME", help="who borrows it (shown in status)")
+    _add_wait(lend_command)
+    _command(commands, "reclaim", "take a lent device back and reopen it (admins)")
+    exclusive = _command(commands, "exclusive", "lend the device to COMMAND, run it, take it back (admins)")
+    exclusive.add_argument("--to", default=None, metavar="NAME", help="borrower name (default: the command)")
+    _add_wait(exclusive)
+    exclusive.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     selftest = _command(commands, "selftest", "load and run one model of each installed type (first boot)")
     selftest.add_argument("--config", default=config.DEFAULT_CONFIG_PATH, metavar="PATH",
                           help=f"where model_dirs and pin: are read (default {config.DEFAULT_CONFIG_PATH})")
@@ -138,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "infer":
             _add_input_arguments(command)
     return parser
+
+
+def _add_wait(command) -> None:
+    command.add_argument("--wait", type=float, default=30.0, metavar="S",
+                         help="wait up to S seconds for the work on the device to finish (default 30)")
 
 
 def _command(commands, name: str, text: str) -> argparse.ArgumentParser:
@@ -192,13 +210,15 @@ def _print_status(response: dict) -> None:
         print(f"  {model['model_type']:<9} {model['model_path']}{pinned}")
 
 
-def _wait(client_factory, timeout_s: float) -> int:
+def _wait(client_factory, timeout_s: float, device: bool = False) -> int:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with client_factory() as client:
-                client.ping()
-            return EXIT_OK
+                answer = client.ping()
+            if not (device and answer.get("lent_to")):
+                return EXIT_OK
+            last = f"the device is lent to {answer['lent_to']}"
         except DeviceError as exc:
             if exc.code not in TRANSIENT_CODES:
                 # The daemon answered, with an error (e.g. its configuration is broken):
@@ -237,6 +257,10 @@ def _request(client: Client, args) -> dict:
         return client.request(args.command)
     if args.command == "device":
         return client.device_status()
+    if args.command == "lend":
+        return lending.lend(client, args.to, args.wait)
+    if args.command == "reclaim":
+        return lending.reclaim(client)
     if args.command == "load":
         if not args.model_type:
             raise UsageError("load needs --type (generic, clip, vlm, vlm_chat, whisper, ocr, depth, pose)")
@@ -255,8 +279,14 @@ def _request(client: Client, args) -> dict:
 def run(args) -> int:
     socket_path = args.socket or default_socket_path()
     if args.command == "wait":
-        return _wait(lambda: Client(socket_path, timeout=min(args.timeout, 2.0)), args.timeout)
-    with Client(socket_path, timeout=args.timeout) as client:
+        return _wait(lambda: Client(socket_path, timeout=min(args.timeout, 2.0)), args.timeout, args.device)
+    timeout = max(args.timeout, getattr(args, "wait", 0.0) + 10.0)
+    if args.command == "exclusive":
+        command = args.run[1:] if args.run[:1] == ["--"] else args.run
+        if not command:
+            raise UsageError("exclusive needs a command after --, e.g. exclusive -- hailortcli scan")
+        return lending.exclusive(lambda: Client(socket_path, timeout=timeout), command, args.to, args.wait)
+    with Client(socket_path, timeout=timeout) as client:
         if args.command == "selftest":
             return _selftest(client, args)
         response = _request(client, args)
@@ -271,6 +301,8 @@ def run(args) -> int:
         print(f"inference_time_ms: {response.get('inference_time_ms')}", file=sys.stderr)
     elif args.command == "device":
         print(json.dumps(response, indent=2))
+    elif args.command == "lend":
+        print(f"device lent to {response['lent_to']}")
     else:
         print(response.get("message", "ok"))
     return EXIT_OK

@@ -80,6 +80,15 @@ def _path(value):
     return value
 
 
+def _optional_path(value):
+    """An absolute path, or empty for "the default place"."""
+    if value == "":
+        return value
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"must be an absolute path or empty, got {value!r}")
+    return value
+
+
 def _path_list(value):
     if not isinstance(value, list) or not value:
         raise ValueError(f"must be a non-empty list of absolute paths, got {value!r}")
@@ -293,6 +302,13 @@ class Config:
     frame_timeout_s: float = _key(_number(0.1, 3600.0), 30.0)
     # Close connections idle this long (0: never; services may keep one open).
     idle_timeout_s: float = _key(_number(0.0, 86400.0), 0.0)
+    # Exit after this long with no connection, no queued work and no pinned
+    # model (0: never); the socket unit starts the daemon again on the next
+    # connection, and the device is free for other programs meanwhile.
+    idle_exit_s: float = _key(_number(0.0, 30 * 86400.0), 0.0)
+    # Where a loan of the device (hailo-devmgr lend) is kept across restarts;
+    # empty: $RUNTIME_DIRECTORY/lent.json under systemd, else memory only.
+    lend_state_file: str = _key(_optional_path, "")
     max_loaded_models: int = _key(_integer(1, 64), 8, "HAILO_DEVICE_MAX_LOADED_MODELS")
     pin: tuple = _key(_pin_list, ())
     # Seconds an idle model stays loaded, per model type: -1 forever, 0 unload

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import lending
 from .backends import Backend, BackendUnavailable, DeviceIdentity
 from ..wire.protocol import DEVICE_UNAVAILABLE, OVERHEATED, RequestError, shutting_down
 from .scheduler import FairScheduler, Job, JobQueue
@@ -136,7 +137,8 @@ class DeviceThread:
 
     def _main(self) -> None:
         _this_thread.device = self
-        self._run_guarded("open device", self.runtime.budgets.other_budget_s, self.runtime.open)
+        if self.runtime.loan is None:   # lent before a restart: the borrower may hold it
+            self._run_guarded("open device", self.runtime.budgets.other_budget_s, self.runtime.open)
         self._started.set()
         while True:
             if not self.queue.closed:
@@ -231,6 +233,8 @@ class DeviceRuntime:
         self._recovered_at: float | None = None
         self.on_close: list[Callable[[], None]] = []  # release model objects first
         self.on_open: list[Callable[[], None]] = []   # after every successful open
+        self.loan_path: str | None = None             # where a loan survives a restart
+        self.loan: lending.Loan | None = None         # the device is lent (read by the event loop)
 
     @property
     def platform(self):
@@ -258,7 +262,10 @@ class DeviceRuntime:
 
     def require(self) -> Any:
         """The open VDevice. A lost one is rebuilt on the backoff schedule
-        after a runtime fault, otherwise reopened at most every ``retry_s``."""
+        after a runtime fault, otherwise reopened at most every ``retry_s``;
+        a lent one is not touched."""
+        if self.loan is not None:
+            raise lending.lent_error(self.loan)
         if self.vdevice is None:
             if self._rebuild_at is not None:
                 if time.monotonic() >= self._rebuild_at:
@@ -272,6 +279,28 @@ class DeviceRuntime:
             raise RequestError(DEVICE_UNAVAILABLE, f"Device unavailable: {self.broken_reason}",
                                retry_after_ms=retry_ms)
         return self.vdevice
+
+    # -- lending ------------------------------------------------------------
+
+    def lend(self, loan: lending.Loan) -> None:
+        """Release every model and the VDevice for ``loan.to`` (device thread)."""
+        self.close()
+        self.loan = loan
+        self._rebuild_at = None   # nothing reopens it while lent
+        lending.save(self.loan_path, loan)
+        log.warning("device lent to %s: every model and the device released", loan.to)
+
+    def reclaim(self) -> bool | None:
+        """End the loan and reopen the device (device thread). None: it was not
+        lent; False: still held (reopened on the next request, every ``retry_s``)."""
+        if self.loan is None:
+            return None
+        loan, self.loan = self.loan, None
+        lending.save(self.loan_path, None)
+        opened = self.open()
+        log.info("device reclaimed from %s%s", loan.to, "" if opened else
+                 f"; it cannot be opened yet ({self.broken_reason}), retried on demand")
+        return opened
 
     # -- runtime faults -----------------------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import actions, scheduler, simulate, status, streaming, workers
+from . import actions, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
 from .connection import Connection, Frame, Peer
 from .metrics import Metrics
@@ -53,6 +53,7 @@ class Dispatcher:
         self.worker_pool = workers.FairPool()   # request work, shared out by uid
         self.shutting_down = False
         self.sessions: dict[int, Connection] = {}   # by connection id (the listener's), for status
+        self.after_reclaim = lambda: None          # the daemon pre-loads its pins again
         self._table = self._actions()
 
     def apply_config(self, config) -> None:
@@ -148,6 +149,8 @@ class Dispatcher:
                 request.body, self.runtime.backend, _peer(connection).uid)),
             "register_buffer": self._buffer_request,
             "unregister_buffer": self._buffer_request,
+            "lend": self._lend,
+            "reclaim": self._reclaim,
             "load_model": self._device_action,
             "unload_model": self._device_action,
             "infer": self._device_action,
@@ -170,6 +173,8 @@ class Dispatcher:
                              blocks: references.Blocks | None = None) -> dict:
         if self.shutting_down:
             raise p.shutting_down()
+        if self.runtime.loan is not None:
+            raise lending.lent_error(self.runtime.loan)
         received = time.monotonic()  # queue order is arrival order, whatever validation takes
         tracked = connection is not None and request.has_request_id
         if tracked and request.request_id in connection.inflight:
@@ -244,6 +249,45 @@ class Dispatcher:
             self.admission.give_job_slot(uid)
             if tokens:
                 connection.streams.pop(request.request_id, None)
+
+    # -- lending the device (admins) -------------------------------------------
+
+    def _admin_only(self, request: p.Request, connection: Connection | None) -> None:
+        if connection is None or not self.admission.is_admin(connection.peer):
+            raise RequestError(p.FORBIDDEN, f"{request.action} is for admins (root, the daemon's user, or "
+                                            f"config admin: uids and groups)")
+
+    async def _lend(self, request: p.Request, connection: Connection | None, blocks) -> dict:
+        """Release every model and the device for another program (lending.py)."""
+        self._admin_only(request, connection)
+        loan = lending.Loan(lending.borrower(request.body), time.time())
+        current = self.runtime.loan
+        if current is not None and current.to != loan.to:
+            raise lending.lent_error(current)
+        if current is None:
+            # After the running job; ahead of waiting ones, which then answer device_lent.
+            await self._admin_job(request, lambda: self.runtime.lend(loan), f"lend the device to {loan.to}")
+        current = self.runtime.loan
+        log.warning("device lent to %s", current.to, extra=self._log_fields(request, connection))
+        return {"lent_to": current.to, "lent_since": current.since}
+
+    async def _reclaim(self, request: p.Request, connection: Connection | None, blocks) -> dict:
+        """End a loan: reopen the device and pre-load the pins again."""
+        self._admin_only(request, connection)
+        if self.runtime.loan is None:
+            return {"reclaimed": False, "device_open": self.runtime.vdevice is not None,
+                    "message": "The device was not lent"}
+        opened = await self._admin_job(request, self.runtime.reclaim, "reclaim the device")
+        self.after_reclaim()
+        message = "Device reclaimed" if opened else (f"Device reclaimed; it cannot be opened yet "
+                                                     f"({self.runtime.broken_reason}): retried on demand")
+        return {"reclaimed": True, "device_open": bool(opened), "message": message}
+
+    async def _admin_job(self, request: p.Request, fn, label: str):
+        _, deadline = actions.scheduling_fields(request.body)   # timeout_ms: how long to wait for the device
+        job = self.device.submit(fn, label=label, budget_s=self.config.watchdog.load_budget_s,
+                                 client="daemon", priority=0, deadline=deadline)
+        return await self._await_job(job)
 
     @staticmethod
     def _open_stream(request: p.Request, connection: Connection | None) -> streaming.TokenStream:

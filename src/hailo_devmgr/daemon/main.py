@@ -28,7 +28,7 @@ from .backends import create_backend
 from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
 from .scheduler import QueueLimits, create_queue
-from . import status
+from . import lending, status
 from .dispatch import Dispatcher
 from .listener import Listener, bind_unix_socket, refuse_connections
 
@@ -128,6 +128,12 @@ class Daemon:
         self.dispatcher = Dispatcher(self.config, self.device, self.runtime, self.registry,
                                      self.config.socket_path)
         self.listener = Listener(self.dispatcher)
+        self.dispatcher.after_reclaim = self.prewarm
+        self.runtime.loan_path = lending.state_path(self.config.lend_state_file)
+        self.runtime.loan = lending.load(self.runtime.loan_path)
+        if self.runtime.loan is not None:
+            log.warning("the device is still lent to %s: not opening it until hailo-devmgr reclaim",
+                        self.runtime.loan.to)
         # Handlers first: a SIGTERM while the device opens still stops cleanly.
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -141,10 +147,13 @@ class Daemon:
         self.notifier.ready(status.summary(self.dispatcher))
         log.info("hailo-device-manager %s ready on %s (backend %s)", __version__,
                  self.dispatcher.socket_path, self.config.backend)
-        self.prewarm()
+        if self.runtime.loan is None:
+            self.prewarm()
         tasks = [asyncio.ensure_future(self._status_loop())]
         if self.notifier.watchdog_interval_s:
             tasks.append(asyncio.ensure_future(self._watchdog_loop(self.notifier.watchdog_interval_s)))
+        if self.config.idle_exit_s:
+            tasks.append(asyncio.ensure_future(self._idle_exit_loop()))
         await self._stop.wait()
         for task in tasks:
             task.cancel()
@@ -175,6 +184,26 @@ class Daemon:
         while True:
             self.notifier.status(status.summary(self.dispatcher))
             await asyncio.sleep(STATUS_INTERVAL_S)
+
+    def _idle(self) -> bool:
+        """Nothing would be lost by exiting: no client, no device work, no pinned model."""
+        return (not self.dispatcher.sessions and self.device.queue_depth == 0
+                and self.device.busy_with is None and not self.config.pin)
+
+    async def _idle_exit_loop(self) -> None:
+        """idle_exit_s: exit cleanly once idle that long (the socket restarts us)."""
+        idle_since = None
+        while True:
+            await asyncio.sleep(min(1.0, self.config.idle_exit_s / 4))
+            if not self.config.idle_exit_s or not self._idle():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.config.idle_exit_s:
+                log.info("idle for %g s (idle_exit_s): exiting; the next connection starts the daemon again",
+                         self.config.idle_exit_s)
+                self._stop.set()
+                return
 
     async def _watchdog_loop(self, interval_s: float) -> None:
         """WATCHDOG=1 only while the device thread is healthy: a hung HailoRT

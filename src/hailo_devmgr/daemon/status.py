@@ -43,7 +43,13 @@ def status_payload(d) -> dict:
         "runtime_faults": d.runtime.runtime_faults,
         "runtime_recoveries": d.runtime.runtime_recoveries,
         "held_by_clients": d.admission.held(),
+        **_loan(d),
     }
+
+
+def _loan(d) -> dict:
+    loan = d.runtime.loan
+    return {"lent_to": loan.to if loan else None, "lent_since": loan.since if loan else None}
 
 
 def device_status_payload(d) -> dict:
@@ -73,6 +79,7 @@ def device_status_payload(d) -> dict:
         "runtime_broken_reason": d.runtime.broken_reason,
         "runtime_faults": d.runtime.runtime_faults,
         "runtime_recoveries": d.runtime.runtime_recoveries,
+        **_loan(d),
         "thermal": {
             "throttled": d.runtime.throttled,
             "limit_c": d.runtime.thermal.limit_c,
@@ -86,7 +93,9 @@ def device_status_payload(d) -> dict:
 def summary(d) -> str:
     """One line for systemd's STATUS=."""
     parts = [f"{len(d.registry.snapshot)} model(s) loaded", f"queue {d.device.queue_depth}"]
-    if d.runtime.broken_reason:
+    if d.runtime.loan is not None:
+        parts.append(f"device lent to {d.runtime.loan.to}")
+    elif d.runtime.broken_reason:
         parts.append(f"device unavailable: {d.runtime.broken_reason}")
     elif d.runtime.throttled:
         celsius = d.runtime.temperature_c

@@ -45,6 +45,7 @@ BUSY = "busy"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"
 DEVICE_UNAVAILABLE = "device_unavailable"
+DEVICE_LENT = "device_lent"
 SHUTTING_DOWN = "shutting_down"
 OVERHEATED = "overheated"
 INTERNAL_ERROR = "internal_error"
@@ -54,9 +55,11 @@ CONTROL_ACTIONS = frozenset({"ping", "status", "device_status", "hello", "cancel
                              "register_buffer", "unregister_buffer"})
 # Actions that need the device thread.
 DEVICE_ACTIONS = frozenset({"load_model", "infer", "unload_model"})
+# Lending the whole device to another program (admins only; see daemon/lending.py).
+ADMIN_ACTIONS = frozenset({"lend", "reclaim"})
 # Test hooks of the simulated backend (root or the daemon's user only; see simulate.py).
 DEBUG_ACTIONS = frozenset({"simulate"})
-ACTIONS = CONTROL_ACTIONS | DEVICE_ACTIONS | DEBUG_ACTIONS
+ACTIONS = CONTROL_ACTIONS | DEVICE_ACTIONS | ADMIN_ACTIONS | DEBUG_ACTIONS
 
 DEFAULT_MODEL_TYPE = "vlm"  # v1 default for load_model/infer/unload_model
 
