@@ -6,19 +6,23 @@
 PYTHON    ?= /usr/bin/python3
 RUN_DIR   ?= $(CURDIR)/run
 RUNTIME_DEPS = python3-systemd python3-numpy python3-yaml
-HTTP_DEPS    = python3-aiohttp python3-prometheus-client
+HTTP_DEPS    = python3-aiohttp python3-prometheus-client python3-pil
 DEB_DEPS     = build-essential fakeroot dpkg-dev debhelper dh-python python3-all python3-setuptools lintian python3-stdeb
 E2E_DEPS     = systemd-container debootstrap
 TEST_DEPS    = $(RUNTIME_DEPS) $(HTTP_DEPS) $(DEB_DEPS) $(E2E_DEPS) python3-pytest python3-pytest-timeout systemd \
                python3-hypothesis python3-venv
 DEB_DIR     ?= $(CURDIR)/build/deb
+# The official Ollama and OpenAI clients the gateway tests run unchanged
+# (PyPI only, pinned), in a venv that also sees Debian's packages.
+CLIENT_VENV     ?= $(CURDIR)/build/client-venv
+CLIENT_PACKAGES  = ollama==0.6.3 openai==3.60.0
 # Fuzzing: atheris run length for `make fuzz` and for the short run in `make test`.
 FUZZ_SECONDS       ?= 300
 FUZZ_SMOKE_SECONDS ?= 25
 SOAK_SECONDS       ?= 120
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: run test e2e newcomer bench fuzz soak deb stdeb deps-runtime deps-test deps-deb clean
+.PHONY: client-venv run test e2e newcomer bench fuzz soak deb stdeb deps-runtime deps-test deps-deb clean
 
 # Install missing Debian packages (root), or say which are missing.
 define ensure_packages
@@ -50,10 +54,15 @@ run: deps-runtime
 	HAILO_DEVICE_MODEL_DIRS=$(RUN_DIR)/models \
 	$(PYTHON) -m hailo_devmgr --config $(CURDIR)/etc/hailo/device-manager.yaml
 
+# pip installs nothing (and asks no index) when the pinned versions are there.
+client-venv: deps-test
+	@[ -x $(CLIENT_VENV)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(CLIENT_VENV)
+	@$(CLIENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-input $(CLIENT_PACKAGES)
+
 # The short atheris pass first, so pytest's summary is the last line printed.
-test: deps-test
+test: deps-test client-venv
 	@FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) PYTHON=$(PYTHON) fuzz/atheris.sh --optional
-	$(PYTHON) -m pytest
+	HAILO_CLIENT_VENV=$(CLIENT_VENV) $(PYTHON) -m pytest
 
 # The real-systemd end-to-end test alone; fails (never skips) when this
 # machine cannot boot a container (needs root, systemd-nspawn, debootstrap).
