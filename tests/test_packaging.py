@@ -68,7 +68,7 @@ def test_daemon_package_contents_and_fields(debs):
     assert "sdnotify" not in depends  # sd_notify is sent by the daemon itself (systemd.py)
     assert "hailort" not in depends  # never a hard dependency
     assert "python3-h10-hailort | python3-hailort" in field(deb, "Recommends")
-    assert control_file(deb, "conffiles").split() == ["/etc/hailo/device-manager.yaml"]
+    assert control_file(deb, "conffiles").split() == ["/etc/hailo/device-manager.yaml", "/etc/hailo/models.yaml"]
 
 
 def test_library_package_has_the_module_and_no_daemon_files(debs):
@@ -377,3 +377,40 @@ def test_stdeb_builds_a_client_package_that_imports(tmp_path):
     [site] = (tmp_path / "root" / "usr" / "lib").glob("python3*/dist-packages")
     run("/usr/bin/python3", "-c", "import hailo_devmgr.client as c; print(c.Client)",
         env={**SYSTEM_ENV, "PYTHONPATH": str(site)}, cwd=str(tmp_path))
+
+
+# ------------------------------------------------------------------ the Ollama/OpenAI gateway (issue 17)
+
+def test_gateway_units_and_catalog_are_shipped_and_not_enabled(debs):
+    deb = debs["hailo-device-manager"]
+    listing = contents(deb).replace("./usr/lib/systemd/", "./lib/systemd/")
+    for path in ("./lib/systemd/system/hailo-devmgr-ollama.socket",
+                 "./lib/systemd/system/hailo-devmgr-ollama.service",
+                 "./etc/hailo/models.yaml", "/dist-packages/hailo_devmgr/http/ollama.py",
+                 "/dist-packages/hailo_devmgr/http/openai.py",
+                 "./usr/share/doc/hailo-device-manager/ollama-openai.md"):
+        assert path in listing, path
+    assert "/etc/hailo/models.yaml" in control_file(deb, "conffiles").split()
+    assert "python3-pil" in field(deb, "Depends")   # images to VLM frames
+    postinst = control_file(deb, "postinst")
+    # Port 11434 may be Ollama's or hailo-ollama's: never enabled or started by the package,
+    # only re-enabled on upgrade when the admin had enabled it.
+    lines = postinst.splitlines()
+    for number, line in enumerate(lines):
+        if "deb-systemd-helper enable 'hailo-devmgr-ollama" in line:
+            assert "was-enabled 'hailo-devmgr-ollama.socket'" in "\n".join(lines[max(0, number - 3):number])
+    assert "deb-systemd-invoke start 'hailo-devmgr-ollama" not in postinst
+    assert not [line for line in lines if "hailo-devmgr-ollama.socket" in line and "restart" in line]
+
+
+def test_gateway_units_follow_the_port_rule():
+    """docs/hailo-ollama.md, "Port 11434": hailo-ollama.service conflicts with both units,
+    the service stops with its socket, the socket's descriptor is the one named ollama."""
+    socket_unit = (ROOT / "systemd" / "hailo-devmgr-ollama.socket").read_text()
+    service = (ROOT / "systemd" / "hailo-devmgr-ollama.service").read_text()
+    assert "ListenStream=127.0.0.1:11434\n" in socket_unit and "FileDescriptorName=ollama\n" in socket_unit
+    assert "BindsTo=hailo-devmgr-ollama.socket\n" in service and "ExecStart=/usr/bin/hailo-devmgr-http\n" in service
+    assert "\n[Install]" not in service and "User=hailo-devmgr-http\n" in service
+    conflicts = (ROOT / "systemd" / "hailo-ollama.service").read_text()
+    assert "Conflicts=hailo-devmgr-ollama.socket hailo-devmgr-ollama.service\n" in conflicts
+    assert "\nConflicts=" not in service and "\nConflicts=" not in socket_unit   # declared once, on one side
