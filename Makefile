@@ -80,6 +80,7 @@ bench: deps-test
 	$(PYTHON) bench/scheduling.py
 	$(PYTHON) bench/transport.py
 	$(PYTHON) bench/small_requests.py
+	$(PYTHON) bench/gateway.py
 
 # Fuzzing, longer than `make test` does it: the hypothesis suites with the
 # long profile (failures saved in build/hypothesis), then atheris
