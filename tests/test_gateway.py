@@ -395,3 +395,31 @@ def test_four_chats_at_once_with_clip_between_generations(gateway, model_dir, re
     assert clip.get("ok"), "the CLIP request did not finish"
     if user is not None:   # fairness between uids: CLIP runs after the first generation, not after all four
         assert sum(at > clip["at"] for _, at in seen) >= 2, (clip, seen)
+
+
+def test_socket_activated_by_name_it_serves_the_gateway_only(start_daemon, models):
+    """The descriptor named ollama (hailo-devmgr-ollama.socket's FileDescriptorName=) gets the
+    gateway and nothing binds 5099; an unnamed one stays the status port (test_http.py)."""
+    daemon = start_daemon()
+    port = free_port()
+    argv = [shutil.which("systemd-socket-activate"), "-l", f"127.0.0.1:{port}", "--fdname=ollama",
+            "-E", "PYTHONPATH", sys.executable, "-m", "hailo_devmgr.http", "--device-socket", daemon.socket_path,
+            "--catalog", str(models)]
+    process = subprocess.Popen(argv, env=env_with_src(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, body = http("GET", base + "/api/version")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert status == 200 and "version" in json.loads(body)
+        assert http("GET", base + "/metrics")[0] == 404
+        assert json.loads(http("GET", base + "/api/tags")[1])["models"]
+    finally:
+        process.terminate()
+        process.wait(10)
