@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..wire import protocol as p
 from . import limits
-from ..wire import references, shm, transport
+from ..wire import codec, references, shm, transport
 from ..client.stream import SocketStream
 from ..wire.protocol import RequestError
 
@@ -126,7 +126,7 @@ class Connection:
         self.admission = dispatcher.admission
         self.id = next(_connection_ids)
         self.peer = Peer.of(sock)
-        self.protocol = 1
+        self._protocol = 1
         self.client_label: str | None = None
         self.default_priority: str | None = None
         self.unit = self.peer.unit()      # systemd unit of the peer, read once
@@ -137,6 +137,11 @@ class Connection:
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
         self.shm_buffers = shm.RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)
         self._stream = SocketStream(sock)
+        # The one frame codec: bodies in chunks as bytes come, attachments into
+        # the buffer pool's blocks, descriptors charged to the uid on arrival.
+        self._reader = codec.FrameReader(dispatcher.config.max_message_bytes, chunk_bytes=BODY_CHUNK,
+                                         decode=False, v2=False, allocate=dispatcher.buffers.get,
+                                         admit_fds=self._admit_fds)
         self._write_lock = asyncio.Lock()
         # v1 answers in order: a few frames read ahead (so a vanished client is
         # noticed), then reading stops until the client takes its answers.
@@ -146,12 +151,21 @@ class Connection:
         self._fds_charged = 0                  # descriptors received for the frame being read
         self.shm_charged = 0                   # registered shared memory counted for this connection
         self._fds_refusal: str | None = None   # why some of them were closed on arrival
-        self._stream.admit_fds = self._admit_fds
         self._tasks: set[asyncio.Task] = set()      # every frame's, refusals and cancels too
         self._requests: set[asyncio.Task] = set()   # requests in flight (the in-flight limit)
         # Frames read and not yet released: a task cancelled before it ever ran
         # never reaches its finally, so the connection's end releases them.
         self._frames: set[Frame] = set()
+
+    @property
+    def protocol(self) -> int:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, value: int) -> None:
+        """Agreed in hello: from v2 on, frames may carry attachments and descriptors."""
+        self._protocol = value
+        self._reader.v2 = value >= 2
 
     @property
     def client_key(self):
@@ -186,6 +200,7 @@ class Connection:
                 self._release(frame)
             self.dispatcher.session_closed(self)
             self.shm_buffers.clear()
+            self._reader.close()
             self._stream.close()
             self.admission.pending_fds.give(self.peer.uid, self._fds_charged)  # a frame cut short
 
@@ -196,43 +211,37 @@ class Connection:
         ``frame_timeout_s``: a client that stalls mid-frame is cut off and
         the memory reserved for its body is given back."""
         config = self.dispatcher.config
-        stream = self._stream
-        try:
-            async with asyncio.timeout(config.idle_timeout_s or None):
-                first = await stream.readexactly(1)
-        except asyncio.IncompleteReadError:
-            return None  # closed between frames: the normal end
-        except asyncio.TimeoutError:
-            log.info("closing a connection idle for %g s", config.idle_timeout_s, extra=self.peer.log_fields())
-            return None
+        if not self._reader.buffered and not self._reader.mid_frame:
+            try:   # between frames: the connection may rest (idle_timeout_s)
+                async with asyncio.timeout(config.idle_timeout_s or None):
+                    await self._stream.fill(self._reader)
+            except asyncio.IncompleteReadError:
+                return None  # closed between frames: the normal end
+            except asyncio.TimeoutError:
+                log.info("closing a connection idle for %g s", config.idle_timeout_s, extra=self.peer.log_fields())
+                return None
         self._mid_frame = True
         try:
-            return await self._read_rest(first, config, stream)
+            return await self._read_rest(_FrameClock(config.frame_timeout_s))
         finally:
             self._mid_frame = False
 
-    async def _read_rest(self, first: bytes, config, stream) -> Frame | None:
-        clock = _FrameClock(config.frame_timeout_s)
+    async def _read_rest(self, clock: "_FrameClock") -> Frame | None:
+        """Feed the codec until the frame is whole: its length is charged to the
+        uid before any of the body is taken, its attachments before their
+        buffers exist."""
+        reader, frame = self._reader, Frame()
         try:
-            header = bytes(first + await clock.within(stream.readexactly(p.HEADER_SIZE - 1)))
-        except asyncio.IncompleteReadError:
-            log.warning("client sent a truncated frame header and closed", extra=self.peer.log_fields())
-            return None
-        except asyncio.TimeoutError:
-            return self._stalled()
-        frame = Frame()
-        try:
-            frame.body = await self._read_body(frame, p.parse_length(header, config.max_message_bytes), clock)
-            length = len(frame.body)
-            if transport.may_have_attachments(frame.body):
-                await self._read_attachments(frame, length, clock)
-            frame.fds = stream.take_fds()
-            frame.fds_truncated, stream.fds_truncated = stream.fds_truncated, False
-            if (frame.fds or frame.fds_truncated) and self.protocol < 2:
-                raise RequestError(p.BAD_REQUEST, "File descriptors need protocol 2 (send hello first); "
-                                                  "closing the connection", fatal=True)
-            self._hold_fds(frame)
-            return frame
+            event = reader.next_event()
+            while not isinstance(event, codec.Frame):
+                if event is codec.NEED_DATA:
+                    await clock.within(self._stream.fill(reader))
+                elif isinstance(event, codec.Header):
+                    await self._hold_bytes(frame, event.length, clock)
+                else:
+                    await self._attach(frame, event.body, clock)
+                event = reader.next_event()
+            return self._whole(frame, event)
         except limits.PoolTimeout as full:
             # Framing is lost (the rest of the frame is unread): busy, then close.
             error = RequestError(p.BUSY, f"The daemon is holding too many requests ({full.reason}); "
@@ -247,7 +256,10 @@ class Connection:
             await self.send(p.error_response(_request_of(frame.message), error))
             return None
         except asyncio.IncompleteReadError:
-            log.warning("client closed in the middle of a frame", extra=self.peer.log_fields())
+            if reader.frame_length is None:
+                log.warning("client sent a truncated frame header and closed", extra=self.peer.log_fields())
+            else:
+                log.warning("client closed in the middle of a frame", extra=self.peer.log_fields())
             self._abandon(frame)
             return None
         except asyncio.TimeoutError:
@@ -257,19 +269,28 @@ class Connection:
             self._abandon(frame)
             raise
 
-    async def _read_body(self, frame: Frame, length: int, clock: "_FrameClock") -> bytes:
-        """The JSON body. Counted whole against the uid before any of it is read,
-        so a frame that has begun always ends (a uid's frames on several
-        connections never hold parts of their bodies waiting for each other);
-        in memory only as it arrives, one chunk ahead: a length prefix that
-        promises 64 MiB and sends one byte holds one chunk of memory."""
-        await self._hold_bytes(frame, length, clock)
-        parts = []
-        while length:
-            part = min(BODY_CHUNK, length)
-            parts.append(await clock.within(self._stream.readexactly(part)))
-            length -= part
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+    async def _attach(self, frame: Frame, body: bytes, clock: "_FrameClock") -> None:
+        """The JSON may list attachments: decode it now (it says how many bytes
+        follow), and charge them before the codec makes their buffers."""
+        frame.body = body
+        try:
+            with clock.paused():  # waiting for room is not the client's time
+                frame.message = await self.decode(frame)
+        except RequestError as error:
+            if error.code in (p.TOO_LARGE, p.BUSY):  # its attachments stay unread: framing is lost
+                raise RequestError(error.code, f"{error.message}; closing the connection",
+                                   retry_after_ms=error.retry_after_ms, fatal=True) from None
+            frame.message = None  # answered as bad JSON later; no attachments can be trusted either
+        sizes = self._reader.attach(frame.message)
+        if sizes:
+            await self._hold_bytes(frame, sum(sizes), clock)
+
+    def _whole(self, frame: Frame, whole: codec.Frame) -> Frame:
+        frame.body = whole.body
+        frame.attachments = whole.attachments
+        frame.fds, frame.fds_truncated = whole.fds, whole.fds_truncated
+        self._hold_fds(frame)
+        return frame
 
     async def _hold_bytes(self, frame: Frame, size: int, clock: "_FrameClock") -> None:
         """Charge ``size`` more bytes of this frame to its uid, waiting for room
@@ -279,7 +300,7 @@ class Connection:
         frame.held += size
 
     def _admit_fds(self, count: int) -> bool:
-        """Charge descriptors to the uid as they arrive (SocketStream asks), so a
+        """Charge descriptors to the uid as they arrive (the codec asks), so a
         frame that never ends cannot hold more than the uid's share."""
         reason = self.admission.pending_fds.take_now(self.peer.uid, count)
         if reason is not None:
@@ -305,38 +326,9 @@ class Connection:
         """A frame that failed while read: what it holds, and the descriptors
         received for it so far, go back."""
         self._release(frame)
-        self._stream.drop_fds()
+        self._reader.close()   # the connection ends: what the codec holds goes too
         self.admission.pending_fds.give(self.peer.uid, self._fds_charged)
         self._fds_charged, self._fds_refusal = 0, None
-
-    async def _read_attachments(self, frame: Frame, length: int, clock: "_FrameClock") -> None:
-        """Decode the JSON now (it says how many bytes follow) and read its attachments."""
-        try:
-            with clock.paused():  # waiting for room is not the client's time
-                message = await self.decode(frame)
-        except RequestError as error:
-            if error.code in (p.TOO_LARGE, p.BUSY):  # its attachments stay unread: framing is lost
-                raise RequestError(error.code, f"{error.message}; closing the connection",
-                                   retry_after_ms=error.retry_after_ms, fatal=True) from None
-            return  # answered as bad JSON later; no attachments can be trusted either
-        if "attachments" not in message:
-            frame.message = message
-            return
-        frame.message = message
-        if self.protocol < 2:
-            raise RequestError(p.BAD_REQUEST, "attachments need protocol 2 (send hello first); "
-                                              "closing the connection", fatal=True)
-        sizes = transport.attachment_sizes(message)
-        total = sum(sizes)
-        limit = self.dispatcher.config.max_message_bytes
-        if length + total > limit:
-            raise RequestError(p.TOO_LARGE, f"Message of {length + total} bytes with its attachments "
-                                            f"exceeds the limit of {limit} bytes", fatal=True)
-        await self._hold_bytes(frame, total, clock)
-        for size in sizes:
-            block = self.dispatcher.buffers.get(size)
-            frame.attachments.append(block)
-            await clock.within(self._stream.readinto(memoryview(block)))
 
     def _release(self, frame: Frame) -> None:
         """Give back what a frame holds: its bytes and its descriptors."""

@@ -10,10 +10,10 @@ import logging
 import os
 import socket
 import stat
-import struct
 import time
 
 from .connection import Connection
+from ..wire import codec
 from ..wire import protocol as p
 from ..wire.protocol import RequestError
 
@@ -75,19 +75,31 @@ def refuse_connections(listener: socket.socket, reason: str, seconds: float) -> 
             return
         with conn:
             conn.settimeout(0.2)
-            request = None
-            try:
-                header = conn.recv(p.HEADER_SIZE, socket.MSG_WAITALL)
-                length = p.parse_length(header, 64 * 1024)
-                message = p.decode_body(conn.recv(length, socket.MSG_WAITALL))
-                request_id, has_id = p.request_id_of(message)
-                request = p.Request("", message, request_id, has_id)
-            except (OSError, RequestError, struct.error):
-                pass  # answer anyway, without a request_id
+            request = _first_request(conn)
+
             try:
                 conn.sendall(p.encode_frame(p.error_response(request, error)))
             except OSError:
                 pass
+
+
+def _first_request(conn: socket.socket) -> p.Request | None:
+    """The client's first request, if it comes at once whole (for its request_id)."""
+    reader = codec.FrameReader(64 * 1024, v2=False)
+    try:
+        while True:
+            frames = reader.frames()
+            if frames:
+                request_id, has_id = p.request_id_of(frames[0].message or {})
+                return p.Request("", frames[0].message or {}, request_id, has_id)
+            data = conn.recv(64 * 1024)
+            if not data:
+                return None
+            reader.feed(data)
+    except (OSError, RequestError):
+        return None  # answered anyway, without a request_id
+    finally:
+        reader.close()
 
 
 class Listener:
