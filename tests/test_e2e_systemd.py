@@ -464,6 +464,11 @@ def test_9b_hailo_ollama_service_runs_a_stand_in_with_its_limits_and_purge_keeps
     assert "stand-in hailo-ollama: /etc/xdg/hailo-ollama/hailo-ollama.json, data /var/lib/hailo-ollama" \
         in ollama_journal(box)  # upstream's XDG lookup lands where the unit says
 
+    # While it runs it has the device: the manager lent it (ExecStartPre=+hailo-devmgr lend).
+    assert json.loads(box.out("hailo-devmgr --json status"))["lent_to"] == OLLAMA
+    lent = box.sh(f"hailo-devmgr load {MODELS}/tiny.hef --type generic", check=False)
+    assert lent.returncode == 1 and f"The device is lent to {OLLAMA}" in lent.stderr, lent
+
     # A bad YAML: one line in the journal, the server not started.
     box.sh(f"cp {OLLAMA_YAML} /root/ollama-good.yaml && sed -i 's/port: 11434/port: 70000/' {OLLAMA_YAML}")
     assert box.sh(f"systemctl restart {OLLAMA}", check=False, timeout=60).returncode != 0
@@ -477,6 +482,14 @@ def test_9b_hailo_ollama_service_runs_a_stand_in_with_its_limits_and_purge_keeps
     # Stopped: --verify fails and says where to look.
     box.sh(f"systemctl stop {OLLAMA}", timeout=60)
     assert box.show(OLLAMA, "Result")["Result"] == "success"  # SIGTERM: a clean stop
+    # ... and the device came back (ExecStopPost=+hailo-devmgr reclaim).
+    assert json.loads(box.out("hailo-devmgr --json status"))["lent_to"] is None
+    assert "lent" not in box.sh(f"hailo-devmgr load {MODELS}/tiny.hef --type generic", check=False).stderr
+    # exclusive: lend, run, always give back, with the command's own status.
+    assert box.sh("hailo-devmgr exclusive --to e2e -- sh -c 'hailo-devmgr --json status | grep -q lent_to.*e2e'",
+                  check=False, timeout=60).returncode == 0
+    assert box.sh("hailo-devmgr exclusive -- false", check=False, timeout=60).returncode == 1
+    assert json.loads(box.out("hailo-devmgr --json status"))["lent_to"] is None
     refused = box.sh("hailo-ollama-config --verify --wait 1", check=False, timeout=60)
     assert refused.returncode == 1 and "journalctl -u hailo-ollama -n 100" in refused.stderr, refused
 
