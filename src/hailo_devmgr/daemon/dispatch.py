@@ -1,6 +1,6 @@
 """The one entry point for requests: the table of actions.
 
-A session (connection.py) hands each frame it reads to ``answer``; the
+A session (session.py) hands each frame it reads to ``answer``; the
 daemon's own pinned models come in through ``preload``. Control-plane
 actions (ping, status, device_status, metrics, hello, cancel) are answered
 at once from snapshots (status.py), never behind device work. Device
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import actions, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
-from .connection import Connection, Frame, Peer
+from .session import Session, Frame, Peer
 from .metrics import Metrics
 from .._version import __version__
 from ..wire import protocol as p
@@ -52,7 +52,7 @@ class Dispatcher:
         self.metrics = Metrics()
         self.worker_pool = workers.FairPool()   # request work, shared out by uid
         self.shutting_down = False
-        self.sessions: dict[int, Connection] = {}   # by connection id (the listener's), for status
+        self.sessions: dict[int, Session] = {}   # by connection id (the listener's), for status
         self.after_reclaim = lambda: None          # the daemon pre-loads its pins again
         self._table = self._actions()
 
@@ -69,20 +69,20 @@ class Dispatcher:
                             request_id=None, has_request_id=False)
         return await self._answer_request(request, request.body, None, None)
 
-    def drop_queued_work(self, connection: Connection) -> None:
+    def drop_queued_work(self, connection: Session) -> None:
         """A session is ending: its queued work never runs."""
         dropped = self.device.queue.drop_owner(connection.id)
         if dropped:
             log.info("client closed the connection: %d queued request(s) dropped", dropped,
                      extra=connection.peer.log_fields())
 
-    def session_closed(self, connection: Connection) -> None:
+    def session_closed(self, connection: Session) -> None:
         """A session ended (its tasks finished): what its registered buffers
         counted goes back to its uid."""
         self.admission.registered_bytes.give(connection.peer.uid, connection.shm_charged)
         connection.shm_charged = 0
 
-    async def answer(self, frame: Frame, connection: Connection) -> dict:
+    async def answer(self, frame: Frame, connection: Session) -> dict:
         message = frame.message
         try:
             if message is None:
@@ -97,7 +97,7 @@ class Dispatcher:
             frame.blocks = references.Blocks(frame.attachments, frame.fds, connection.shm_buffers)
         return await self.handle_message(message, connection, frame.blocks)
 
-    async def handle_message(self, message: dict, connection: Connection | None,
+    async def handle_message(self, message: dict, connection: Session | None,
                              blocks: references.Blocks | None = None) -> dict:
         """Answer one decoded request. ``blocks``: the attachments and
         descriptors of a v2 frame, which tensor references in ``input_data``
@@ -108,7 +108,7 @@ class Dispatcher:
             return self.error_answer(None, message, error, connection)
         return await self._answer_request(request, message, connection, blocks)
 
-    async def _answer_request(self, request: p.Request, message: dict, connection: Connection | None,
+    async def _answer_request(self, request: p.Request, message: dict, connection: Session | None,
                               blocks: references.Blocks | None) -> dict:
         try:
             payload = await self._dispatch(request, connection, blocks)
@@ -120,7 +120,7 @@ class Dispatcher:
             error = RequestError(p.INTERNAL_ERROR, "Internal error in the device manager (see its log)")
             return self.error_answer(request, message, error, connection)
 
-    def error_answer(self, request, message, error: RequestError, connection: Connection | None) -> dict:
+    def error_answer(self, request, message, error: RequestError, connection: Session | None) -> dict:
         if request is None:
             request_id, has_id = p.request_id_of(message)
             request = p.Request(action="", body={}, request_id=request_id, has_request_id=has_id)
@@ -162,14 +162,14 @@ class Dispatcher:
             return answer(request, connection)
         return run
 
-    async def _dispatch(self, request: p.Request, connection: Connection | None,
+    async def _dispatch(self, request: p.Request, connection: Session | None,
                         blocks: references.Blocks | None = None) -> dict:
         run = self._table.get(request.action)
         if run is None:  # parse_request knows the same names: only a table out of step
             raise p.unknown_action(request.action)
         return await run(request, connection, blocks)
 
-    async def _device_action(self, request: p.Request, connection: Connection | None,
+    async def _device_action(self, request: p.Request, connection: Session | None,
                              blocks: references.Blocks | None = None) -> dict:
         if self.shutting_down:
             raise p.shutting_down()
@@ -245,19 +245,19 @@ class Dispatcher:
                     result["result"]["stop_reason"] = tokens.stop_reason
             return result
         finally:
-            # From here the answer counts in the uid's request bytes (Connection.send).
+            # From here the answer counts in the uid's request bytes (Session.send).
             self.admission.give_job_slot(uid)
             if tokens:
                 connection.streams.pop(request.request_id, None)
 
     # -- lending the device (admins) -------------------------------------------
 
-    def _admin_only(self, request: p.Request, connection: Connection | None) -> None:
+    def _admin_only(self, request: p.Request, connection: Session | None) -> None:
         if connection is None or not self.admission.is_admin(connection.peer):
             raise RequestError(p.FORBIDDEN, f"{request.action} is for admins (root, the daemon's user, or "
                                             f"config admin: uids and groups)")
 
-    async def _lend(self, request: p.Request, connection: Connection | None, blocks) -> dict:
+    async def _lend(self, request: p.Request, connection: Session | None, blocks) -> dict:
         """Release every model and the device for another program (lending.py)."""
         self._admin_only(request, connection)
         loan = lending.Loan(lending.borrower(request.body), time.time())
@@ -271,7 +271,7 @@ class Dispatcher:
         log.warning("device lent to %s", current.to, extra=self._log_fields(request, connection))
         return {"lent_to": current.to, "lent_since": current.since}
 
-    async def _reclaim(self, request: p.Request, connection: Connection | None, blocks) -> dict:
+    async def _reclaim(self, request: p.Request, connection: Session | None, blocks) -> dict:
         """End a loan: reopen the device and pre-load the pins again."""
         self._admin_only(request, connection)
         if self.runtime.loan is None:
@@ -290,7 +290,7 @@ class Dispatcher:
         return await self._await_job(job)
 
     @staticmethod
-    def _open_stream(request: p.Request, connection: Connection | None) -> streaming.TokenStream:
+    def _open_stream(request: p.Request, connection: Session | None) -> streaming.TokenStream:
         """A streamed infer's token buffer, known to cancel by its request_id."""
         if connection is None or connection.protocol < 2:
             raise RequestError(p.BAD_REQUEST, "stream: true needs protocol 2 (send hello first)")
@@ -301,7 +301,7 @@ class Dispatcher:
         return tokens
 
     @staticmethod
-    async def _streamed(tokens: streaming.TokenStream, request: p.Request, connection: Connection, waiting):
+    async def _streamed(tokens: streaming.TokenStream, request: p.Request, connection: Session, waiting):
         """Await the job while its tokens go out as chunk frames; the last chunk
         is written before the final answer. A request that ends otherwise
         (cancelled, the client gone, an error) stops the generation at once."""
@@ -346,7 +346,7 @@ class Dispatcher:
             if blocks is not None:
                 blocks.close()
 
-    def _job_fields(self, request: p.Request, prepared, connection: Connection | None) -> dict:
+    def _job_fields(self, request: p.Request, prepared, connection: Session | None) -> dict:
         priority = prepared.priority or (connection.default_priority if connection else None) \
             or scheduler.DEFAULT_PRIORITY
         return {
@@ -370,7 +370,7 @@ class Dispatcher:
             self.device.queue.remove(job, RequestError(p.TIMEOUT, "Timed out before the device could start it"))
             return await waiting
 
-    def _hello(self, request: p.Request, connection: Connection | None) -> dict:
+    def _hello(self, request: p.Request, connection: Session | None) -> dict:
         wanted = p.optional_number(request.body, "protocol", 1, minimum=1, integer=True)
         label = p.optional_str(request.body, "client", None)
         if label is not None and len(label) > 128:
@@ -413,7 +413,7 @@ class Dispatcher:
     def _features(self) -> list[str]:
         return [name for name in p.FEATURES_V2 if name != "shm_buffers" or self.config.shm_buffer_max_bytes]
 
-    async def _buffer_request(self, request: p.Request, connection: Connection | None,
+    async def _buffer_request(self, request: p.Request, connection: Session | None,
                               blocks: references.Blocks | None) -> dict:
         """register_buffer / unregister_buffer, with the uid's registered bytes
         counted here (the mapping itself in a worker: it populates page tables)."""
@@ -450,11 +450,11 @@ class Dispatcher:
             connection.shm_charged += answer["size"]
         return answer
 
-    def _uncharge_registered(self, connection: Connection, size: int) -> None:
+    def _uncharge_registered(self, connection: Session, size: int) -> None:
         self.admission.registered_bytes.give(connection.peer.uid, size)
         connection.shm_charged -= size
 
-    def _buffer_action(self, request: p.Request, connection: Connection | None,
+    def _buffer_action(self, request: p.Request, connection: Session | None,
                        blocks: references.Blocks | None) -> dict:
         """register_buffer (one memfd with the frame) and unregister_buffer {buffer}."""
         if connection is None or connection.protocol < 2 or blocks is None:
@@ -472,7 +472,7 @@ class Dispatcher:
         buffer_id, size = blocks.using_fd(0, lambda fd: connection.shm_buffers.register(fd, "buffer"), "")
         return {"buffer": buffer_id, "size": size}
 
-    def _cancel(self, request: p.Request, connection: Connection | None) -> dict:
+    def _cancel(self, request: p.Request, connection: Session | None) -> dict:
         """Cancel a request of this same connection, by its request_id."""
         body = request.body
         if "target" in body:
@@ -502,7 +502,7 @@ class Dispatcher:
                 "state": state}
 
     @staticmethod
-    def _log_fields(request: p.Request, connection: Connection | None) -> dict:
+    def _log_fields(request: p.Request, connection: Session | None) -> dict:
         fields = _peer(connection).log_fields()
         if request.has_request_id:
             fields["REQUEST_ID"] = request.request_id
@@ -510,10 +510,10 @@ class Dispatcher:
             fields["CLIENT"] = connection.client_label
         return fields
 
-    async def _infer_payload(self, outcome, connection: Connection | None = None) -> dict:
+    async def _infer_payload(self, outcome, connection: Session | None = None) -> dict:
         result, run_ms = outcome
         if connection is not None and connection.binary_results:
-            # ndarrays stay: Connection.send writes them as attachments or memfds.
+            # ndarrays stay: Session.send writes them as attachments or memfds.
             return {"result": result, "inference_time_ms": round(run_ms, 3)}
         if _is_small_result(result):
             encoded = encode_results(result)  # base64 of a few KiB: cheaper than a hand-over
@@ -539,7 +539,7 @@ def _memfd_size(blocks: references.Blocks | None) -> int:
 
 
 
-def _peer(connection: Connection | None) -> Peer:
+def _peer(connection: Session | None) -> Peer:
     return connection.peer if connection is not None else Peer(None, None, None)
 
 
@@ -569,6 +569,6 @@ def _is_small_result(result) -> bool:
     return False
 
 
-def _work_key(connection: Connection | None):
+def _work_key(connection: Session | None):
     """Whose turn a job waits for in the worker pool: the client's uid."""
     return connection.client_key if connection is not None else "daemon"

@@ -1,6 +1,6 @@
 """Listening: the socket (systemd's, or bound here), accepting, and the
 connection slots (``max_connections``, ``max_connections_per_uid``). Each
-accepted connection becomes a session (connection.py) that hands its
+accepted connection becomes a session (session.py) that hands its
 requests to the dispatcher (dispatch.py).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import stat
 import time
 
-from .connection import Connection
+from .session import Session
 from ..wire import codec
 from ..wire import protocol as p
 from ..wire.protocol import RequestError
@@ -153,7 +153,7 @@ class Listener:
 
 
     async def _connection(self, sock: socket.socket) -> None:
-        connection = Connection(self.dispatcher, sock)
+        connection = Session(self.dispatcher, sock)
         refusal = self._over_connection_limit(connection)
         if refusal is not None:
             log.warning("refused a connection: %s", refusal.message,
@@ -172,7 +172,7 @@ class Listener:
             self._connections.discard(task)
             self.dispatcher.sessions.pop(connection.id, None)
 
-    def _over_connection_limit(self, connection: Connection) -> RequestError | None:
+    def _over_connection_limit(self, connection: Session) -> RequestError | None:
         config = self.dispatcher.config
         same_uid = sum(1 for other in self.dispatcher.sessions.values() if other.peer.uid == connection.peer.uid)
         if same_uid >= config.max_connections_per_uid:
@@ -183,7 +183,7 @@ class Listener:
             return None
         return RequestError(p.BUSY, f"Too many connections: {what}", retry_after_ms=1000)
 
-    def _make_room_for(self, newcomer: Connection, newcomer_count: int) -> bool:
+    def _make_room_for(self, newcomer: Session, newcomer_count: int) -> bool:
         """All connections are taken: close the longest-idle one of the uid holding
         the most, if that uid holds more than the newcomer's. Idle connections
         of a few uids must not lock every other uid out."""
@@ -203,7 +203,7 @@ class Listener:
         return True
 
     @staticmethod
-    async def _refuse(connection: Connection, error: RequestError) -> None:
+    async def _refuse(connection: Session, error: RequestError) -> None:
         try:
             await asyncio.wait_for(connection.send(p.error_response(None, error)), 1.0)
         except (OSError, asyncio.TimeoutError):

@@ -38,7 +38,7 @@ CLIENT_SEND_BUFFER = 4 * 1024 * 1024   # SO_SNDBUF the client asks for (requests
 def __getattr__(name: str):
     """``transport.SocketStream`` and ``READ_AHEAD`` moved to client/stream.py;
     found there (imported only when asked, so wire/ imports no asyncio) until
-    daemon/connection.py imports them from their new place."""
+    daemon/session.py imports them from their new place."""
     if name in ("SocketStream", "READ_AHEAD"):
         from ..client import stream
         return getattr(stream, name)

@@ -1,4 +1,4 @@
-"""One client connection: reading frames, writing answers, and its lifetime.
+"""A session: one client connection (peer, protocol, requests in flight), its frames and answers.
 
 A reader task reads frames as they arrive, so a client that goes away is
 noticed at once: its queued device work is dropped and never runs.
@@ -120,7 +120,7 @@ class Frame:
     refusal: RequestError | None = None   # read whole, but refused before it is looked at
 
 
-class Connection:
+class Session:
     def __init__(self, dispatcher, sock: socket.socket):
         self.dispatcher = dispatcher
         self.admission = dispatcher.admission
@@ -509,7 +509,7 @@ class _FrameClock:
         self.pool_deadline = now + 2 * timeout_s
 
     async def within(self, reading):
-        async with asyncio.timeout_at(self.deadline):  # see Connection.send: not wait_for
+        async with asyncio.timeout_at(self.deadline):  # see Session.send: not wait_for
             return await reading
 
     @contextlib.contextmanager
