@@ -24,10 +24,13 @@ It knows nothing of aiohttp but the executor it decodes images in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
 from dataclasses import dataclass, field
+
+from aiohttp import web
 
 from ..client import AsyncClient, DeviceError
 from ..client.library import ConnectionLost, NotConnected, RequestTimeout
@@ -37,6 +40,7 @@ from .catalog import Catalog, Model
 
 MAX_GENERATED_TOKENS = 8192          # the llm handler's bound (docs/protocol.md 9.9)
 MAX_STOP_STRINGS = 16
+log = logging.getLogger(__name__)
 MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0
 PRIORITIES = ("interactive", "normal", "batch")
 # Open WebUI's task prompts (title, tags, follow-ups, queries, ...) start with this heading.
@@ -84,6 +88,33 @@ def http_error(exc: Exception) -> GatewayError:
     if isinstance(exc, (ConnectionLost, RequestTimeout, ConnectionError, TimeoutError)):
         return GatewayError(502, f"the device manager did not answer: {exc or type(exc).__name__}", "server_error")
     return GatewayError(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+def error_middleware(applies, respond, http_message):
+    """An aiohttp middleware for the routes ``applies(request)`` accepts: every
+    failure answered as ``respond(GatewayError)`` (Ollama's shape or OpenAI's);
+    aiohttp's own errors (404, 405) with ``http_message(request, exc)``. A
+    client gone (ConnectionError) is not ours to answer."""
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if not applies(request):
+            return await handler(request)
+        try:
+            return await handler(request)
+        except GatewayError as error:
+            return respond(error)
+        except images.ImageError as exc:
+            return respond(bad_request(str(exc)))
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return respond(GatewayError(exc.status, http_message(request, exc)))
+            raise
+        except ConnectionError:
+            raise
+        except Exception as exc:
+            log.exception("request %s %s failed", request.method, request.path)
+            return respond(http_error(exc))
+    return middleware
 
 
 _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from . import images
 from .catalog import Model
-from .gateway import Chat, Figures, Gateway, GatewayError, Run, bad_request, http_error, priority_of
+from .gateway import Chat, Figures, Gateway, GatewayError, Run, bad_request, error_middleware, priority_of
 
 log = logging.getLogger(__name__)
 # The Ollama API level whose fields this gateway answers with (what /api/version says).
@@ -295,27 +295,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return await _answer(request, run, line, final)
 
 
-@web.middleware
-async def ollama_errors(request: web.Request, handler):
-    """A GatewayError (or any failure) as Ollama's ``{"error": ...}`` (OpenAI's routes have their own)."""
-    if request.path.startswith("/v1/"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except GatewayError as error:
-        return error_response(error)
-    except images.ImageError as exc:
-        return error_response(bad_request(str(exc)))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return web.json_response({"error": exc.reason if exc.status != 404 else f"{request.path} not found"},
-                                     status=exc.status)
-        raise
-    except Exception as exc:   # ConnectionError of a client gone is not ours to report
-        if isinstance(exc, ConnectionError):
-            raise
-        log.exception("request %s %s failed", request.method, request.path)
-        return error_response(http_error(exc))
+# Errors of every route but OpenAI's (/v1/, which answers in its own shape).
+ollama_errors = error_middleware(
+    lambda request: not request.path.startswith("/v1/"), lambda error: error_response(error),
+    lambda request, exc: exc.reason if exc.status != 404 else f"{request.path} not found")
 
 
 def add_routes(app: web.Application) -> None:

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from . import images
 from .catalog import Model
-from .gateway import Chat, Figures, Gateway, GatewayError, bad_request, http_error, priority_of
+from .gateway import Chat, Figures, Gateway, GatewayError, bad_request, error_middleware, priority_of
 from .ollama import GATEWAY_KEY, read_body
 
 log = logging.getLogger(__name__)
@@ -181,26 +181,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler):
-    """Errors under /v1/ in OpenAI's shape."""
-    if not request.path.startswith("/v1/"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except GatewayError as error:
-        return error_response(error)
-    except images.ImageError as exc:
-        return error_response(bad_request(str(exc)))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return error_response(GatewayError(exc.status, f"{request.method} {request.path}: {exc.reason}"))
-        raise
-    except Exception as exc:
-        if isinstance(exc, ConnectionError):
-            raise
-        log.exception("request %s %s failed", request.method, request.path)
-        return error_response(http_error(exc))
+# Errors under /v1/ in OpenAI's shape.
+openai_errors = error_middleware(
+    lambda request: request.path.startswith("/v1/"), lambda error: error_response(error),
+    lambda request, exc: f"{request.method} {request.path}: {exc.reason}")
 
 
 def add_routes(app: web.Application) -> None:
