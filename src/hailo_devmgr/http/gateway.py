@@ -90,6 +90,15 @@ def http_error(exc: Exception) -> GatewayError:
     return GatewayError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 
+def chat_message(model: Model, role: str, text: str, image_count: int) -> dict:
+    """One chat message as the device takes it: for a VLM, an image slot per
+    picture (the frames go apart, in order), then the text."""
+    if model.kind != "vlm":
+        return {"role": role, "content": text}
+    parts = [{"type": "image"} for _ in range(image_count)] + ([{"type": "text", "text": text}] if text else [])
+    return {"role": role, "content": parts or [{"type": "text", "text": ""}]}
+
+
 def error_middleware(applies, respond, http_message):
     """An aiohttp middleware for the routes ``applies(request)`` accepts: every
     failure answered as ``respond(GatewayError)`` (Ollama's shape or OpenAI's);

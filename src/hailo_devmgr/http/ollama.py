@@ -26,7 +26,8 @@ from aiohttp import web
 
 from . import images
 from .catalog import Model
-from .gateway import Chat, Figures, Gateway, GatewayError, Run, bad_request, error_middleware, priority_of
+from .gateway import (Chat, Figures, Gateway, GatewayError, Run, bad_request, chat_message, error_middleware,
+                      priority_of)
 
 log = logging.getLogger(__name__)
 # The Ollama API level whose fields this gateway answers with (what /api/version says).
@@ -178,11 +179,7 @@ def _messages(model: Model, raw_messages) -> tuple[list, list]:
         for number, item in enumerate(attached):
             where = f"messages[{index}].images[{number}]"
             pictures.append((where, images.from_base64(item, where)))
-        if model.kind == "vlm":
-            parts = [{"type": "image"} for _ in attached] + ([{"type": "text", "text": content}] if content else [])
-            messages.append({"role": role, "content": parts or [{"type": "text", "text": ""}]})
-        else:
-            messages.append({"role": role, "content": content})
+        messages.append(chat_message(model, role, content, len(attached)))
     return messages, pictures
 
 

@@ -27,7 +27,8 @@ from aiohttp import web
 
 from . import images
 from .catalog import Model
-from .gateway import Chat, Figures, Gateway, GatewayError, bad_request, error_middleware, priority_of
+from .gateway import (Chat, Figures, Gateway, GatewayError, bad_request, chat_message, error_middleware,
+                      priority_of)
 from .ollama import GATEWAY_KEY, read_body
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,7 @@ def _chat_messages(model: Model, raw) -> tuple[list, list]:
                               "assistant)")
         text, attached = _text_and_images(message.get("content"), where)
         pictures += attached
-        if model.kind == "vlm":
-            parts = [{"type": "image"} for _ in attached] + ([{"type": "text", "text": text}] if text else [])
-            messages.append({"role": role, "content": parts or [{"type": "text", "text": ""}]})
-        else:
-            messages.append({"role": role, "content": text})
+        messages.append(chat_message(model, role, text, len(attached)))
     return messages, pictures
 
 
