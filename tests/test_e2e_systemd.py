@@ -415,6 +415,8 @@ def test_9_security_exposure_is_recorded(box, capsys):
 
 OLLAMA = "hailo-ollama.service"
 OLLAMA_DROPIN = "/etc/systemd/system/hailo-ollama.service.d"
+SERVICE_DROPIN = "/etc/systemd/system/hailo-device-manager.service.d"
+E2E_DEVICE_DIR = "/var/lib/hailo-e2e"
 OLLAMA_YAML = "/etc/hailo/hailo-ollama.yaml"
 
 
@@ -451,6 +453,19 @@ def test_9b_hailo_ollama_service_runs_a_stand_in_with_its_limits_and_purge_keeps
         box.sh(f"mkdir -p {OLLAMA_DROPIN} && printf '[Service]\\nExecStartPre=\\n"
                f"ExecStartPre=+/usr/bin/hailo-ollama-config --apply\\nExecStopPost=\\n' "
                f"> {OLLAMA_DROPIN}/e2e-no-lend.conf && systemctl daemon-reload")
+    # The device handover for real: the manager's simulated device and the stand-in share
+    # one lock file (test-only drop-ins: a folder both users reach, the stand-in told where).
+    box.sh(f"mkdir -p {E2E_DEVICE_DIR} && chmod 0777 {E2E_DEVICE_DIR} && "
+           f"install -m 0666 /dev/null {E2E_DEVICE_DIR}/device.lock && "
+           f"mkdir -p {SERVICE_DROPIN} /etc/hailo/device-manager.d {OLLAMA_DROPIN} && "
+           f"printf '[Service]\\nEnvironment=HAILO_DEVICE_BACKEND=simulated\\nReadWritePaths={E2E_DEVICE_DIR}\\n' "
+           f"> {SERVICE_DROPIN}/e2e-9b.conf && "
+           f"printf 'simulated:\\n  lock_path: {E2E_DEVICE_DIR}/device.lock\\n' > /etc/hailo/device-manager.d/e2e-9b.yaml && "
+           f"printf '[Service]\\nEnvironment=HAILO_STANDIN_DEVICE_LOCK={E2E_DEVICE_DIR}/device.lock\\n' "
+           f"> {OLLAMA_DROPIN}/e2e-device.conf && systemctl daemon-reload && systemctl restart {SERVICE}", timeout=60)
+    box.sh(f"test -e {MODELS}/tiny.hef || (printf '{TINY_NET}\\n' > {MODELS}/tiny.hef && chgrp hailo {MODELS}/tiny.hef "
+           f"&& chmod 0640 {MODELS}/tiny.hef)")
+    box.sh(f"hailo-devmgr load {MODELS}/tiny.hef --type generic")   # the manager has the device open
     # Limits other than the unit's own 4G/80 %: they must come from the YAML, on this start.
     box.sh(f"sed -i 's/memory_max: \"4G\"/memory_max: \"768M\"/; s/cpu_quota: \"80%\"/cpu_quota: \"50%\"/' "
            f"{OLLAMA_YAML} && grep -q 768M {OLLAMA_YAML}")
@@ -482,7 +497,9 @@ def test_9b_hailo_ollama_service_runs_a_stand_in_with_its_limits_and_purge_keeps
     assert "stand-in hailo-ollama: /etc/xdg/hailo-ollama/hailo-ollama.json, data /var/lib/hailo-ollama" \
         in ollama_journal(box)  # upstream's XDG lookup lands where the unit says
 
-    # While it runs it has the device: the manager lent it (ExecStartPre=+hailo-devmgr lend).
+    # While it runs it has the device: the manager lent it (ExecStartPre=+hailo-devmgr lend)
+    # and let go of it, or the stand-in could not have taken it.
+    assert f"stand-in hailo-ollama: holds the device ({E2E_DEVICE_DIR}/device.lock)" in ollama_journal(box)
     assert json.loads(box.out("hailo-devmgr --json status"))["lent_to"] == OLLAMA
     lent = box.sh(f"hailo-devmgr load {MODELS}/tiny.hef --type generic", check=False)
     assert lent.returncode == 1 and f"The device is lent to {OLLAMA}" in lent.stderr, lent
@@ -502,7 +519,8 @@ def test_9b_hailo_ollama_service_runs_a_stand_in_with_its_limits_and_purge_keeps
     assert box.show(OLLAMA, "Result")["Result"] == "success"  # SIGTERM: a clean stop
     # ... and the device came back (ExecStopPost=+hailo-devmgr reclaim).
     assert json.loads(box.out("hailo-devmgr --json status"))["lent_to"] is None
-    assert "lent" not in box.sh(f"hailo-devmgr load {MODELS}/tiny.hef --type generic", check=False).stderr
+    assert '"y": "<tensor float32 [4]>"' in box.out(f"hailo-devmgr infer {MODELS}/tiny.hef --type generic "
+                                                   f"--input '{TINY_INPUT}'")   # the manager has it again
     # exclusive: lend, run, always give back, with the command's own status.
     assert box.sh("hailo-devmgr exclusive --to e2e -- sh -c 'hailo-devmgr --json status | grep -q lent_to.*e2e'",
                   check=False, timeout=60).returncode == 0
@@ -530,7 +548,8 @@ def test_9b_hailo_ollama_service_runs_a_stand_in_with_its_limits_and_purge_keeps
     assert leftovers == "", leftovers
     assert box.out(f"systemctl is-active {OLLAMA}", check=False) == "inactive"
     box.sh(f"rm -rf {OLLAMA_DROPIN} /usr/bin/hailo-ollama /usr/share/hailo-ollama /root/ollama-good.yaml "
-           "&& systemctl daemon-reload")
+           f"{SERVICE_DROPIN}/e2e-9b.conf /etc/hailo/device-manager.d {E2E_DEVICE_DIR} "
+           f"&& systemctl daemon-reload && systemctl restart {SERVICE}", timeout=60)
 
 
 def test_8b_purge_stops_disables_and_removes_all_but_model_files(box):
