@@ -57,9 +57,12 @@ def test_chunks_then_one_final_answer_with_statistics(start_daemon, llm):
     assert result and "".join(chunks) == result["text"] and len(chunks) >= 2
     assert result["done_reason"] == "length" and result["generated_tokens"] == 8
     assert result["prompt_tokens"] > 0 and "stop_reason" not in result
+    assert final["load_time_ms"] > 0   # this request loaded the model on demand ...
     # The same request unstreamed gives the same text (the simulation is deterministic).
     with Client(daemon.socket_path, timeout=30) as client:
-        assert client.infer(llm, PROMPT, "llm")["result"]["text"] == result["text"]
+        again = client.infer(llm, PROMPT, "llm")
+        assert again["result"]["text"] == result["text"]
+        assert "load_time_ms" not in again   # ... this one found it loaded
     raw.close()
 
 

@@ -181,18 +181,21 @@ def device_job(request: DeviceRequest, registry, budgets,
         # Two phases, each budgeted on its own for the watchdog: a load on
         # demand (the job's own budget), then the inference.
         check_thermal()
-        registry.load(spec, request.log_fields, request.keep_alive, request.admin)
+        model, already = registry.load(spec, request.log_fields, request.keep_alive, request.admin)
+        load_ms = 0.0 if already else model.load_ms   # this request's load on demand
         begin_phase(f"infer {spec.key}", infer_budget_s)
         # The HailoRT timeout: the infer budget, capped by what the load left of the deadline.
         timeout_ms = hailort_timeout_ms(int(infer_budget_s * 1000), request.deadline)
         try:
             if request.stream:
-                return registry.generate(spec, request.inputs, timeout_ms, on_token, request.scope,
-                                         request.log_fields, request.keep_alive, request.admin)
-            return registry.infer(spec, request.inputs, timeout_ms, request.scope, request.log_fields,
-                                  request.keep_alive, request.admin)
+                result, run_ms = registry.generate(spec, request.inputs, timeout_ms, on_token, request.scope,
+                                                   request.log_fields, request.keep_alive, request.admin)
+            else:
+                result, run_ms = registry.infer(spec, request.inputs, timeout_ms, request.scope,
+                                                request.log_fields, request.keep_alive, request.admin)
         except RequestError as error:
             raise _as_deadline(error, request.deadline) from None
+        return result, run_ms, load_ms
     return infer, f"infer {spec.key}", budgets.load_budget_s
 
 

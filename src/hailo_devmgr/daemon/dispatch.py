@@ -511,15 +511,18 @@ class Dispatcher:
         return fields
 
     async def _infer_payload(self, outcome, connection: Session | None = None) -> dict:
-        result, run_ms = outcome
+        result, run_ms, load_ms = outcome
+        payload = {"inference_time_ms": round(run_ms, 3)}
+        if load_ms:
+            payload["load_time_ms"] = round(load_ms, 3)   # this request loaded the model first
         if connection is not None and connection.binary_results:
             # ndarrays stay: Session.send writes them as attachments or memfds.
-            return {"result": result, "inference_time_ms": round(run_ms, 3)}
+            return {"result": result, **payload}
         if _is_small_result(result):
             encoded = encode_results(result)  # base64 of a few KiB: cheaper than a hand-over
         else:
             encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
-        return {"result": encoded, "inference_time_ms": round(run_ms, 3)}
+        return {"result": encoded, **payload}
 
 
 def _memfd_size(blocks: references.Blocks | None) -> int:
