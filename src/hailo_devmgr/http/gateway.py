@@ -322,10 +322,9 @@ class Gateway:
         """Send the generation; returns once the first piece (or the end) came, so errors come first."""
         started = time.monotonic()
         input_data = await self.input_data(chat)
-        was_loaded = chat.model.path in await self.loaded()
         generation = self.client.generate(chat.model.path, input_data, chat.model.model_type,
                                           keep_alive=chat.keep_alive, priority=chat.priority)
-        run = Run(self, chat, generation, started, was_loaded)
+        run = Run(self, chat, generation, started)
         await run.begin()
         return run
 
@@ -333,9 +332,9 @@ class Gateway:
 class Run:
     """One generation in flight: ``first``, then ``async for piece in run``, then ``figures``."""
 
-    def __init__(self, gateway: Gateway, chat: Chat, generation, started: float, was_loaded: bool):
+    def __init__(self, gateway: Gateway, chat: Chat, generation, started: float):
         self.gateway, self.chat, self.generation = gateway, chat, generation
-        self.started, self.was_loaded = started, was_loaded
+        self.started = started
         self._pieces = generation.__aiter__()
         self.first: str | None = None
         self.ended = False
@@ -381,13 +380,7 @@ class Run:
         answer = self.generation.result or {}
         result = answer.get("result") if isinstance(answer.get("result"), dict) else {}
         total_ns = int((time.monotonic() - self.started) * 1e9)
-        load_ns = 0
-        if not self.was_loaded:
-            try:
-                entry = (await self.gateway.loaded()).get(self.chat.model.path) or {}
-                load_ns = _ms_to_ns(entry.get("load_time_ms"))
-            except GatewayError:
-                pass
+        load_ns = _ms_to_ns(answer.get("load_time_ms"))   # there when this request loaded the model
         text = result.get("text") if isinstance(result.get("text"), str) else (
             answer.get("result") if isinstance(answer.get("result"), str) else "")
         return Figures(text=text, done_reason=str(result.get("done_reason") or "stop"),
