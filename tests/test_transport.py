@@ -16,6 +16,7 @@ import socket
 import numpy as np
 import pytest
 
+from hailo_devmgr.client.stream import SocketStream, read_frame
 from hailo_devmgr.wire import codec
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.wire import shm
@@ -108,47 +109,49 @@ def test_bad_shared_memory_is_refused(make, message):
         blocks.close()
 
 
-def test_socket_stream_passes_fds_and_reads_into_buffers():
+def test_socket_stream_and_codec_pass_fds_and_read_attachments_into_their_buffers():
+    """A v2 frame (JSON, a 300 kB attachment, a memfd) through a real socket:
+    the attachment lands in the buffer the reader allocated, the descriptor
+    with its frame; the end of the stream is an IncompleteReadError."""
     async def main():
         left, right = socket.socketpair()
-        a, b = t.SocketStream(left), t.SocketStream(right)
+        a, b = SocketStream(left), SocketStream(right)
         fd = memfd(b"abc")
         payload = np.arange(300_000, dtype=np.uint8)
-        sending = asyncio.ensure_future(a.send([b"head", payload], [fd]))
-        head = await b.readexactly(4)
-        block = np.empty(payload.size, np.uint8)
-        await b.readinto(memoryview(block))
+        buffers, _ = codec.encode({"action": "infer", "input_data": {"x": payload}, "fds": 1})
+        given = []
+        reader = codec.FrameReader(allocate=lambda size: given.append(np.empty(size, np.uint8)) or given[-1])
+        sending = asyncio.ensure_future(a.send(buffers, [fd]))
+        frame = await read_frame(b, reader)
         await sending
-        got = b.take_fds()
-        assert bytes(head) == b"head" and np.array_equal(block, payload) and len(got) == 1
-        assert os.pread(got[0], 3, 0) == b"abc"
-        t.close_fds(got)
+        assert frame.message["fds"] == 1 and len(frame.fds) == 1
+        assert frame.attachments[0] is given[0] and np.array_equal(frame.attachments[0], payload)
+        assert os.pread(frame.fds[0], 3, 0) == b"abc"
+        codec.close_fds(frame.fds)
         os.close(fd)
         a.close()
         with pytest.raises(asyncio.IncompleteReadError):
-            await b.readexactly(1)
+            await read_frame(b, reader)
         b.close()
     asyncio.run(main())
 
 
-
 def test_frames_read_in_one_go_keep_their_own_descriptors():
     """Small frames sent back to back arrive in one read-ahead; the memfd
-    sent with a frame goes to that frame's reader, never to the one before."""
+    sent with a frame goes to that frame, never to the one before."""
     async def main():
         left, right = socket.socketpair()
-        a, b = t.SocketStream(left), t.SocketStream(right)
+        a, b = SocketStream(left), SocketStream(right)
         second, third = memfd(b"two"), memfd(b"three")
-        await a.send([b"frame-1:"])
-        await a.send([b"frame-2:"], [second])
-        await a.send([b"frame-3:"], [third])
-        seen = []
+        await a.send([p.encode_frame({"n": 1})])
+        await a.send([p.encode_frame({"n": 2, "fds": 1})], [second])
+        await a.send([p.encode_frame({"n": 3, "fds": 1})], [third])
+        reader, seen = codec.FrameReader(), []
         for _ in range(3):
-            data = await b.readexactly(8)
-            fds = b.take_fds()
-            seen.append((bytes(data), [os.pread(fd, 5, 0) for fd in fds]))
-            t.close_fds(fds)
-        assert seen == [(b"frame-1:", []), (b"frame-2:", [b"two"]), (b"frame-3:", [b"three"])]
+            frame = await read_frame(b, reader)
+            seen.append((frame.message["n"], [os.pread(fd, 5, 0) for fd in frame.fds]))
+            codec.close_fds(frame.fds)
+        assert seen == [(1, []), (2, [b"two"]), (3, [b"three"])]
         for fd in (second, third):
             os.close(fd)
         a.close()

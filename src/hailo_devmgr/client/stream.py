@@ -14,10 +14,6 @@ Rules:
   the next frame. Descriptors are handed to the reader with the read that
   brought them; it gives them to the frame that read ended in.
 - Whoever takes descriptors closes them (``close_fds``) on every path.
-- The older exact-read interface (``readexactly``, ``readinto``,
-  ``take_fds``; descriptors tagged by stream position, at most MAX_FDS
-  held, ``admit_fds`` asked before keeping them) stays until the daemon
-  reads through the codec too.
 
 It lives outside ``wire/`` because ``wire/`` has no asyncio (DESIGN.md).
 """
@@ -29,7 +25,7 @@ import contextlib
 import socket
 import threading
 
-from ..wire.codec import MAX_FDS, NEED_DATA, Frame, FrameReader, close_fds
+from ..wire.codec import MAX_FDS, NEED_DATA, Frame, FrameReader
 
 # A read shorter than this takes this much (what has arrived of it): one system
 # call for a small frame's header and body. What is read past the frame waits
@@ -124,8 +120,8 @@ async def read_frame(stream: "SocketStream", reader: FrameReader) -> Frame:
 
 
 class SocketStream:
-    """Exact reads and gathered writes on a non-blocking stream socket, with
-    descriptor passing. One reader and one writer at a time."""
+    """Reads for a frame reader and gathered writes on a non-blocking stream
+    socket, with descriptor passing. One reader and one writer at a time."""
 
     def __init__(self, sock: socket.socket, send_buffer: int | None = None):
         sock.setblocking(False)
@@ -136,17 +132,9 @@ class SocketStream:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.sock = sock
-        self.fds: list[int] = []       # received, not yet taken
-        self._fd_ends: list[int] = []  # per descriptor: the stream position its read ended at
-        self.fds_truncated = False     # the kernel dropped some (more than MAX_FDS at once)
-        self._received = 0             # bytes read from the socket
-        self._delivered = 0            # bytes handed to readers
-        self._ahead = memoryview(b"")  # read past what was asked, not yet handed over
         self.closed = False
         self._fileno = sock.fileno()
         self._waiting: set[asyncio.Future] = set()   # a reader's and a writer's, failed by close
-        # Asked before descriptors are kept (the daemon charges them to the peer's uid).
-        self.admit_fds = None
 
     async def _wait(self, writing: bool) -> None:
         if self.closed:
@@ -166,102 +154,22 @@ class SocketStream:
             if not self.closed:
                 (loop.remove_writer if writing else loop.remove_reader)(self._fileno)
 
-    async def wait_readable(self) -> None:
-        if not self._ahead:
-            await self._wait(False)
-
-    def _recv(self, view: memoryview) -> int:
-        count, fds, truncated = recv_with_fds(self.sock, view)
-        self._received += count
-        if fds:
-            self._keep_fds(fds)
-        if truncated:
-            self.fds_truncated = True
-        return count
-
-    def _keep_fds(self, fds: list[int]) -> None:
-        """Keep at most MAX_FDS until taken; close the rest at once. A frame's
-        body may come in many reads, each with its own descriptors: counting
-        only at the frame's end let one frame hold every descriptor the
-        daemon may open."""
-        room = max(0, MAX_FDS - len(self.fds))
-        keep, extra = fds[:room], fds[room:]
-        if keep and self.admit_fds is not None and not self.admit_fds(len(keep)):
-            keep, extra = [], fds   # the owner's bound: closed at once as well
-        self.fds.extend(keep)
-        self._fd_ends.extend([self._received] * len(keep))
-        if extra:
-            self.fds_truncated = True
-            close_fds(extra)
-
-    async def readinto(self, view: memoryview) -> None:
-        """Fill ``view`` exactly; IncompleteReadError at end of stream."""
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        size = len(view)
-        done = self._take_ahead(view)
-        while done < size:
-            try:
-                count = self._recv_into(view, done)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(False)
-                continue
-            if count == 0:
-                raise asyncio.IncompleteReadError(bytes(view[:done]), size)
-            done += count
-        self._delivered += size
-
-    def _take_ahead(self, view: memoryview) -> int:
-        """Copy what was read ahead into ``view``; how many bytes."""
-        count = min(len(self._ahead), len(view))
-        if count:
-            view[:count] = self._ahead[:count]
-            self._ahead = self._ahead[count:]
-        return count
-
-    def _recv_into(self, view: memoryview, done: int) -> int:
-        """One read for ``view[done:]``: straight into it when large, else through
-        the read-ahead buffer, keeping what came past it. Returns the bytes of
-        ``view`` filled (0: end of stream)."""
-        wanted = len(view) - done
-        if wanted >= READ_AHEAD:
-            return self._recv(view[done:])
-        scratch = _read_ahead_buffer()
-        count = self._recv(scratch)
-        used = min(count, wanted)
-        view[done:done + used] = scratch[:used]
-        if count > used:
-            self._ahead = memoryview(bytes(scratch[used:count]))
-        return used
-
     async def fill(self, reader: FrameReader) -> None:
         """One read for ``reader`` after it said NEED_DATA: straight into the
         buffer it wants when that is large (an attachment), else up to
         READ_AHEAD bytes fed to it (a small frame in one system call).
         IncompleteReadError at the end of the stream (``reader.mid_frame``
         says whether a frame was cut). Descriptors go to the reader, which
-        gives them to their frame; ``admit_fds`` here is not asked."""
-        if self._ahead or self.fds:   # left by readinto(): the reader takes over
-            ahead, self._ahead = self._ahead, memoryview(b"")
-            self._delivered += len(ahead)
-            reader.feed(ahead, self.take_all_fds(), self.fds_truncated)
-            self.fds_truncated = False
-            return
+        gives them to their frame (and asks its ``admit_fds``)."""
         while True:
             try:
                 count = read_for(self.sock, reader)
             except (BlockingIOError, InterruptedError):
                 await self._wait(False)
                 continue
-            self._received += count
-            self._delivered += count
             if count == 0:
                 raise asyncio.IncompleteReadError(b"", None)
             return
-
-    async def readexactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        await self.readinto(memoryview(buffer))
-        return buffer
 
     async def send(self, buffers, fds=()) -> None:
         """Write every buffer, in order; ``fds`` go with the first byte."""
@@ -276,23 +184,6 @@ class SocketStream:
             ancillary = []
             _advance(views, sent)
 
-    def drop_fds(self) -> None:
-        """Close every descriptor received and not taken."""
-        close_fds(self.fds)
-        self._fd_ends.clear()
-
-    def take_all_fds(self) -> list[int]:
-        fds, self.fds = self.fds, []
-        self._fd_ends.clear()
-        return fds
-
-    def take_fds(self) -> list[int]:
-        """The descriptors whose message has been read to its end by now."""
-        count = sum(1 for end in self._fd_ends if end <= self._delivered)
-        fds, self.fds = self.fds[:count], self.fds[count:]
-        del self._fd_ends[:count]
-        return fds
-
     def close(self) -> None:
         if self.closed:
             return
@@ -303,8 +194,6 @@ class SocketStream:
             loop.remove_writer(self._fileno)
         except RuntimeError:
             pass  # no loop running
-        self.drop_fds()
-        self._ahead = memoryview(b"")
         self._discard_unread()
         self.sock.close()
         for waiting in self._waiting:  # whoever waits on this socket learns it is gone

@@ -122,7 +122,7 @@ class Listener:
         self._accepting = asyncio.ensure_future(self._accept_loop(listener))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept connections; each gets a raw socket (see transport.SocketStream)."""
+        """Accept connections; each becomes a session (session.py) on its raw socket."""
         loop = asyncio.get_running_loop()
         while True:
             try:

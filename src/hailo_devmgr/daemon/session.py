@@ -13,13 +13,14 @@ noticed at once: its queued device work is dropped and never runs.
 Each connection writes only its own answers, under one write lock, so
 frames never interleave and nothing reaches another client.
 
-The socket is read and written through :class:`client.stream.SocketStream`
-(``recvmsg_into``: large attachments read straight into their buffers,
-small frames in one read with what follows kept for the next, memfds passed
-with ``SCM_RIGHTS`` handed to the frame they came with). A frame is its JSON, then the attachments its JSON lists,
-then the descriptors that came while it was read; all of it counts against
-``max_message_bytes`` (JSON and attachments) and the server's pools of
-request bytes and descriptors (limits.py, per uid and in all), and its
+Frames are cut by the one codec (wire/codec.py) from reads of
+:class:`client.stream.SocketStream`: large attachments are read straight
+into their buffers, small frames in one read with what follows kept for the
+next, memfds (``SCM_RIGHTS``) handed to the frame they came with. A frame
+is its JSON, then the attachments its JSON lists, then its descriptors; its
+length is charged to the uid's request bytes (admission.py, per uid and in
+all) before any of its body is read, its attachments before their buffers
+exist, its descriptors as they arrive; its
 descriptors are closed when it has been answered, whatever happened.
 A v1 connection that sends attachments or descriptors is answered
 ``bad_request`` and closed (its framing can no longer be trusted).

@@ -8,6 +8,9 @@ The device-owning daemon speaks only AF_UNIX; this process (``hailo-devmgr-http`
   read it);
 - ``GET /metrics``: Prometheus metrics built from ``status``, ``device_status``
   and ``metrics`` (prometheus_client writes the text format).
+- on the socket named ``ollama`` (``--listen-ollama``, 127.0.0.1:11434): the
+  Ollama API and the OpenAI chat API for generative models of the catalog
+  (gateway.py and the modules it uses; docs/ollama-openai.md).
 
 It holds no device and no privilege: a member of group ``hailo`` like any
 service (see systemd/hailo-devmgr-http.service).

@@ -35,16 +35,6 @@ DEFAULT_SHM_MIN_BYTES = 1024 * 1024   # the client's default threshold for share
 CLIENT_SEND_BUFFER = 4 * 1024 * 1024   # SO_SNDBUF the client asks for (requests carry the bulk)
 
 
-def __getattr__(name: str):
-    """``transport.SocketStream`` and ``READ_AHEAD`` moved to client/stream.py;
-    found there (imported only when asked, so wire/ imports no asyncio) until
-    daemon/session.py imports them from their new place."""
-    if name in ("SocketStream", "READ_AHEAD"):
-        from ..client import stream
-        return getattr(stream, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class BufferPool:
     """Attachment buffers kept for reuse, by size (event loop only).
 
