@@ -181,6 +181,9 @@ def check_vlm(client, path: str) -> str:
                                    "max_generated_tokens": 32}, "vlm")["result"]
 
     shape, dtype = probe_input(run)
+    # The load answer says the frame a client must make (what the probe found).
+    info = client.load_model(path, "vlm")["model_info"]
+    assert tuple(info["frame_shape"]) == tuple(shape) and info["frame_dtype"] == np.dtype(dtype).name
     text = run(sample(shape, dtype))
     assert isinstance(text, str) and text
     chat = client.infer(path, {"prompt": "What differs?", "frames": [tensor(sample(shape, dtype, 1)),

@@ -99,6 +99,11 @@ class VlmChatHandler(Handler):
         return {"text": result["text"], "prompt_tokens": prompt_tokens,
                 **{key: value for key, value in result.items() if key != "text"}}
 
+    def load_info(self) -> dict:
+        """What a client needs to make frames: the model's input frame shape and type."""
+        return {"model_info": {"frame_shape": [int(size) for size in self.vlm.input_frame_shape()],
+                               "frame_dtype": np.dtype(self.vlm.input_frame_format_type()).name}}
+
     def _checked(self, inputs: dict) -> tuple[list[np.ndarray], dict]:
         """The frames as the model takes them, and the sampling keywords."""
         shape = list(self.vlm.input_frame_shape())
