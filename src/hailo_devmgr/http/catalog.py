@@ -45,7 +45,6 @@ DEFAULT_HAILO_OLLAMA_DATA = "/var/lib/hailo-ollama"
 # The catalog's type -> the daemon's model type (docs/protocol.md section 9).
 MODEL_TYPES = {"llm": "llm", "vlm": "vlm_chat"}
 # The public Qwen2-VL HEF's frame (handlers/vlm.py); the daemon does not say it before a request.
-DEFAULT_FRAME_SIZE = (336, 336)
 ENTRY_KEYS = {"path", "type", "options", "keep_alive", "frame_size", "description"}
 
 
@@ -60,7 +59,7 @@ class Model:
     kind: str                       # "llm" or "vlm"
     options: dict = field(default_factory=dict)   # Ollama option names
     keep_alive: object = None       # as the catalog says it (seconds or "5m"), None: the daemon's
-    frame_size: tuple = DEFAULT_FRAME_SIZE
+    frame_size: tuple | None = None   # (height, width); None: what the model says when loaded
     source: str = "catalog"         # or "hailo-ollama"
     details: dict = field(default_factory=dict)
 
@@ -97,16 +96,16 @@ def _entry(name: str, value, where: str) -> Model:
     options = value.get("options") or {}
     if not isinstance(options, dict):
         raise CatalogError(f"{where}.options: want a mapping of Ollama options, got {type(options).__name__}")
-    frame = value.get("frame_size", list(DEFAULT_FRAME_SIZE))
-    if (not isinstance(frame, list) or len(frame) != 2
-            or not all(isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 4096 for size in frame)):
+    frame = value.get("frame_size")
+    if frame is not None and (not isinstance(frame, list) or len(frame) != 2 or not all(
+            isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 4096 for size in frame)):
         raise CatalogError(f"{where}.frame_size: want [height, width] in pixels, got {frame!r}")
     keep_alive = value.get("keep_alive")
     if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, (int, float, str))):
         raise CatalogError(f"{where}.keep_alive: want seconds or a duration like \"10m\", got {keep_alive!r}")
     details = {"description": value["description"]} if isinstance(value.get("description"), str) else {}
     return Model(name=full_name(str(name)), path=path, kind=kind, options=dict(options), keep_alive=keep_alive,
-                 frame_size=tuple(frame), details=details)
+                 frame_size=tuple(frame) if frame else None, details=details)
 
 
 def parse_catalog(text: str, where: str = "models.yaml") -> tuple[dict[str, Model], str | None]:

@@ -262,6 +262,7 @@ class Gateway:
     def __init__(self, client: AsyncClient, catalog: Catalog):
         self.client = client
         self.catalog = catalog
+        self._frame_sizes: dict[str, tuple[int, int]] = {}   # by model file, from load answers
 
     def model(self, name) -> Model:
         if not isinstance(name, str) or not name.strip():
@@ -313,10 +314,32 @@ class Gateway:
                               "(the device's VLM takes one or more frames with every question)")
         if len(chat.images) > images.MAX_IMAGES:
             raise bad_request(f"at most {images.MAX_IMAGES} images in one request, got {len(chat.images)}")
+        size = chat.model.frame_size or await self.frame_size(chat)
         loop = asyncio.get_running_loop()
-        frames = [await loop.run_in_executor(None, images.to_frame, data, chat.model.frame_size, where)
+        frames = [await loop.run_in_executor(None, images.to_frame, data, size, where)
                   for where, data in chat.images]
         return {"prompt": chat.messages, "frames": frames, **options}
+
+    def known_frame_size(self, model: Model) -> tuple[int, int] | None:
+        """The frame size a load of this model said, if one did."""
+        return self._frame_sizes.get(model.path)
+
+    async def frame_size(self, chat: Chat) -> tuple[int, int]:
+        """(height, width) of the frames a VLM takes, as its load answer says
+        (loading it now: the generation would anyway); kept per model file."""
+        size = self._frame_sizes.get(chat.model.path)
+        if size is None:
+            try:
+                answer = await self.client.load_model(chat.model.path, chat.model.model_type,
+                                                      keep_alive=chat.keep_alive, priority=chat.priority)
+                shape = answer["model_info"]["frame_shape"]
+                size = self._frame_sizes[chat.model.path] = (int(shape[0]), int(shape[1]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise GatewayError(502, f"the device manager did not say the frame size of "
+                                        f"'{chat.model.name}': set frame_size in the catalog", "server_error")
+            except Exception as exc:
+                raise http_error(exc) from None
+        return size
 
     async def start(self, chat: Chat) -> "Run":
         """Send the generation; returns once the first piece (or the end) came, so errors come first."""

@@ -115,8 +115,8 @@ async def show(request: web.Request) -> web.Response:
             "general.file_type": "hef", "hailo.hef_path": model.path, "hailo.model_type": model.model_type,
             "hailo.source": model.source}
     loaded = (await gateway.loaded()).get(model.path)
-    if model.kind == "vlm":
-        info["hailo.frame_size"] = list(model.frame_size)
+    if model.kind == "vlm" and (model.frame_size or gateway.known_frame_size(model)):
+        info["hailo.frame_size"] = list(model.frame_size or gateway.known_frame_size(model))
     parameters = "\n".join(f"{key} {json.dumps(value) if not isinstance(value, str) else value}"
                            for key, value in sorted(model.options.items()))
     answer = {"license": "", "modelfile": f"# from the hailo-devmgr catalog ({model.source})\nFROM {model.path}\n",
