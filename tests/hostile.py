@@ -28,6 +28,10 @@ ATTACKER = 65534       # nobody
 ATTACKER_2 = 65533     # a second unprivileged uid (no passwd entry needed)
 SOCKET_GROUP = 65532   # stands for group `hailo`: the socket is 0660 to it
 SYSTEMD_SOFT_NOFILE = 1024
+# A victim is "not wedged" when it is answered within this: far below its
+# client's timeout, far above any machine's noise. How fast it is answered
+# under attack is a figure for bench/, never a test's bound.
+VICTIM_PATIENCE_S = 10.0
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="attacks run as other uids: needs root")
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hailo_devmgr.client import Client
-from hostile import (ATTACKER, ATTACKER_2, attack, attacker, attacking, hostile_daemon, needs_root,  # noqa: F401
+from hostile import (ATTACKER, ATTACKER_2, VICTIM_PATIENCE_S, attack, attacker, attacking, hostile_daemon, needs_root,  # noqa: F401
                      open_fds, rss_mib, socket_folder, wait_for_line)
 
 pytestmark = needs_root
@@ -76,7 +76,7 @@ def test_bodies_waiting_for_attachment_room_do_not_wedge_other_uids(hostile_daem
     during = [ping_ms(daemon.socket_path) for _ in range(5)]
     out, err = process.communicate(timeout=60)
     closed = json.loads(out.strip().splitlines()[-1])
-    assert max(during) < 2000, during
+    assert max(during) < VICTIM_PATIENCE_S * 1000, during   # not wedged
     # The attacker's stalled frames are refused and cut off within a bound, not held forever.
     assert all(seconds is not None and seconds < 8 for seconds in closed), closed
     assert ping_ms(daemon.socket_path) < 2000
@@ -150,7 +150,7 @@ def test_length_prefixes_that_promise_much_and_send_little_hold_little(hostile_d
         time.sleep(0.5)
         during = [ping_ms(daemon.socket_path) for _ in range(5)]
         grown = rss_mib(daemon.process.pid) - before
-    assert max(during) < 1000, during
+    assert max(during) < VICTIM_PATIENCE_S * 1000, during   # not wedged
     assert grown < 48, f"RSS grew by {grown:.0f} MiB for 16 one-byte bodies"
 
 

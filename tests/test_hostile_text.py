@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
-import statistics
 import time
 
 import pytest
 
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client, DeviceError
-from hostile import ATTACKER, ATTACKER_2, attack, attacker, hostile_daemon, needs_root, socket_folder  # noqa: F401
+from hostile import (ATTACKER, ATTACKER_2, VICTIM_PATIENCE_S, attack, attacker, hostile_daemon,  # noqa: F401
+                     needs_root, socket_folder)
 from test_daemon_systemd import NotifyListener
 
 pytestmark = needs_root
@@ -67,16 +67,11 @@ def ping_latencies(client: Client, until=lambda: True, at_least: int = 20) -> li
     return latencies
 
 
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10)[-1]
-
-
 def test_huge_action_names_are_neither_echoed_nor_logged_and_slow_no_one(hostile_daemon, readable_src):
     daemon = hostile_daemon()
     # Two uids with two connections each, inside every per-uid byte budget.
     size, frames, uids = 28 * 1024 * 1024, 3, (ATTACKER, ATTACKER_2, ATTACKER, ATTACKER_2)
     with Client(daemon.socket_path, timeout=30) as victim:
-        baseline = ping_latencies(victim)
         log_before = daemon.log_path.stat().st_size
         started = [attacker(uid, readable_src, daemon.socket_path, HUGE_ACTION, str(size), str(frames))
                    for uid in uids]
@@ -88,9 +83,8 @@ def test_huge_action_names_are_neither_echoed_nor_logged_and_slow_no_one(hostile
     log_bytes = daemon.log_path.stat().st_size - log_before
     assert answer_bytes < 1024 * requests, answer_bytes
     assert log_bytes < 2048 * requests, log_bytes
-    # JSON-decoding the frames themselves takes some time; nothing more may.
-    assert p90(during) < max(0.3, 5 * p90(baseline)), (p90(during), p90(baseline))
-    assert max(during) < 1.0, max(during)
+    # Not wedged: every ping answered meanwhile (how fast: bench/, not a test bound).
+    assert len(during) >= 20 and max(during) < VICTIM_PATIENCE_S, max(during)
 
 
 def test_client_text_in_an_error_never_silences_or_speaks_for_systemd(hostile_daemon, readable_src, tmp_path):
