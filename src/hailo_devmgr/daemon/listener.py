@@ -76,11 +76,23 @@ def refuse_connections(listener: socket.socket, reason: str, seconds: float) -> 
         with conn:
             conn.settimeout(0.2)
             request = _first_request(conn)
-
             try:
                 conn.sendall(p.encode_frame(p.error_response(request, error)))
+                _close_gently(conn)
             except OSError:
                 pass
+
+
+def _close_gently(conn: socket.socket) -> None:
+    """End our side, then take what the client still sends until it closes
+    (briefly): closing a Unix socket with unread input resets the peer, which
+    would then lose the answer just written (a slow client's first request
+    may come after it)."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(0.5)
+    for _ in range(64):
+        if not conn.recv(64 * 1024):
+            return
 
 
 def _first_request(conn: socket.socket) -> p.Request | None:
