@@ -284,7 +284,7 @@ def test_6c_sigterm_with_queued_work_stops_cleanly(box):
 def test_6d_idle_exit_then_the_socket_starts_it_again(box):
     """idle_exit_s: nothing going on, the daemon exits cleanly (the socket stays
     and the device is free); the next client starts it again."""
-    box.sh("mkdir -p /etc/hailo/device-manager.d && printf 'idle_exit_s: 2\\n' "
+    box.sh("mkdir -p /etc/hailo/device-manager.d && printf 'idle_exit_s: 10\\n' "
            "> /etc/hailo/device-manager.d/e2e-6d.yaml")
     box.sh(f"systemctl restart {SERVICE}", timeout=60)
     wait_for(lambda: box.out(f"systemctl is-active {SERVICE}", check=False) == "inactive", "the idle exit",
@@ -292,11 +292,13 @@ def test_6d_idle_exit_then_the_socket_starts_it_again(box):
     state = service_state(box)
     assert (state["Result"], state["ExecMainStatus"]) == ("success", "0"), state
     assert box.out(f"systemctl is-active {SOCKET}") == "active"
-    assert "idle for 2 s (idle_exit_s): exiting" in journal(box)
+    assert "idle for 10 s (idle_exit_s): exiting" in journal(box)
     assert box.sh("hailo-devmgr ping").stdout.startswith("ok")   # activated again by the socket
     assert box.out(f"systemctl is-active {SERVICE}") == "active"
     box.sh("rm -r /etc/hailo/device-manager.d")
-    box.sh(f"systemctl restart {SERVICE}", timeout=60)
+    # The starts of this test and the ones before stay within the start limit
+    # (10 a minute) only if counted afresh: as an admin would after tests.
+    box.sh(f"systemctl restart {SERVICE} && systemctl reset-failed {SERVICE}", timeout=60)
 
 
 # ------------------------------------------------------------------ 7. broken conffile

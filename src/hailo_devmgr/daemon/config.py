@@ -29,6 +29,7 @@ SCHEDULING_ALGORITHMS = ("round_robin", "none")
 MODEL_TYPES = ("generic", "clip", "vlm", "vlm_chat", "whisper", "ocr", "depth", "pose", "llm")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
+MIN_IDLE_EXIT_S = 10.0   # see _idle_exit
 
 
 class ConfigError(Exception):
@@ -58,6 +59,17 @@ def _number(minimum: float, maximum: float | None = None):
             raise ValueError(f"must be {bound}, got {value}")
         return float(value)
     return check
+
+
+def _idle_exit(value):
+    """0 (never), or at least MIN_IDLE_EXIT_S: every idle exit costs a start of the
+    service when a client comes, and systemd fails the socket after
+    StartLimitBurst=10 starts a minute."""
+    seconds = _number(0.0, 30 * 86400.0)(value)
+    if 0 < seconds < MIN_IDLE_EXIT_S:
+        raise ValueError(f"must be 0 (never) or at least {MIN_IDLE_EXIT_S:g} (each idle exit costs a start, "
+                         f"and systemd allows 10 a minute), got {value}")
+    return seconds
 
 
 def _choice(*choices: str):
@@ -305,7 +317,7 @@ class Config:
     # Exit after this long with no connection, no queued work and no pinned
     # model (0: never); the socket unit starts the daemon again on the next
     # connection, and the device is free for other programs meanwhile.
-    idle_exit_s: float = _key(_number(0.0, 30 * 86400.0), 0.0)
+    idle_exit_s: float = _key(_idle_exit, 0.0)
     # Where a loan of the device (hailo-devmgr lend) is kept across restarts;
     # empty: $RUNTIME_DIRECTORY/lent.json under systemd, else memory only.
     lend_state_file: str = _key(_optional_path, "")
