@@ -282,7 +282,13 @@ def _inode(path: str) -> tuple | None:
 
 
 M_MMAP_THRESHOLD = -3          # mallopt(3)
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 256 * 1024
+# The event loop's and the worker threads' allocations share this many glibc
+# arenas, not one per thread: a worker that decoded a large hostile body
+# leaves no arena of its own half full (the storm bench's RSS after 3,000
+# hostile connections: +14.6 MiB with 2, +15.3 and +21.9 MiB without).
+MALLOC_ARENAS = 2
 
 
 def return_large_blocks_to_the_system() -> None:
@@ -292,7 +298,9 @@ def return_large_blocks_to_the_system() -> None:
     come from a heap it cannot give back: after a burst of large or hostile
     requests the daemon's RSS would stay up. Best effort (glibc only)."""
     try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     except (OSError, AttributeError):
         log.debug("mallopt is not available: large blocks stay in the heap")
 
