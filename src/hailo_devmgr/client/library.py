@@ -497,15 +497,9 @@ class AsyncClient(_Methods):
                         yield "chunk", text
             finally:
                 self._streams.pop(request_id, None)
-                if not finished and request_id in self._sent and self._stream is not None and not answer.done():
-                    # Left early, timed out or cancelled: the generation stops on the device.
-                    asyncio.ensure_future(self._send_quietly(
-                        _build("cancel", next(self._ids), {"target": request_id})))
-                    self._slots.hold_until(answer)
-                if request_id not in self._sent:
-                    self._pending.pop(request_id, None)
-                self._sent.discard(request_id)
-                self._forget_when_answered(request_id, answer)
+                if not finished:
+                    self._abandon(request_id, answer)   # the generation stops on the device
+                self._settle(request_id, answer)
 
     async def _next_chunk(self, chunks: asyncio.Queue, answer: asyncio.Future) -> str | None:
         """The next piece of text; None when the final answer came first."""
@@ -561,20 +555,27 @@ class AsyncClient(_Methods):
             async with asyncio.timeout(self.timeout):
                 return await asyncio.shield(answer)
         except (asyncio.CancelledError, TimeoutError) as exc:
-            if request_id in self._sent and self._stream is not None and not answer.done():
-                # Tell the daemon not to bother (a frame never written needs no cancel).
-                asyncio.ensure_future(self._send_quietly(
-                    _build("cancel", next(self._ids), {"target": message["request_id"]})))
-                # The daemon counts the request in flight until it answers it.
-                self._slots.hold_until(answer)
+            self._abandon(request_id, answer)
             if isinstance(exc, TimeoutError):
                 raise RequestTimeout(f"no answer from {self.socket_path} within {self.timeout} s") from None
             raise
         finally:
-            if request_id not in self._sent:
-                self._pending.pop(request_id, None)  # never written: no answer will come
-            self._sent.discard(request_id)
-            self._forget_when_answered(request_id, answer)
+            self._settle(request_id, answer)
+
+    def _abandon(self, request_id, answer: asyncio.Future) -> None:
+        """A request given up before its answer (cancelled, timed out, left early):
+        tell the daemon not to bother (a frame never written needs no cancel);
+        the daemon counts it in flight until it answers it."""
+        if request_id in self._sent and self._stream is not None and not answer.done():
+            asyncio.ensure_future(self._send_quietly(_build("cancel", next(self._ids), {"target": request_id})))
+            self._slots.hold_until(answer)
+
+    def _settle(self, request_id, answer: asyncio.Future) -> None:
+        """A request's end on this side, however it ended."""
+        if request_id not in self._sent:
+            self._pending.pop(request_id, None)  # never written: no answer will come
+        self._sent.discard(request_id)
+        self._forget_when_answered(request_id, answer)
 
     def _forget_when_answered(self, request_id, answer: asyncio.Future) -> None:
         """Stop waiting for an answer once it came (a late one is then dropped)."""

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
 VALUE_BYTES = 80                 # what one JSON value may take decoded (a dict is 64, a list slot 8)
-BODY_CHUNK = 1024 * 1024         # a body is read (and its memory taken) this much at a time
 V1_READ_AHEAD = 4                # v1 frames read before their turn (then reading waits)
 _connection_ids = itertools.count(1)
 
@@ -140,7 +139,7 @@ class Session:
         self._stream = SocketStream(sock)
         # The one frame codec: bodies in chunks as bytes come, attachments into
         # the buffer pool's blocks, descriptors charged to the uid on arrival.
-        self._reader = codec.FrameReader(dispatcher.config.max_message_bytes, chunk_bytes=BODY_CHUNK,
+        self._reader = codec.FrameReader(dispatcher.config.max_message_bytes,
                                          decode=False, v2=False, allocate=dispatcher.buffers.get,
                                          admit_fds=self._admit_fds)
         self._write_lock = asyncio.Lock()
