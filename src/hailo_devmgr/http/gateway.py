@@ -24,6 +24,7 @@ It knows nothing of aiohttp but the executor it decodes images in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -397,6 +398,25 @@ class Run:
     async def close(self) -> None:
         """Stop reading; a generation still running is cancelled on the device."""
         await self._pieces.aclose()
+
+    async def whole(self) -> tuple[str, "Figures"]:
+        """All the text at once (``stream: false``), with the statistics."""
+        try:
+            text = "".join([piece async for piece in self])
+            return text, await self.figures()
+        finally:
+            await self.close()
+
+    @contextlib.asynccontextmanager
+    async def streaming(self):
+        """Around writing the pieces to an HTTP client: one that leaves
+        mid-stream is no error of ours, and its generation is cancelled."""
+        try:
+            yield
+        except ConnectionError:
+            log.info("client left mid-stream; the generation is cancelled")
+        finally:
+            await self.close()
 
     async def figures(self) -> Figures:
         """The final answer's statistics (after the last piece)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from datetime import datetime, timezone
 
 from aiohttp import web
@@ -29,7 +28,6 @@ from .catalog import Model
 from .gateway import (Chat, Figures, Gateway, GatewayError, Run, bad_request, chat_message, error_middleware,
                       priority_of)
 
-log = logging.getLogger(__name__)
 # The Ollama API level whose fields this gateway answers with (what /api/version says).
 OLLAMA_API_VERSION = "0.6.0"
 GATEWAY_KEY = web.AppKey("gateway", Gateway) if hasattr(web, "AppKey") else "gateway"
@@ -199,14 +197,10 @@ async def _load_or_unload(gateway: Gateway, model: Model, keep_alive, priority: 
 async def _answer(request: web.Request, run: Run, line, final) -> web.StreamResponse:
     """Stream NDJSON lines, or one object when the body said ``stream: false``."""
     if not request["stream"]:
-        try:
-            text = [piece async for piece in run]
-            figures = await run.figures()
-        finally:
-            await run.close()
-        return web.json_response(final(figures, "".join(text) or figures.text))
+        text, figures = await run.whole()
+        return web.json_response(final(figures, text or figures.text))
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
-    try:
+    async with run.streaming():
         await response.prepare(request)
         try:
             async for piece in run:
@@ -216,10 +210,6 @@ async def _answer(request: web.Request, run: Run, line, final) -> web.StreamResp
         else:
             await response.write(json.dumps(final(await run.figures(), "")).encode() + b"\n")
         await response.write_eof()
-    except ConnectionError:
-        log.info("client left mid-stream; the generation is cancelled")
-    finally:
-        await run.close()
     return response
 
 

@@ -19,7 +19,6 @@ constrained), ``logit_bias``, ``user``, ``metadata``. ``n`` > 1 and
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 
@@ -31,7 +30,6 @@ from .gateway import (Chat, Figures, Gateway, GatewayError, bad_request, chat_me
                       priority_of)
 from .ollama import GATEWAY_KEY, read_body
 
-log = logging.getLogger(__name__)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 FINGERPRINT = "hailo-devmgr"
 
@@ -136,11 +134,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": ident, "created": created, "model": model.name, "system_fingerprint": FINGERPRINT}
     if not stream:
-        try:
-            text = "".join([piece async for piece in run])
-            figures = await run.figures()
-        finally:
-            await run.close()
+        text, figures = await run.whole()
         return web.json_response({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": text or figures.text},
             "logprobs": None, "finish_reason": FINISH_REASONS.get(figures.done_reason, "stop")}],
@@ -156,7 +150,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    try:
+    async with run.streaming():
         await response.prepare(request)
         await response.write(event(delta({"role": "assistant", "content": ""})))
         try:
@@ -171,10 +165,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await response.write(event([], usage=_usage(figures)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-    except ConnectionError:
-        log.info("client left mid-stream; the generation is cancelled")
-    finally:
-        await run.close()
     return response
 
 
