@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from conftest import env_with_src
 from hailo_devmgr.client import Client, DeviceError
 from hailo_devmgr.wire import protocol as p
-from hostile import socket_folder  # noqa: F401  (a fixture)
+from hostile import needs_root, socket_folder  # noqa: F401  (socket_folder: a fixture)
 
 NOBODY = 65534
 
@@ -112,7 +111,7 @@ def test_a_restart_during_a_loan_keeps_the_device_lent(lending_daemon, tmp_path,
     assert not (tmp_path / "lent.json").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+@needs_root   # a client as another uid
 def test_only_admins_may_lend_or_reclaim(start_daemon, socket_folder, readable_src):
     daemon = start_daemon(socket_path=f"{socket_folder}/device.sock", socket_mode="0666")
     for action in ("lend", "reclaim"):
