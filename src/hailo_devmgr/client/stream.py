@@ -135,8 +135,12 @@ class SocketStream:
         self.closed = False
         self._fileno = sock.fileno()
         self._waiting: set[asyncio.Future] = set()   # a reader's and a writer's, failed by close
+        # A reader that waits: the readable callback reads for it (see fill).
+        self._read_waiter: asyncio.Future | None = None
+        self._read_for: FrameReader | None = None
+        self._watching_reads = False
 
-    async def _wait(self, writing: bool) -> None:
+    async def _writable(self) -> None:
         if self.closed:
             raise ConnectionResetError("the connection was closed")
         loop = asyncio.get_running_loop()
@@ -145,14 +149,14 @@ class SocketStream:
         def wake():
             if not ready.done():
                 ready.set_result(None)
-        (loop.add_writer if writing else loop.add_reader)(self._fileno, wake)
+        loop.add_writer(self._fileno, wake)
         self._waiting.add(ready)
         try:
             await ready
         finally:
             self._waiting.discard(ready)
             if not self.closed:
-                (loop.remove_writer if writing else loop.remove_reader)(self._fileno)
+                loop.remove_writer(self._fileno)
 
     async def fill(self, reader: FrameReader) -> None:
         """One read for ``reader`` after it said NEED_DATA: straight into the
@@ -160,16 +164,75 @@ class SocketStream:
         READ_AHEAD bytes fed to it (a small frame in one system call).
         IncompleteReadError at the end of the stream (``reader.mid_frame``
         says whether a frame was cut). Descriptors go to the reader, which
-        gives them to their frame (and asks its ``admit_fds``)."""
-        while True:
-            try:
-                count = read_for(self.sock, reader)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(False)
-                continue
-            if count == 0:
-                raise asyncio.IncompleteReadError(b"", None)
+        gives them to their frame (and asks its ``admit_fds``).
+
+        When nothing has arrived, the read is made by the readable callback
+        as the bytes come: no spurious wake-up, and the descriptor stays
+        registered with the event loop from one request to the next (a
+        request-answer client costs no epoll_ctl). Nobody waiting when it
+        fires: reading pauses until the next fill."""
+        try:
+            count = read_for(self.sock, reader)
+        except (BlockingIOError, InterruptedError):
+            count = await self._read_when_ready(reader)
+        if count == 0:
+            raise asyncio.IncompleteReadError(b"", None)
+
+    async def _read_when_ready(self, reader: FrameReader) -> int:
+        if self.closed:
+            raise ConnectionResetError("the connection was closed")
+        loop = asyncio.get_running_loop()
+        waiter = self._read_waiter = loop.create_future()
+        self._read_for = reader
+        if not self._watching_reads:
+            loop.add_reader(self._fileno, self._readable)
+            self._watching_reads = True
+        self._waiting.add(waiter)
+        try:
+            return await waiter
+        finally:
+            self._waiting.discard(waiter)
+            self._read_waiter = self._read_for = None
+
+    def _readable(self) -> None:
+        waiter = self._read_waiter
+        if waiter is None or waiter.done():
+            asyncio.get_running_loop().remove_reader(self._fileno)  # pause: nobody reads now
+            self._watching_reads = False
             return
+        try:
+            count = read_for(self.sock, self._read_for)
+        except (BlockingIOError, InterruptedError):
+            return  # woken for nothing: keep waiting
+        except Exception as exc:   # the read's failure is the reader's
+            waiter.set_exception(exc)
+            return
+        waiter.set_result(count)
+
+    def interrupt_read(self, error: BaseException) -> None:
+        """Fail a waiting ``fill`` with ``error`` (a deadline passed)."""
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def send_now(self, buffers, fds=()) -> tuple[list[memoryview], list[int]]:
+        """Write what the socket takes without waiting; ``fds`` go with the
+        first byte. Returns what is left: the views not written (empty: all
+        of it) and the descriptors not sent (all of them when nothing was
+        written), for :meth:`send`. An answer to a client that reads costs
+        one system call and no event-loop round."""
+        if self.closed:
+            raise ConnectionResetError("the connection was closed")
+        views = _views(buffers)
+        fds = list(fds)
+        while views:
+            try:
+                sent = self.sock.sendmsg(views[:_MAX_IOV], _rights(fds))
+            except (BlockingIOError, InterruptedError):
+                break
+            fds = []
+            _advance(views, sent)
+        return views, fds
 
     async def send(self, buffers, fds=()) -> None:
         """Write every buffer, in order; ``fds`` go with the first byte."""
@@ -179,7 +242,7 @@ class SocketStream:
             try:
                 sent = self.sock.sendmsg(views[:_MAX_IOV], ancillary)
             except (BlockingIOError, InterruptedError):
-                await self._wait(True)
+                await self._writable()
                 continue
             ancillary = []
             _advance(views, sent)

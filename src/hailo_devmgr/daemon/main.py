@@ -92,11 +92,6 @@ def queue_limits(config) -> QueueLimits:
                        settings.affinity_max_skips)
 
 
-def loaded_keys(registry) -> frozenset:
-    """Cache keys of the loaded models (the scheduler's affinity asks)."""
-    return frozenset(f"{model['model_type']}:{model['model_path']}" for model in registry.snapshot)
-
-
 class Daemon:
     def __init__(self, config, args):
         self.config = config
@@ -108,7 +103,7 @@ class Daemon:
                                       config.keep_alive)
         budgets = lambda: self.runtime.budgets  # noqa: E731 - replaced on reload
         queue = create_queue(config.scheduling.policy, queue_limits(config),
-                             lambda: loaded_keys(self.registry))
+                             lambda: self.registry.loaded_keys)
         self.device = DeviceThread(self.runtime, queue=queue, chores=[
             Chore("unload idle models", self.registry.idle_due, self.registry.unload_idle,
                   lambda: budgets().other_budget_s),

@@ -196,6 +196,7 @@ class ModelRegistry:
         self._restore: list[str] = []
         # Read by the event loop; replaced whole, never mutated.
         self._published: tuple[LoadedModel, ...] = ()
+        self.loaded_keys: frozenset[str] = frozenset()   # "type:path" of each, for the scheduler's affinity
         self.total_evictions = 0
         self.last_capacity_event: tuple[str | None, str | None, float | None] = (None, None, None)
         runtime.on_close.append(self.release_all)
@@ -216,8 +217,7 @@ class ModelRegistry:
             self._refresh_pins()
         model = self._find(spec, _uid(log_fields))
         if model is not None:
-            self._keep(model, keep_alive, log_fields, admin)
-            self._publish()
+            self._keep(model, keep_alive, log_fields, admin)   # status reads its fields live
             return model, True
         vdevice = self.runtime.require()
         # Before any eviction: a file that may not be opened costs no other model its place.
@@ -521,7 +521,8 @@ class ModelRegistry:
             model.files.close()  # after HailoRT let go of the model
 
     def _publish(self) -> None:
-        self._published = tuple(self._models.values())
+        self._published = published = tuple(self._models.values())
+        self.loaded_keys = frozenset(model.spec.key for model in published)
 
     @property
     def snapshot(self) -> tuple[dict, ...]:

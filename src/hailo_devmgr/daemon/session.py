@@ -137,6 +137,7 @@ class Session:
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
         self.shm_buffers = shm.RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)
         self._stream = SocketStream(sock)
+        self._idle_timer = _IdleTimer(lambda: self._stream.interrupt_read(asyncio.TimeoutError()))
         # The one frame codec: bodies in chunks as bytes come, attachments into
         # the buffer pool's blocks, descriptors charged to the uid on arrival.
         self._reader = codec.FrameReader(dispatcher.config.max_message_bytes,
@@ -200,6 +201,7 @@ class Session:
                 self._release(frame)
             self.dispatcher.session_closed(self)
             self.shm_buffers.clear()
+            self._idle_timer.cancel()
             self._reader.close()
             self._stream.close()
             self.admission.pending_fds.give(self.peer.uid, self._fds_charged)  # a frame cut short
@@ -213,13 +215,15 @@ class Session:
         config = self.dispatcher.config
         if not self._reader.buffered and not self._reader.mid_frame:
             try:   # between frames: the connection may rest (idle_timeout_s)
-                async with asyncio.timeout(config.idle_timeout_s or None):
-                    await self._stream.fill(self._reader)
+                self._idle_timer.start(config.idle_timeout_s)
+                await self._stream.fill(self._reader)
             except asyncio.IncompleteReadError:
                 return None  # closed between frames: the normal end
             except asyncio.TimeoutError:
                 log.info("closing a connection idle for %g s", config.idle_timeout_s, extra=self.peer.log_fields())
                 return None
+            finally:
+                self._idle_timer.stop()
         self._mid_frame = True
         try:
             return await self._read_rest(_FrameClock(config.frame_timeout_s))
@@ -425,16 +429,32 @@ class Session:
         self._stream.close()
 
     async def send(self, response: dict) -> None:
-        """One answer; with binary results, its ndarrays go as attachments or memfds."""
+        """One answer; with binary results, its ndarrays go as attachments or memfds.
+
+        Written at once when no other answer is being written and the socket
+        takes it all (the usual case); else the rest waits its turn, bounded
+        by ``frame_timeout_s``."""
         if not self.binary_results:
             frame, buffers, fds = p.encode_frame(response), [], []
         else:
             shm_min = self.dispatcher.config.shm_result_min_bytes if self.shm_results else None
             frame, buffers, fds = transport.pack(response, shm_min_bytes=shm_min)
-        # An answer waiting to be written is memory the client holds: charged to
-        # its uid (past the bound too: it exists), so that what the uid sends
-        # next waits until its answers are taken.
-        size = len(frame) + sum(memoryview(buffer).nbytes for buffer in buffers)
+        try:
+            pieces, unsent_fds = [frame, *buffers], fds
+            if not self._write_lock.locked():
+                pieces, unsent_fds = self._stream.send_now(pieces, fds)
+            if pieces:
+                await self._send_later(pieces, unsent_fds)
+        finally:
+            transport.close_fds(fds)   # ours: the kernel gave the client its own
+        self.last_active = time.monotonic()
+
+    async def _send_later(self, pieces: list, fds: list[int]) -> None:
+        """What the socket did not take at once, in turn with other answers.
+        An answer waiting to be written is memory the client holds: charged
+        to its uid (past the bound too: it exists), so that what the uid
+        sends next waits until its answers are taken."""
+        size = sum(memoryview(piece).nbytes for piece in pieces)
         self.admission.pending_bytes.charge(self.peer.uid, size)
         self.admission.unsent_answers.charge(self.peer.uid, size)
         try:
@@ -442,7 +462,7 @@ class Session:
             # cancellation that comes as the send completes, and the connection
             # would never end.
             async with asyncio.timeout(self.dispatcher.config.frame_timeout_s):
-                await self._send_in_turn([frame, *buffers], fds)
+                await self._send_in_turn(pieces, fds)
         except TimeoutError:
             # A client that does not take its answers holds them (and the
             # requests behind them) in our memory: it is cut off.
@@ -453,12 +473,6 @@ class Session:
         finally:
             self.admission.pending_bytes.give(self.peer.uid, size)
             self.admission.unsent_answers.give(self.peer.uid, size)
-            transport.close_fds(fds)
-        self.last_active = time.monotonic()
-
-    async def _send_in_turn(self, buffers: list, fds: list[int]) -> None:
-        async with self._write_lock:
-            await self._stream.send(buffers, fds)
 
     async def decode(self, frame: Frame) -> dict:
         """The frame's JSON, decoded once its cost is charged to the uid. JSON
@@ -493,6 +507,47 @@ class Session:
                                    retry_after_ms=1000) from None
         frame.held += cost
         return await self.dispatcher.worker_pool.run(key, p.decode_body, body) if large else p.decode_body(body)
+
+
+class _IdleTimer:
+    """The idle deadline of a connection waiting between frames, with one
+    timer per connection instead of one per frame: the timer, when it
+    fires, only re-arms for the current deadline (a client that keeps
+    asking moves the deadline, not the timer), and calls ``expire`` once
+    the connection has really rested that long."""
+
+    def __init__(self, expire):
+        self._expire = expire
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, timeout_s: float) -> None:
+        if not timeout_s:
+            return
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout_s
+        if self._handle is None:
+            self._handle = loop.call_at(self._deadline, self._fire)
+
+    def stop(self) -> None:
+        self._deadline = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self._deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._handle = loop.call_at(self._deadline, self._fire)
+        else:
+            self._deadline = None
+            self._expire()
+
+    def cancel(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class _FrameClock:
