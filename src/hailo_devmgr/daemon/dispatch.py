@@ -361,14 +361,18 @@ class Dispatcher:
     async def _await_job(self, job):
         """The job's result; past its deadline, a job that has not started is
         answered ``timeout`` and never runs (one that has started finishes)."""
-        waiting = asyncio.wrap_future(job.future)
-        if job.deadline is None:
-            return await waiting
+        waiting = job.outcome(asyncio.get_running_loop())
         try:
-            return await asyncio.wait_for(asyncio.shield(waiting), max(0.0, job.deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            self.device.queue.remove(job, RequestError(p.TIMEOUT, "Timed out before the device could start it"))
-            return await waiting
+            if job.deadline is None:
+                return await waiting
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting), max(0.0, job.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self.device.queue.remove(job, RequestError(p.TIMEOUT, "Timed out before the device could start it"))
+                return await waiting
+        except asyncio.CancelledError:
+            job.future.cancel()   # the request is gone: a job that has not started never runs
+            raise
 
     def _hello(self, request: p.Request, connection: Session | None) -> dict:
         wanted = p.optional_number(request.body, "protocol", 1, minimum=1, integer=True)

@@ -38,6 +38,7 @@ Futures are completed outside no lock of ours (concurrent.futures has its own).
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import threading
@@ -70,6 +71,31 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     skips: int = 0                   # times passed over for affinity
+
+    def outcome(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """The job's result on ``loop``: one ``call_soon_threadsafe`` when the
+        job completes, whichever thread completes it (lighter than
+        ``asyncio.wrap_future``, which chains both ways). Cancelling this
+        future does not touch the job: its awaiter cancels the job itself."""
+        waiter = loop.create_future()
+
+        def settle(done: concurrent.futures.Future) -> None:
+            if waiter.done():
+                return
+            if done.cancelled():
+                waiter.cancel()
+            elif done.exception() is not None:
+                waiter.set_exception(done.exception())
+            else:
+                waiter.set_result(done.result())
+
+        def completed(done: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, done)
+            except RuntimeError:
+                pass  # the loop is closed: the daemon is ending
+        self.future.add_done_callback(completed)
+        return waiter
 
 
 @dataclass(frozen=True)
@@ -109,12 +135,12 @@ class JobQueue:
 
     def _admit(self, job: Job) -> Job | None:
         """Raise ``busy`` if ``job`` may not enter; else the job it displaces, if any."""
-        counts = Counter(queued.client for queued in self._jobs)
-        mine = counts[job.client]
+        mine = sum(1 for queued in self._jobs if queued.client == job.client) if self._jobs else 0
         if mine >= self.limits.max_queue_per_client:
             raise self._busy(mine, f"this client already has {mine} requests queued (the limit)")
         if len(self._jobs) < self.limits.max_queue:
             return None
+        counts = Counter(queued.client for queued in self._jobs)
         share = self._fair_share(counts, job.client)
         if mine >= share:
             raise self._busy(len(self._jobs), f"the device queue is full ({self.limits.max_queue} requests)")
@@ -248,6 +274,14 @@ class FairScheduler(JobQueue):
         return max(0, job.priority - promoted)
 
     def _select(self, now: float) -> Job:
+        # One job waiting: nothing to choose (the usual case when the device keeps up).
+        pick = self._jobs[0] if len(self._jobs) == 1 else self._choose(now)
+        self._last_turn[pick.client] = next(self._turns)
+        if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
+            self._forget_idle_clients()
+        return pick
+
+    def _choose(self, now: float) -> Job:
         best = min(self.effective_class(job, now) for job in self._jobs)
         in_class = [job for job in self._jobs if self.effective_class(job, now) == best]
         oldest_of: dict[Hashable, Job] = {}
@@ -256,11 +290,7 @@ class FairScheduler(JobQueue):
             if known is None or job.enqueued_at < known.enqueued_at:
                 oldest_of[job.client] = job
         client = min(oldest_of, key=lambda c: (self._last_turn.get(c, 0), oldest_of[c].enqueued_at))
-        pick = self._with_affinity(oldest_of[client], in_class)
-        self._last_turn[pick.client] = next(self._turns)
-        if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
-            self._forget_idle_clients()
-        return pick
+        return self._with_affinity(oldest_of[client], in_class)
 
     def _forget_idle_clients(self) -> None:
         """Bound the per-client record: clients with nothing queued start afresh."""

@@ -474,6 +474,10 @@ class Session:
             self.admission.pending_bytes.give(self.peer.uid, size)
             self.admission.unsent_answers.give(self.peer.uid, size)
 
+    async def _send_in_turn(self, buffers: list, fds: list[int]) -> None:
+        async with self._write_lock:
+            await self._stream.send(buffers, fds)
+
     async def decode(self, frame: Frame) -> dict:
         """The frame's JSON, decoded once its cost is charged to the uid. JSON
         grows when decoded (``{},`` is 3 bytes and a 64-byte dict): about

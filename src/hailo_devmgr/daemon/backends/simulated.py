@@ -827,7 +827,7 @@ class _BoundStream:
 
     def _check_size(self, side: str) -> None:
         """libhailort's submit-time check (infer_model.cpp:961-962, v5.2.0): bytes, not dtype."""
-        expected = int(np.prod(self.spec.shape)) * self.dtype.itemsize
+        expected = math.prod(self.spec.shape) * self.dtype.itemsize
         if self._buffer is None:
             if side == "Input":  # uncertain: the number HailoRT reports for a missing input buffer
                 raise status_error(INVALID_OPERATION, f"input {self.spec.name!r} has no buffer")
@@ -897,10 +897,11 @@ class AsyncInferJob:
     def __init__(self, chip: _SimulatedChip, duration_ms: int, finish):
         self._chip = chip
         self._duration_ms = duration_ms
-        self._done = threading.Event()
         if duration_ms <= 0:
-            self._complete(finish)  # nothing to wait for: no thread hop at all
+            self._done = None
+            finish()  # nothing to wait for: no thread hop, no event
         else:
+            self._done = threading.Event()
             _COMPLETIONS.submit(self._complete, finish)
 
     def _complete(self, finish) -> None:
@@ -914,7 +915,8 @@ class AsyncInferJob:
         if self._duration_ms > timeout_ms:
             self._chip.sleep_ms(timeout_ms)
             raise status_error(TIMEOUT, f"inference takes {self._duration_ms} ms, timeout {timeout_ms} ms")
-        self._done.wait()
+        if self._done is not None:
+            self._done.wait()
 
 
 class ConfiguredInferModel:

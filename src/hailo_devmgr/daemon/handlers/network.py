@@ -51,6 +51,9 @@ class Network:
         self.model = None
         self.configured = None
         self.queue_size = 1
+        # Fixed once configured (formats are set before configure): read per run otherwise.
+        self._inputs: dict[str, tuple[list, np.dtype]] = {}
+        self._outputs: list[tuple[str, tuple, np.dtype]] = []
 
     def load(self) -> None:
         self.model = self.vdevice.create_infer_model(self.path)
@@ -68,6 +71,10 @@ class Network:
         # run() submits its bindings one by one; more than the async queue
         # holds fails with QUEUE_IS_FULL and shuts the model down.
         self.queue_size = max(int(self.configured.get_async_queue_size()), 1)
+        self._inputs = {name: (list(stream.shape), stream_dtype(stream))
+                        for name, stream in ((name, self.model.input(name)) for name in self.model.input_names)}
+        self._outputs = [(name, tuple(stream.shape), stream_dtype(stream))
+                         for name, stream in ((name, self.model.output(name)) for name in self.model.output_names)]
 
     @property
     def input_names(self) -> list[str]:
@@ -78,8 +85,7 @@ class Network:
         return list(self.model.output_names)
 
     def input_spec(self, name: str) -> tuple[list, np.dtype]:
-        stream = self.model.input(name)
-        return list(stream.shape), stream_dtype(stream)
+        return self._inputs[name]
 
     def only_input(self, kind: str) -> str:
         """The name of the network's one input; a load failure if it has several."""
@@ -92,8 +98,8 @@ class Network:
 
     def run(self, inputs: dict[str, np.ndarray], timeout_ms: int, where: str = "input_data") -> dict:
         """Bind inputs by name, run once, return outputs by name."""
-        expected = set(self.input_names)
-        if set(inputs) != expected:
+        expected = self._inputs.keys()
+        if inputs.keys() != expected:
             raise RequestError(BAD_REQUEST, f"{where} must name exactly the model inputs "
                                             f"{sorted(expected)}, got {sorted(inputs)}")
         buffers = {}
@@ -134,9 +140,8 @@ class Network:
             for name, buffer in buffers.items():
                 bindings.input(name).set_buffer(buffer)
             outputs = {}
-            for name in self.output_names:
-                stream = self.model.output(name)
-                outputs[name] = np.empty(list(stream.shape), dtype=stream_dtype(stream))
+            for name, shape, dtype in self._outputs:
+                outputs[name] = np.empty(shape, dtype=dtype)
                 bindings.output(name).set_buffer(outputs[name])
             bindings_list.append(bindings)
             results.append(outputs)
@@ -162,6 +167,7 @@ class Network:
             self.configured.shutdown()
         self.configured = None
         self.model = None
+        self._inputs, self._outputs = {}, []
 
 
 class SingleInputHandler(Handler):
