@@ -86,6 +86,8 @@ class Admission:
         unread answers: a client that asks and never reads gets no more of
         its work run, so its answers cannot pile up past its share (and what
         its queue held already). Bounded like any wait: then busy."""
+        if self.unsent_answers.refusal(uid, 0) is None:
+            return   # the usual case: no wait, no deadline to set
         deadline = asyncio.get_running_loop().time() + self.config.frame_timeout_s
         try:
             await self.unsent_answers.take(uid, 0, deadline)

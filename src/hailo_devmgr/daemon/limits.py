@@ -39,6 +39,8 @@ class Pool:
         mine = self.by_uid[uid]
         if mine > own and mine + amount > self.per_uid:
             return f"uid {uid} already holds {mine} of its {self.per_uid} {self.name}"
+        if self.used + amount <= self.limit:
+            return None   # what counts for all is at most what is used: no need to add up the shares
         shared = self._within_shares()
         if shared and shared + amount > self.limit:
             return f"the daemon holds {shared} of its {self.limit} {self.name}"

@@ -299,8 +299,10 @@ class Session:
     async def _hold_bytes(self, frame: Frame, size: int, clock: "_FrameClock") -> None:
         """Charge ``size`` more bytes of this frame to its uid, waiting for room
         (time waited is not the client's: its frame clock stops meanwhile)."""
-        with clock.paused():
-            await self.admission.pending_bytes.take(self.peer.uid, size, clock.pool_deadline, own=frame.held)
+        pool = self.admission.pending_bytes
+        if pool.take_now(self.peer.uid, size, own=frame.held) is not None:   # else taken at once
+            with clock.paused():
+                await pool.take(self.peer.uid, size, clock.pool_deadline, own=frame.held)
         frame.held += size
 
     def _admit_fds(self, count: int) -> bool:
