@@ -139,6 +139,8 @@ class SocketStream:
         self._read_waiter: asyncio.Future | None = None
         self._read_for: FrameReader | None = None
         self._watching_reads = False
+        # Called once if the peer closes while nobody reads (see _readable).
+        self.on_peer_closed = None
 
     async def _writable(self) -> None:
         if self.closed:
@@ -175,6 +177,8 @@ class SocketStream:
             count = read_for(self.sock, reader)
         except (BlockingIOError, InterruptedError):
             count = await self._read_when_ready(reader)
+        else:
+            self._watch_reads()   # so a close while the owner is busy is still seen
         if count == 0:
             raise asyncio.IncompleteReadError(b"", None)
 
@@ -184,9 +188,7 @@ class SocketStream:
         loop = asyncio.get_running_loop()
         waiter = self._read_waiter = loop.create_future()
         self._read_for = reader
-        if not self._watching_reads:
-            loop.add_reader(self._fileno, self._readable)
-            self._watching_reads = True
+        self._watch_reads()
         self._waiting.add(waiter)
         try:
             return await waiter
@@ -194,11 +196,15 @@ class SocketStream:
             self._waiting.discard(waiter)
             self._read_waiter = self._read_for = None
 
+    def _watch_reads(self) -> None:
+        if not self._watching_reads and not self.closed:
+            asyncio.get_running_loop().add_reader(self._fileno, self._readable)
+            self._watching_reads = True
+
     def _readable(self) -> None:
         waiter = self._read_waiter
         if waiter is None or waiter.done():
-            asyncio.get_running_loop().remove_reader(self._fileno)  # pause: nobody reads now
-            self._watching_reads = False
+            self._pause_reading()
             return
         try:
             count = read_for(self.sock, self._read_for)
@@ -208,6 +214,21 @@ class SocketStream:
             waiter.set_exception(exc)
             return
         waiter.set_result(count)
+
+    def _pause_reading(self) -> None:
+        """Nobody reads now: stop watching (the next fill watches again), but
+        first look whether the peer has closed, so its owner can tell."""
+        try:
+            closed = self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return   # nothing there after all: keep watching
+        except OSError:
+            closed = True   # reset by the peer
+        asyncio.get_running_loop().remove_reader(self._fileno)
+        self._watching_reads = False
+        if closed and self.on_peer_closed is not None:
+            notify, self.on_peer_closed = self.on_peer_closed, None
+            notify()
 
     def interrupt_read(self, error: BaseException) -> None:
         """Fail a waiting ``fill`` with ``error`` (a deadline passed)."""

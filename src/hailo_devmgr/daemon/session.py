@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
 VALUE_BYTES = 80                 # what one JSON value may take decoded (a dict is 64, a list slot 8)
-V1_READ_AHEAD = 4                # v1 frames read before their turn (then reading waits)
 _connection_ids = itertools.count(1)
 
 
@@ -144,9 +143,10 @@ class Session:
                                          decode=False, v2=False, allocate=dispatcher.buffers.get,
                                          admit_fds=self._admit_fds)
         self._write_lock = asyncio.Lock()
-        # v1 answers in order: a few frames read ahead (so a vanished client is
-        # noticed), then reading stops until the client takes its answers.
-        self._inbox: asyncio.Queue = asyncio.Queue(V1_READ_AHEAD)
+        # The client closed while its requests were being answered (seen by the
+        # stream while nobody was reading): its queued work was dropped.
+        self._peer_closed = False
+        self._stream.on_peer_closed = self._peer_went_away
         self.last_active = time.monotonic()   # last frame read or answered (idle eviction)
         self._mid_frame = False                # a frame's first byte has come, not all of it
         self._fds_charged = 0                  # descriptors received for the frame being read
@@ -175,7 +175,6 @@ class Session:
         return f"uid {self.peer.uid}" if self.peer.uid is not None else f"connection {self.id}"
 
     async def run(self) -> None:
-        in_order = asyncio.ensure_future(self._answer_in_order())
         try:
             while True:
                 frame = await self._read_frame()
@@ -186,17 +185,16 @@ class Session:
                 if self.protocol >= 2:
                     self._spawn(frame)
                     await self._room_for_tasks()
-                else:
-                    await self._inbox.put(frame)
+                elif not await self._answer_v1(frame):
+                    break
         except (OSError, asyncio.IncompleteReadError):
             pass  # the client went away, or was cut off
         finally:
             # Its queued device work never runs; a running job's answer is dropped.
             self.dispatcher.drop_queued_work(self)
-            in_order.cancel()
             for task in list(self._tasks):
                 task.cancel()
-            await asyncio.gather(in_order, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             for frame in list(self._frames):  # read but never answered
                 self._release(frame)
             self.dispatcher.session_closed(self)
@@ -387,10 +385,25 @@ class Session:
         while len(self._tasks) >= most:
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
-    async def _answer_in_order(self) -> None:
-        while True:
-            frame = await self._inbox.get()
+    async def _answer_v1(self, frame: Frame) -> bool:
+        """Answer a v1 frame before reading the next (v1 answers go in order):
+        no task and no queue between reading and answering. A client that
+        closes meanwhile is still noticed at once (``_peer_went_away``).
+        False when the connection must end."""
+        try:
             await self._answer(frame)
+        except asyncio.CancelledError:
+            if not self._peer_closed or asyncio.current_task().cancelling():
+                raise
+            return False   # its queued job was dropped: the client is gone
+        return True
+
+    def _peer_went_away(self) -> None:
+        """The stream saw the client close while nobody was reading (a v1
+        request being answered, a v2 connection at its in-flight bound): its
+        queued device work is dropped now, not when its answer would fail."""
+        self._peer_closed = True
+        self.dispatcher.drop_queued_work(self)
 
     async def _answer(self, frame: Frame) -> None:
         try:
