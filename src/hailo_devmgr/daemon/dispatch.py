@@ -91,27 +91,22 @@ class Dispatcher:
                 raise frame.refusal
             if frame.fds or frame.fds_truncated or "fds" in message:
                 transport.check_fds(message, len(frame.fds), frame.fds_truncated)
-        except RequestError as error:
-            return self.error_answer(None, message, error, connection)
-        if connection.protocol >= 2:
-            frame.blocks = references.Blocks(frame.attachments, frame.fds, connection.shm_buffers)
-        return await self.handle_message(message, connection, frame.blocks)
-
-    async def handle_message(self, message: dict, connection: Session | None,
-                             blocks: references.Blocks | None = None) -> dict:
-        """Answer one decoded request. ``blocks``: the attachments and
-        descriptors of a v2 frame, which tensor references in ``input_data``
-        point into."""
-        try:
             request = p.parse_request(message)
         except RequestError as error:
             return self.error_answer(None, message, error, connection)
-        return await self._answer_request(request, message, connection, blocks)
+        if connection.protocol >= 2:
+            # The attachments and descriptors of a v2 frame, which tensor
+            # references in input_data point into.
+            frame.blocks = references.Blocks(frame.attachments, frame.fds, connection.shm_buffers)
+        return await self._answer_request(request, message, connection, frame.blocks)
 
     async def _answer_request(self, request: p.Request, message: dict, connection: Session | None,
                               blocks: references.Blocks | None) -> dict:
         try:
-            payload = await self._dispatch(request, connection, blocks)
+            run = self._table.get(request.action)
+            if run is None:  # parse_request knows the same names: only a table out of step
+                raise p.unknown_action(request.action)
+            payload = await run(request, connection, blocks)
             return p.ok_response(request, payload)
         except RequestError as error:
             return self.error_answer(request, message, error, connection)
@@ -161,13 +156,6 @@ class Dispatcher:
         async def run(request, connection, blocks):
             return answer(request, connection)
         return run
-
-    async def _dispatch(self, request: p.Request, connection: Session | None,
-                        blocks: references.Blocks | None = None) -> dict:
-        run = self._table.get(request.action)
-        if run is None:  # parse_request knows the same names: only a table out of step
-            raise p.unknown_action(request.action)
-        return await run(request, connection, blocks)
 
     async def _device_action(self, request: p.Request, connection: Session | None,
                              blocks: references.Blocks | None = None) -> dict:

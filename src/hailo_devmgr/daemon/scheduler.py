@@ -32,8 +32,10 @@ Jobs whose deadline passed before they started are answered ``timeout`` and
 never run. :class:`FifoQueue` keeps the core's first-come order (config
 ``scheduling.policy: fifo``), for comparison in benchmarks.
 
-Locking: every field is guarded by ``_cond`` (one lock); ``put``, ``remove``
-and ``drop_owner`` come from the event loop, ``get`` from the device thread.
+Locking: every field is guarded by ``_lock`` (one lock); ``put``, ``remove``
+and ``drop_owner`` come from the event loop, ``get`` from the device thread,
+which sleeps on ``_wakeup`` (a C queue: one token when it sleeps and a job
+comes; no Python-level condition variable on the request path).
 Futures are completed outside no lock of ours (concurrent.futures has its own).
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import queue
 import threading
 import time
 from collections import Counter
@@ -114,14 +117,16 @@ class JobQueue:
         self.limits = limits
         self._loaded_keys = loaded_keys
         self._jobs: list[Job] = []
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._wakeup: queue.SimpleQueue = queue.SimpleQueue()
+        self._sleeping = False   # the device thread waits (or is about to) on _wakeup
         self._closed = False
         self._run_s = 0.05  # moving average of a job's run time, for retry_after_ms
 
     # -- event loop side ----------------------------------------------------
 
     def put(self, job: Job) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise shutting_down()
             displaced = self._admit(job)
@@ -129,7 +134,9 @@ class JobQueue:
                 self._jobs.remove(displaced)
                 refusal = self._displaced_error(displaced)
             self._jobs.append(job)
-            self._cond.notify()
+            wake, self._sleeping = self._sleeping, False
+        if wake:
+            self._wakeup.put(None)
         if displaced is not None:
             displaced.future.set_exception(refusal)  # answered as a refused request is
 
@@ -174,7 +181,7 @@ class JobQueue:
     def remove(self, job: Job, error: RequestError) -> bool:
         """Take a job out before it starts and answer it with ``error``.
         False when it is no longer waiting (running or done)."""
-        with self._cond:
+        with self._lock:
             if job not in self._jobs:
                 return False
             self._jobs.remove(job)
@@ -182,13 +189,13 @@ class JobQueue:
         return True
 
     def find(self, owner: Hashable, request_id: Any) -> Job | None:
-        with self._cond:
+        with self._lock:
             return next((job for job in self._jobs
                          if job.owner == owner and job.request_id == request_id), None)
 
     def drop_owner(self, owner: Hashable) -> int:
         """A connection went away: its waiting jobs never run, nobody is answered."""
-        with self._cond:
+        with self._lock:
             dropped = [job for job in self._jobs if job.owner == owner]
             self._jobs = [job for job in self._jobs if job.owner != owner]
         for job in dropped:
@@ -197,11 +204,11 @@ class JobQueue:
 
     def close(self) -> list[Job]:
         """Refuse new jobs; return the ones still waiting."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             waiting, self._jobs = self._jobs, []
-            self._cond.notify_all()
-            return waiting
+        self._wakeup.put(None)
+        return waiting
 
     @property
     def closed(self) -> bool:
@@ -211,12 +218,12 @@ class JobQueue:
         return len(self._jobs)
 
     def depth_by_class(self) -> dict[str, int]:
-        with self._cond:
+        with self._lock:
             counts = Counter(PRIORITIES[job.priority] for job in self._jobs)
         return {name: counts.get(name, 0) for name in PRIORITIES}
 
     def depth_by_client(self) -> dict[str, int]:
-        with self._cond:
+        with self._lock:
             return dict(Counter(str(job.client) for job in self._jobs))
 
     # -- device thread ------------------------------------------------------
@@ -224,19 +231,25 @@ class JobQueue:
     def get(self, timeout: float) -> Job | None:
         """The next job to run, or None after ``timeout`` (or once closed and empty)."""
         expired: list[Job] = []
-        with self._cond:
-            deadline = time.monotonic() + timeout
-            while True:
-                expired += self._take_expired(time.monotonic())
-                if self._jobs or self._closed:
+        deadline = time.monotonic() + timeout
+        job = None
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                expired += self._take_expired(now)
+                self._sleeping = False   # awake (a token left by a late put only costs one more look)
+                if self._jobs:
+                    job = self._select(now)
+                    self._jobs.remove(job)
                     break
-                left = deadline - time.monotonic()
-                if left <= 0:
+                left = deadline - now
+                if self._closed or left <= 0:
                     break
-                self._cond.wait(left)
-            job = self._select(time.monotonic()) if self._jobs else None
-            if job is not None:
-                self._jobs.remove(job)
+                self._sleeping = True
+            try:
+                self._wakeup.get(timeout=left)
+            except queue.Empty:
+                pass
         for late in expired:
             late.future.set_exception(RequestError(TIMEOUT, "Timed out before the device could start it"))
         return job

@@ -80,7 +80,6 @@ SCM_RIGHTS. Without ndarrays it is a plain v1 frame.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -541,7 +540,7 @@ def encode(message: dict, *, shm_min_bytes: int | None = None, place=None) -> tu
             encoded["attachments"] = [buffer.nbytes for buffer in buffers]
         if fds:
             encoded["fds"] = len(fds)
-        body = json.dumps(encoded, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        body = p.encode_json(encoded)
     except BaseException:
         close_fds(fds)
         raise

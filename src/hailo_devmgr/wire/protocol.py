@@ -92,9 +92,14 @@ class RequestError(Exception):
 
 # ---------------------------------------------------------------- framing
 
+def encode_json(message: dict) -> bytes:
+    """A message's JSON body: compact, UTF-8, no NaN or Infinity."""
+    return _ENCODER.encode(message).encode("utf-8")
+
+
 def encode_frame(message: dict) -> bytes:
     """One message as it goes on the wire."""
-    body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    body = encode_json(message)
     return HEADER.pack(len(body)) + body
 
 
@@ -130,6 +135,11 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not valid JSON")
 
 
+# Made once: json.dumps and json.loads build a new coder per call when given options.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def decode_body(body: bytes) -> dict:
     """JSON body → dict. Raises ``bad_request`` for anything else."""
     try:
@@ -137,7 +147,7 @@ def decode_body(body: bytes) -> dict:
     except UnicodeDecodeError as exc:
         raise RequestError(BAD_REQUEST, f"Message is not valid UTF-8: {exc.reason} at byte {exc.start}")
     try:
-        message = json.loads(text, parse_constant=_not_json)
+        message = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise RequestError(BAD_REQUEST, f"Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
     except RecursionError:
