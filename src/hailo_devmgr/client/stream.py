@@ -173,12 +173,18 @@ class SocketStream:
         registered with the event loop from one request to the next (a
         request-answer client costs no epoll_ctl). Nobody waiting when it
         fires: reading pauses until the next fill."""
-        try:
-            count = read_for(self.sock, reader)
-        except (BlockingIOError, InterruptedError):
+        if self._watching_reads:
+            # Still watched since the last read: nothing came while its owner
+            # was busy (the callback would have paused the watch), or it comes
+            # at the next poll. No read attempt bound to fail.
             count = await self._read_when_ready(reader)
         else:
-            self._watch_reads()   # so a close while the owner is busy is still seen
+            try:
+                count = read_for(self.sock, reader)
+            except (BlockingIOError, InterruptedError):
+                count = await self._read_when_ready(reader)
+            else:
+                self._watch_reads()   # so a close while the owner is busy is still seen
         if count == 0:
             raise asyncio.IncompleteReadError(b"", None)
 
