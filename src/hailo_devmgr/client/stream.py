@@ -43,16 +43,23 @@ def _read_ahead_buffer() -> memoryview:
     return view
 
 
+# Plain ints: operators on the socket module's enum members cost microseconds a read.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_TRUNCATED = int(socket.MSG_CTRUNC)
+
+
 def recv_with_fds(sock: socket.socket, view: memoryview) -> tuple[int, list[int], bool]:
     """One ``recvmsg_into``: (bytes read, descriptors, whether the kernel dropped some)."""
-    count, ancillary, flags, _ = sock.recvmsg_into([view], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+    count, ancillary, flags, _ = sock.recvmsg_into([view], _ANC_SIZE, _RECV_FLAGS)
+    if not ancillary:
+        return count, [], bool(flags & _TRUNCATED)
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             received = array.array("i")
             received.frombytes(data[:len(data) - len(data) % received.itemsize])
             fds.extend(received)
-    return count, fds, bool(flags & socket.MSG_CTRUNC)
+    return count, fds, bool(flags & _TRUNCATED)
 
 
 def read_for(sock: socket.socket, reader: FrameReader) -> int:

@@ -189,10 +189,10 @@ def device_job(request: DeviceRequest, registry, budgets,
         try:
             if request.stream:
                 result, run_ms = registry.generate(spec, request.inputs, timeout_ms, on_token, request.scope,
-                                                   request.log_fields, request.keep_alive, request.admin)
+                                                   request.log_fields, request.keep_alive, request.admin, model)
             else:
                 result, run_ms = registry.infer(spec, request.inputs, timeout_ms, request.scope,
-                                                request.log_fields, request.keep_alive, request.admin)
+                                                request.log_fields, request.keep_alive, request.admin, model)
         except RequestError as error:
             raise _as_deadline(error, request.deadline) from None
         return result, run_ms, load_ms

@@ -91,7 +91,7 @@ class Dispatcher:
                 raise frame.refusal
             if frame.fds or frame.fds_truncated or "fds" in message:
                 transport.check_fds(message, len(frame.fds), frame.fds_truncated)
-            request = p.parse_request(message)
+            request = p.parse_request(message, len(frame.body))
         except RequestError as error:
             return self.error_answer(None, message, error, connection)
         if connection.protocol >= 2:
@@ -180,7 +180,8 @@ class Dispatcher:
 
     async def _run_device_action(self, request, connection, received: float, tracked: bool,
                                  blocks: references.Blocks | None = None) -> dict:
-        if workers.is_small(request.body) and not (blocks is not None and blocks.fds):
+        small = 0 < request.size <= workers.INLINE_BODY_BYTES or workers.is_small(request.body)
+        if small and not (blocks is not None and blocks.fds):
             # A few paths to check and at most a few KiB of tensors, nothing to
             # map: quicker here than a worker's hand-over, and never behind other
             # clients' validations.

@@ -57,7 +57,7 @@ class ModelSpec:
     params: dict             # model_params as check_params returns them: paths resolved (AllowedPaths)
     handler_cls: type[Handler]
 
-    @property
+    @cached_property
     def key(self) -> str:
         """The model's name, as pins, unload_model, status and the scheduler know it."""
         return f"{self.model_type}:{self.model_path}"
@@ -71,7 +71,7 @@ class ModelSpec:
         used = {key: value for key, value in self.params.items() if value not in (None, "", {})}
         return json.dumps(used, sort_keys=True, separators=(",", ":")) if used else ""
 
-    @property
+    @cached_property
     def identity(self) -> str:
         """The cache key: the name and the parameters (two loads share a model only if both match)."""
         return f"{self.key} {self.params_json}" if self.params_json else self.key
@@ -242,14 +242,15 @@ class ModelRegistry:
 
     def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, scope_params: dict,
               log_fields: dict | None = None, keep_alive: float | None = None,
-              admin: bool = True) -> tuple[Any, float]:
-        """Run one inference (loading first if needed); returns (result, run ms)."""
+              admin: bool = True, model: LoadedModel | None = None) -> tuple[Any, float]:
+        """Run one inference (loading first if needed: ``model`` is the one the
+        caller loaded just before, if any); returns (result, run ms)."""
         return self._run(spec, lambda handler: handler.run(inputs, timeout_ms), scope_params,
-                         log_fields, keep_alive, admin)
+                         log_fields, keep_alive, admin, model)
 
     def generate(self, spec: ModelSpec, inputs: Any, timeout_ms: int, on_token, scope_params: dict,
                  log_fields: dict | None = None, keep_alive: float | None = None,
-                 admin: bool = True) -> tuple[Any, float]:
+                 admin: bool = True, model: LoadedModel | None = None) -> tuple[Any, float]:
         """``infer`` token by token, for model types whose handler has ``generate`` (llm,
         vlm, vlm_chat): calls ``on_token(text) -> bool`` on this (the device) thread
         for each piece of text (False aborts the generation on the device:
@@ -258,14 +259,15 @@ class ModelRegistry:
             raise RequestError(BAD_REQUEST, f"model type {spec.model_type} does not generate tokens; "
                                             "streaming is for llm, vlm and vlm_chat")
         return self._run(spec, lambda handler: handler.generate(inputs, timeout_ms, on_token), scope_params,
-                         log_fields, keep_alive, admin)
+                         log_fields, keep_alive, admin, model)
 
     def _run(self, spec: ModelSpec, call, scope_params: dict, log_fields: dict | None,
-             keep_alive: float | None, admin: bool) -> tuple[Any, float]:
+             keep_alive: float | None, admin: bool, model: LoadedModel | None) -> tuple[Any, float]:
         """``call(handler)`` on the model (loaded first if needed): HailoRT's
         failures become answers, and those that break the model or the
         device are dealt with here."""
-        model, _ = self.load(spec, log_fields, keep_alive, admin)
+        if model is None or self._models.get(spec.identity) is not model:
+            model, _ = self.load(spec, log_fields, keep_alive, admin)
         started = time.perf_counter()
         try:
             with self.runtime.backend.request_scope(scope_params):

@@ -28,6 +28,7 @@ WORKERS = min(8, (os.cpu_count() or 1) + 2)
 # checks of a few fields cost microseconds, a worker's hand-over more.
 INLINE_MAX_VALUES = 256          # JSON values (objects, lists, strings, numbers ...)
 INLINE_MAX_CHARS = 64 * 1024     # characters of all strings and keys
+INLINE_BODY_BYTES = 2048         # a JSON body this short is small whatever it holds (no need to walk it)
 
 
 @dataclass

@@ -129,6 +129,7 @@ class Request:
     body: dict
     request_id: Any = None
     has_request_id: bool = False
+    size: int = 0   # bytes of its JSON as received (0: built in-process)
 
 
 def _not_json(constant: str):
@@ -159,10 +160,11 @@ def decode_body(body: bytes) -> dict:
     return message
 
 
-def parse_request(message: dict) -> Request:
-    """Checks the envelope every action shares: ``action`` and ``request_id``."""
+def parse_request(message: dict, size: int = 0) -> Request:
+    """Checks the envelope every action shares: ``action`` and ``request_id``.
+    ``size``: the bytes of JSON it came as."""
     request_id, has_id = request_id_of(message)
-    request = Request(action="", body=message, request_id=request_id, has_request_id=has_id)
+    request = Request(action="", body=message, request_id=request_id, has_request_id=has_id, size=size)
     if "request_id" in message and not has_id:
         raise RequestError(BAD_REQUEST, "request_id must be a string or a number" + (
             f" of at most {MAX_REQUEST_ID_CHARS} characters" if _is_id_type(message["request_id"]) else ""))
