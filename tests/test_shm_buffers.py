@@ -26,6 +26,7 @@ from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.wire import shm
 from hailo_devmgr.wire import transport as t
 from hailo_devmgr.client import AsyncClient, Client
+from hailo_devmgr.client.buffers import ClientBuffers, WritableBuffer
 from wire import Raw, assert_no_leak, infer_message, pipe_end, ping_ok, settled_fds
 
 A = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
@@ -79,7 +80,7 @@ def sealed(size: int, seals: int, written: int | None = None) -> int:
 # ---------------------------------------------------------------- the seals themselves
 
 def test_a_sealed_buffer_can_be_written_only_through_the_mapping_made_before():
-    buffer = shm.WritableBuffer(10_000)
+    buffer = WritableBuffer(10_000)
     try:
         assert buffer.size == 3 * mmap.PAGESIZE  # whole pages
         buffer.write(A)
@@ -106,7 +107,7 @@ def test_a_sealed_buffer_can_be_written_only_through_the_mapping_made_before():
 
 def test_a_registered_buffer_is_read_in_place_request_after_request(fast_daemon, model_dir):
     raw = Raw(fast_daemon.socket_path, features=FEATURES)
-    buffer = shm.WritableBuffer(4096)
+    buffer = WritableBuffer(4096)
     answer = register(raw, buffer.take_fd())
     assert answer["status"] == "ok" and answer["size"] == 4096 and answer["request_id"] == "reg"
     buffer_id = answer["buffer"]
@@ -356,7 +357,7 @@ def test_client_buffers_make_room_by_unregistering_idle_ones():
         unregistered.append(buffer.buffer_id)
 
     page = mmap.PAGESIZE
-    pool = shm.ClientBuffers(register_, unregister_, max_count=2, max_bytes=3 * page)
+    pool = ClientBuffers(register_, unregister_, max_count=2, max_bytes=3 * page)
 
     async def main():
         def arrays(nbytes):
@@ -475,7 +476,7 @@ def test_a_registration_cancelled_midway_is_kept_not_lost():
 
         async def unregister_(buffer):
             pass
-        pool = shm.ClientBuffers(slow_register, unregister_, max_count=4, max_bytes=16 * page)
+        pool = ClientBuffers(slow_register, unregister_, max_count=4, max_bytes=16 * page)
         preparing = asyncio.ensure_future(pool.prepare([np.zeros(page, np.uint8)], 1))
         await asyncio.sleep(0.01)
         preparing.cancel()

@@ -25,6 +25,7 @@ from hailo_devmgr.wire import transport as t
 from hailo_devmgr.client import AsyncClient, Client, DeviceError
 from hailo_devmgr.wire.tensors import DecodedTensor, decode_v1
 from hailo_devmgr.client import library
+from hailo_devmgr.client.buffers import WritableBuffer
 from wire import (Raw, V1Peer, assert_no_leak, assert_no_mapping_left, infer_message, memfd, pipe_end, ping_ok,
                   regular_file, settled_fds)
 
@@ -339,7 +340,7 @@ def test_no_descriptor_leaks_after_1000_requests_and_bad_ones(fast_daemon, model
     # And one that vanishes with a buffer registered (and a registration on its way).
     raw = Raw(fast_daemon.socket_path, features=("attachments", "shm", "shm_buffers"))
     for request_id in ("kept", "in flight"):
-        buffer = shm.WritableBuffer(4096)
+        buffer = WritableBuffer(4096)
         fd = buffer.take_fd()
         raw.send({"action": "register_buffer", "request_id": request_id, "fds": 1}, fds=[fd])
         os.close(fd)

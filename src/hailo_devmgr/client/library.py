@@ -44,11 +44,11 @@ import numpy as np
 
 from ..wire import codec
 from ..wire import protocol as p
-from ..wire import shm
 from ..wire import references as refs
 from ..wire import transport as t
 from .._version import __version__
 from ..wire.tensors import decode_results, encode_results, encode_v1
+from .buffers import ClientBuffers, WritableBuffer
 from .stream import SocketStream, read_frame, read_frame_blocking, send_all
 
 # How AsyncClient sends ndarrays found in a request (``transport=``).
@@ -268,7 +268,7 @@ class AsyncClient(_Methods):
         self.transport = transport
         self.shm_min_bytes = 0 if transport == "shm" else shm_min_bytes
         self.use_shm_buffers = shm_buffers
-        self._buffers: shm.ClientBuffers | None = None   # registered, once hello offered them
+        self._buffers: ClientBuffers | None = None   # registered, once hello offered them
         self._buffers_lock = asyncio.Lock()
         self._connect_lock = asyncio.Lock()
         self.protocol = 1
@@ -331,9 +331,9 @@ class AsyncClient(_Methods):
             self._answers = asyncio.ensure_future(self._read_answers())
         if "shm_buffers" in self.features and self.use_shm_buffers:
             limits = answer.get("limits") or {}
-            self._buffers = shm.ClientBuffers(self._register_buffer, self._unregister_buffer,
-                                              int(limits.get("max_shm_buffers", 0)),
-                                              int(limits.get("shm_buffer_max_bytes", 0)))
+            self._buffers = ClientBuffers(self._register_buffer, self._unregister_buffer,
+                                          int(limits.get("max_shm_buffers", 0)),
+                                          int(limits.get("shm_buffer_max_bytes", 0)))
 
     async def close(self) -> None:
         self._ready = False
@@ -516,7 +516,7 @@ class AsyncClient(_Methods):
                 getting.cancel()
         return getting.result() if getting.done() and not getting.cancelled() else None
 
-    async def _register_buffer(self, buffer: shm.WritableBuffer) -> int | None:
+    async def _register_buffer(self, buffer: WritableBuffer) -> int | None:
         """The daemon's id for a new buffer; None if it refused it (its limits).
         On this connection only: a buffer belongs to the connection it was registered on."""
         fd = buffer.take_fd()
@@ -532,7 +532,7 @@ class AsyncClient(_Methods):
             return None
         return answer["buffer"]
 
-    async def _unregister_buffer(self, buffer: shm.WritableBuffer) -> None:
+    async def _unregister_buffer(self, buffer: WritableBuffer) -> None:
         if self._stream is None or self._lost():
             return  # the connection is gone, and its buffers with it
         message = _build("unregister_buffer", next(self._ids), {"buffer": buffer.buffer_id})

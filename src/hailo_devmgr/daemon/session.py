@@ -39,9 +39,10 @@ from pathlib import Path
 
 from ..wire import protocol as p
 from . import limits
-from ..wire import codec, references, shm, transport
+from ..wire import codec, references, transport
 from ..client.stream import SocketStream
 from ..wire.protocol import RequestError
+from .shm_buffers import RegisteredBuffers
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Session:
         self.streams: dict = {}         # request_id -> TokenStream of a streamed infer
         self.binary_results = False     # v2 hello asked for attachments: ndarrays go raw
         self.shm_results = False        # ... and for shared memory: large ones in a memfd
-        self.shm_buffers = shm.RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)
+        self.shm_buffers = RegisteredBuffers(dispatcher.config.shm_buffer_max_bytes)
         self._stream = SocketStream(sock)
         self._idle_timer = _IdleTimer(lambda: self._stream.interrupt_read(asyncio.TimeoutError()))
         # The one frame codec: bodies in chunks as bytes come, attachments into

@@ -22,7 +22,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -40,6 +40,13 @@ MAX_REFERENCES = 256
 MAX_REFERENCED_BYTES = 1 << 30
 
 
+class BufferViews(Protocol):
+    """Registered buffers a frame may refer to, as :class:`Blocks` needs them (the
+    daemon's per-connection registry, ``daemon/shm_buffers.py``, is one)."""
+
+    def view(self, buffer_id: Any, offset: int, nbytes: int, where: str) -> shm.Mapped: ...
+
+
 class Blocks:
     """The attachments, descriptors and registered buffers one frame may refer to.
 
@@ -49,7 +56,7 @@ class Blocks:
     never used after it was closed."""
 
     def __init__(self, attachments: list | None = None, fds: list[int] | None = None,
-                 buffers: "shm.RegisteredBuffers | None" = None):
+                 buffers: BufferViews | None = None):
         self.attachments = attachments if attachments is not None else []
         self.fds = fds if fds is not None else []
         self.buffers = buffers
