@@ -22,6 +22,7 @@ import numpy as np
 
 from . import actions, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
+from .handoff import LoopHandoff
 from .session import Session, Frame, Peer
 from .metrics import Metrics
 from .._version import __version__
@@ -55,6 +56,7 @@ class Dispatcher:
         self.sessions: dict[int, Session] = {}   # by connection id (the listener's), for status
         self.after_reclaim = lambda: None          # the daemon pre-loads its pins again
         self._table = self._actions()
+        self._loop_handoff: LoopHandoff | None = None
 
     def apply_config(self, config) -> None:
         """A new configuration (SIGHUP), replacing the old one whole."""
@@ -350,7 +352,7 @@ class Dispatcher:
     async def _await_job(self, job):
         """The job's result; past its deadline, a job that has not started is
         answered ``timeout`` and never runs (one that has started finishes)."""
-        waiting = job.outcome(asyncio.get_running_loop())
+        waiting = job.outcome(self._handoff())
         try:
             if job.deadline is None:
                 return await waiting
@@ -362,6 +364,12 @@ class Dispatcher:
         except asyncio.CancelledError:
             job.future.cancel()   # the request is gone: a job that has not started never runs
             raise
+
+    def _handoff(self) -> LoopHandoff:
+        """How finished jobs reach this event loop (made on it, at first use)."""
+        if self._loop_handoff is None:
+            self._loop_handoff = LoopHandoff(asyncio.get_running_loop())
+        return self._loop_handoff
 
     def _hello(self, request: p.Request, connection: Session | None) -> dict:
         wanted = p.optional_number(request.body, "protocol", 1, minimum=1, integer=True)

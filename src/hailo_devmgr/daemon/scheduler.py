@@ -75,12 +75,13 @@ class Job:
     finished_at: float | None = None
     skips: int = 0                   # times passed over for affinity
 
-    def outcome(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """The job's result on ``loop``: one ``call_soon_threadsafe`` when the
-        job completes, whichever thread completes it (lighter than
-        ``asyncio.wrap_future``, which chains both ways). Cancelling this
-        future does not touch the job: its awaiter cancels the job itself."""
-        waiter = loop.create_future()
+    def outcome(self, handoff) -> asyncio.Future:
+        """The job's result on the event loop of ``handoff`` (handoff.py):
+        one batched hand-over when the job completes, whichever thread
+        completes it (lighter than ``asyncio.wrap_future``, which chains both
+        ways). Cancelling this future does not touch the job: its awaiter
+        cancels the job itself."""
+        waiter = handoff.loop.create_future()
 
         def settle(done: concurrent.futures.Future) -> None:
             if waiter.done():
@@ -91,13 +92,7 @@ class Job:
                 waiter.set_exception(done.exception())
             else:
                 waiter.set_result(done.result())
-
-        def completed(done: concurrent.futures.Future) -> None:
-            try:
-                loop.call_soon_threadsafe(settle, done)
-            except RuntimeError:
-                pass  # the loop is closed: the daemon is ending
-        self.future.add_done_callback(completed)
+        self.future.add_done_callback(lambda done: handoff.call(settle, done))
         return waiter
 
 
