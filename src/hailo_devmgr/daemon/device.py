@@ -141,9 +141,8 @@ class DeviceThread:
             self._run_guarded("open device", self.runtime.budgets.other_budget_s, self.runtime.open)
         self._started.set()
         while True:
-            if not self.queue.closed:
-                self._do_chores()
-            job = self.queue.get(self._sleep_s())
+            sleep_s = self._do_chores() if not self.queue.closed else self._sleep_s()
+            job = self.queue.get(sleep_s)
             if job is None:
                 if self.queue.closed:
                     break
@@ -151,11 +150,22 @@ class DeviceThread:
             self._run_job(job)
         self._run_guarded("close device", self.runtime.budgets.other_budget_s, self.runtime.close)
 
-    def _do_chores(self) -> None:
+    def _do_chores(self) -> float:
+        """Run the chores that are due; returns the sleep until the next one
+        (one look at each chore between jobs, two when one ran: a chore may
+        make another due)."""
+        ran, sleep = False, IDLE_TICK_S
         for chore in self.chores:
             due = self._due(chore)
-            if due is not None and due <= time.monotonic():
+            if due is None:
+                continue
+            now = time.monotonic()
+            if due <= now:
                 self._run_guarded(chore.label, chore.budget_s(), chore.run)
+                ran = True
+            else:
+                sleep = min(sleep, due - now)
+        return self._sleep_s() if ran else sleep
 
     def _sleep_s(self) -> float:
         """Until the next chore is due (a job wakes the thread earlier)."""

@@ -39,10 +39,12 @@ def _checked(method: Any, qualname: str, signature: inspect.Signature, types: di
     function = method.__func__ if isinstance(method, staticmethod) else method
     shapes: dict = {}   # (positional count, keyword names) -> names of the positional ones
 
+    type_checks = tuple(types.items())
+
     @functools.wraps(function)
     def call(*args, **kwargs):
         bound_args = args if static else args[1:]
-        shape = (len(bound_args), tuple(kwargs))
+        shape = (len(bound_args), tuple(kwargs)) if kwargs else len(bound_args)
         names = shapes.get(shape)
         if names is None:
             # Signature.bind once per way of calling, not on every call (the
@@ -53,12 +55,13 @@ def _checked(method: Any, qualname: str, signature: inspect.Signature, types: di
             named = _bound_by_name(signature, qualname, bound_args, kwargs)
         else:
             named = dict(zip(names, bound_args))
-            named.update(kwargs)
-        for name, wanted in types.items():
+            if kwargs:
+                named.update(kwargs)
+        for name, wanted in type_checks:
             if name in named and not isinstance(named[name], wanted):
                 raise TypeError(f"{qualname}(): incompatible function arguments: {name} must be "
                                 f"{getattr(wanted, '__name__', wanted)}, got {type(named[name]).__name__}")
-        return function(*([] if static else args[:1]), **named)
+        return function(**named) if static else function(args[0], **named)
 
     return staticmethod(call) if static else call
 
@@ -69,7 +72,7 @@ _BIND_EACH_CALL = object()   # a signature with *args or **kwargs: bound on ever
 def _positional_names(signature: inspect.Signature, qualname: str, shape: tuple):
     """The names the positional values of a call of this shape take (TypeError
     if the recorded signature refuses the shape, as the real binding would)."""
-    count, keywords = shape
+    count, keywords = shape if isinstance(shape, tuple) else (shape, ())
     try:
         signature.bind(*range(count), **dict.fromkeys(keywords))
     except TypeError as exc:
