@@ -7,6 +7,7 @@ thread runs, with its label and time budget (for the watchdog).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -114,13 +115,8 @@ def prepare(request: p.Request, config) -> DeviceRequest:
     handler_cls = HANDLERS[model_type]
     prepared.keep_alive = keep_alive_seconds(body)
     params = p.optional_object(body, "model_params")
-    # A simulated inference may last as long as a real one may (the watchdog's
-    # infer budget); a hang (simulate_hang_ms, root only) is meant to outlast it.
-    longest = {"simulate_ms": min(MAX_SIMULATE_MS, int(config.watchdog.infer_budget_s * 1000)),
-               "simulate_hang_ms": MAX_SIMULATE_MS}
-    prepared.scope = {key: p.optional_number(params, key, None, minimum=0, maximum=longest[key],
-                                             integer=True, where="model_params.")
-                      for key in SIMULATION_PARAMS if key in params}
+    if params:
+        prepared.scope = _simulation_scope(params, config)
     dirs = config.model_dirs
     real_path = resolve_model_path(model_path, dirs)
     checked = handler_cls.check_params(
@@ -128,9 +124,25 @@ def prepare(request: p.Request, config) -> DeviceRequest:
     prepared.spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
     if action == "infer":
         prepared.stream = _stream_flag(body, handler_cls, model_type)
-        limits = InputLimits(max_tensor_elements=config.max_tensor_elements, max_audio_s=config.max_audio_s)
+        limits = _input_limits(config.max_tensor_elements, config.max_audio_s)
         prepared.inputs = handler_cls.parse_input(body["input_data"], limits)
     return prepared
+
+
+def _simulation_scope(params: dict, config) -> dict:
+    """The simulated backend's per-request knobs in ``model_params``."""
+    # A simulated inference may last as long as a real one may (the watchdog's
+    # infer budget); a hang (simulate_hang_ms, root only) is meant to outlast it.
+    longest = {"simulate_ms": min(MAX_SIMULATE_MS, int(config.watchdog.infer_budget_s * 1000)),
+               "simulate_hang_ms": MAX_SIMULATE_MS}
+    return {key: p.optional_number(params, key, None, minimum=0, maximum=longest[key],
+                                   integer=True, where="model_params.")
+            for key in SIMULATION_PARAMS if key in params}
+
+
+@functools.lru_cache(maxsize=8)
+def _input_limits(max_tensor_elements: int, max_audio_s: float) -> InputLimits:
+    return InputLimits(max_tensor_elements=max_tensor_elements, max_audio_s=max_audio_s)
 
 
 def _stream_flag(body: dict, handler_cls, model_type: str) -> bool:

@@ -318,6 +318,8 @@ class FrameReader:
             if self._phase == _ATTACHMENTS and self._target is None and len(self._blocks) == len(self._sizes):
                 self._phase = _DONE
                 continue
+            if self._phase == _HEADER and not self._filled and self.buffered >= p.HEADER_SIZE:
+                return self._whole_header()   # a header read whole with what came before: no copy
             if self._target is None:
                 if self._phase == _BODY and not self._parts and self.buffered >= self._remaining:
                     self._take_whole_body()  # a small body, all fed: one copy
@@ -419,16 +421,25 @@ class FrameReader:
         self._pos = end
         self._remaining = 0
 
+    def _whole_header(self) -> Header:
+        start = self._pos
+        self._pos += p.HEADER_SIZE
+        self._target = None
+        return self._header(self._pending[start:self._pos])
+
+    def _header(self, raw) -> Header:
+        try:
+            self._length = p.parse_length(bytes(raw), self.max_message_bytes)
+        except RequestError as error:
+            raise self._fail(error) from None
+        self._phase, self._remaining = _BODY, self._length
+        return Header(self._length)
+
     def _target_full(self):
         """The current target is complete: move on; an event if there is one."""
         self._target, self._filled = None, 0
         if self._phase == _HEADER:
-            try:
-                self._length = p.parse_length(bytes(self._head), self.max_message_bytes)
-            except RequestError as error:
-                raise self._fail(error) from None
-            self._phase, self._remaining = _BODY, self._length
-            return Header(self._length)
+            return self._header(self._head)
         if self._phase == _BODY:
             self._parts.append(self._chunk)
             self._remaining -= len(self._chunk)
