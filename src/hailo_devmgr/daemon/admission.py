@@ -29,7 +29,7 @@ class Admission:
         # Answers made and not yet taken by their client (also in pending_bytes):
         # past a uid's share, that uid gets no more device work run.
         self.unsent_answers = limits.Pool("bytes of unread answers", UNBOUNDED, _bytes_per_uid(config))
-        # Registered shared memory: per connection in shm.py; here per uid (the
+        # Registered shared memory: per connection in shm_buffers.py; here per uid (the
         # daemon's page tables, and the RSS the kernel's OOM killer reads).
         self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
         # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
