@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import time
 
 import numpy as np
@@ -203,6 +204,25 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(sched_daemon, mod
     blocker.close()
 
 
+def test_a_v1_client_that_sends_more_then_closes_has_its_queued_work_dropped(sched_daemon, model_dir):
+    """The close comes behind bytes nobody read yet (the next request): it is
+    seen all the same, while the first request is still queued."""
+    blocker = Raw(sched_daemon.socket_path)
+    blocker.send(infer(model_dir, request_id="blocker", simulate_ms=800))
+    wait_busy(sched_daemon)
+    leaver = Raw(sched_daemon.socket_path, hello=False)
+    leaver.send(infer(model_dir, "other.hef", request_id="never"))
+    time.sleep(0.1)
+    leaver.send({"action": "ping", "request_id": "unread"})
+    leaver.close()
+    assert blocker.read()["request_id"] == "blocker"
+    with Client(sched_daemon.socket_path, timeout=10) as client:
+        client.ping()  # the device has moved past the dropped request
+    assert "other.hef" not in loaded(sched_daemon)
+    assert "queued request(s) dropped" in sched_daemon.log()
+    blocker.close()
+
+
 def test_full_queue_answers_busy_at_once_with_retry_after(start_daemon, model_dir):
     daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 1},
                           scheduling={"max_queue": 2, "max_queue_per_client": 2})
@@ -266,3 +286,39 @@ def test_bad_scheduling_fields_are_bad_requests(sched_daemon, model_dir, field, 
     v2.send({"action": "cancel", "request_id": 2})  # no target: the id names what to cancel
     assert v2.read()["state"] == "unknown"
     v2.close()
+
+
+def test_pipelined_answers_larger_than_the_socket_buffer_never_interleave(start_daemon, model_dir):
+    """Large answers finishing all the time while a slow reader takes them: each
+    frame arrives whole (an answer that had to wait its turn must not let a
+    newer one be written into the middle of it)."""
+    (model_dir / "wide.hef").write_text("inputs: [{name: x, shape: [16], format: UINT8}]\n"
+                                        "outputs: [{name: y, shape: [200000], format: UINT8}]\nmemory_mb: 1\n")
+    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 0})
+    raw = Raw(daemon.socket_path)
+    x = tensor(np.arange(16, dtype=np.uint8))
+    in_flight, stop = threading.Semaphore(48), time.monotonic() + 4
+    sent = []
+
+    def send():
+        while time.monotonic() < stop:
+            in_flight.acquire()
+            n = len(sent) + 1
+            sent.append(n)
+            if n % 3:
+                raw.send({"action": "infer", "model_type": "generic", "model_path": str(model_dir / "wide.hef"),
+                          "input_data": {"inputs": {"x": x}}, "request_id": n, "model_params": {"simulate_ms": n % 4}})
+            else:
+                raw.send({"action": "ping", "request_id": n})
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    answered = set()
+    while time.monotonic() < stop or len(answered) < len(sent):
+        answer = raw.read()   # a frame cut by another would not decode (or not frame)
+        assert answer["status"] == "ok", answer
+        answered.add(answer["request_id"])
+        in_flight.release()
+        time.sleep(0.001)
+    sender.join(10)
+    assert answered == set(sent) and len(sent) > 100
+    raw.close()

@@ -25,6 +25,7 @@ import contextlib
 import socket
 import threading
 
+from ..wire import protocol as p
 from ..wire.codec import MAX_FDS, NEED_DATA, Frame, FrameReader
 
 # A read shorter than this takes this much (what has arrived of it): one system
@@ -71,10 +72,15 @@ def read_for(sock: socket.socket, reader: FrameReader) -> int:
     if len(view) >= READ_AHEAD:
         count, fds, truncated = recv_with_fds(sock, view)
         reader.got(count, fds, truncated)
-    else:
-        scratch = _read_ahead_buffer()
-        count, fds, truncated = recv_with_fds(sock, scratch)
-        reader.feed(scratch[:count], fds, truncated)
+        return count
+    return _read_small(sock, reader)
+
+
+def _read_small(sock: socket.socket, reader: FrameReader) -> int:
+    """Up to READ_AHEAD bytes fed to ``reader`` (whatever it is reading)."""
+    scratch = _read_ahead_buffer()
+    count, fds, truncated = recv_with_fds(sock, scratch)
+    reader.feed(scratch[:count], fds, truncated)
     return count
 
 
@@ -145,6 +151,7 @@ class SocketStream:
         # A reader that waits: the readable callback reads for it (see fill).
         self._read_waiter: asyncio.Future | None = None
         self._read_for: FrameReader | None = None
+        self._reader: FrameReader | None = None      # the one the owner reads with (read-ahead)
         self._watching_reads = False
         # Called once if the peer closes while nobody reads (see _readable).
         self.on_peer_closed = None
@@ -179,7 +186,11 @@ class SocketStream:
         as the bytes come: no spurious wake-up, and the descriptor stays
         registered with the event loop from one request to the next (a
         request-answer client costs no epoll_ctl). Nobody waiting when it
-        fires: reading pauses until the next fill."""
+        fires: what comes is read ahead into ``reader``, up to READ_AHEAD
+        held, so that a peer that sends and closes is seen closing
+        (``on_peer_closed``); past that bound reading pauses until the next
+        fill."""
+        self._reader = reader
         if self._watching_reads:
             # Still watched since the last read: nothing came while its owner
             # was busy (the callback would have paused the watch), or it comes
@@ -217,7 +228,7 @@ class SocketStream:
     def _readable(self) -> None:
         waiter = self._read_waiter
         if waiter is None or waiter.done():
-            self._pause_reading()
+            self._read_ahead()
             return
         try:
             count = read_for(self.sock, self._read_for)
@@ -228,15 +239,25 @@ class SocketStream:
             return
         waiter.set_result(count)
 
-    def _pause_reading(self) -> None:
-        """Nobody reads now: stop watching (the next fill watches again), but
-        first look whether the peer has closed, so its owner can tell."""
-        try:
-            closed = self.sock.recv(1, socket.MSG_PEEK) == b""
-        except (BlockingIOError, InterruptedError):
-            return   # nothing there after all: keep watching
-        except OSError:
-            closed = True   # reset by the peer
+    def _read_ahead(self) -> None:
+        """Nobody reads now: what has come goes into the owner's reader while it
+        holds less than READ_AHEAD (a peek could not see a close behind unread
+        bytes). At the bound, or at the end of the stream, the socket is no
+        longer watched (the next fill watches again); the end is told to
+        ``on_peer_closed``."""
+        reader, closed = self._reader, False
+        if reader is not None and reader.buffered < READ_AHEAD:
+            try:
+                closed = _read_small(self.sock, reader) == 0
+            except (BlockingIOError, InterruptedError):
+                return   # nothing there after all: keep watching
+            except OSError:
+                closed = True   # reset by the peer
+            except (RuntimeError, p.RequestError):
+                pass     # the reader is closed or failed: its owner finds out when it reads
+            else:
+                if not closed and reader.buffered < READ_AHEAD:
+                    return   # keep watching: more, or the end, may come
         asyncio.get_running_loop().remove_reader(self._fileno)
         self._watching_reads = False
         if closed and self.on_peer_closed is not None:

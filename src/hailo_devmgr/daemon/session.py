@@ -144,6 +144,7 @@ class Session:
                                          decode=False, v2=False, allocate=dispatcher.buffers.get,
                                          admit_fds=self._admit_fds)
         self._write_lock = asyncio.Lock()
+        self._sends_waiting = 0   # answers not written at once, until written (see send)
         # The client closed while its requests were being answered (seen by the
         # stream while nobody was reading): its queued work was dropped.
         self._peer_closed = False
@@ -438,6 +439,8 @@ class Session:
                 except RequestError:
                     pass
             await self.send(self.dispatcher.error_answer(None, message, error, self))
+        except OSError:
+            self.close()  # the client went away, or was cut off: the reader ends the connection
         finally:
             self._release(frame)
 
@@ -457,7 +460,7 @@ class Session:
             frame, buffers, fds = transport.pack(response, shm_min_bytes=shm_min)
         try:
             pieces, unsent_fds = [frame, *buffers], fds
-            if not self._write_lock.locked():
+            if not self._sends_waiting:
                 pieces, unsent_fds = self._stream.send_now(pieces, fds)
             if pieces:
                 await self._send_later(pieces, unsent_fds)
@@ -471,6 +474,10 @@ class Session:
         to its uid (past the bound too: it exists), so that what the uid
         sends next waits until its answers are taken."""
         size = sum(memoryview(piece).nbytes for piece in pieces)
+        # Counted from here until written: while any answer waits, none is
+        # written at once (the lock alone looks free between a release and
+        # its next holder's turn, and a frame would land inside another).
+        self._sends_waiting += 1
         self.admission.pending_bytes.charge(self.peer.uid, size)
         self.admission.unsent_answers.charge(self.peer.uid, size)
         try:
@@ -487,6 +494,7 @@ class Session:
             self.close()
             raise ConnectionResetError("the client does not read its answers") from None
         finally:
+            self._sends_waiting -= 1
             self.admission.pending_bytes.give(self.peer.uid, size)
             self.admission.unsent_answers.give(self.peer.uid, size)
 
