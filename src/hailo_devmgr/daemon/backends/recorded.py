@@ -40,6 +40,7 @@ def _checked(method: Any, qualname: str, signature: inspect.Signature, types: di
     shapes: dict = {}   # (positional count, keyword names) -> names of the positional ones
 
     type_checks = tuple(types.items())
+    own_positional = _positional_parameters(function, static)
 
     @functools.wraps(function)
     def call(*args, **kwargs):
@@ -50,7 +51,12 @@ def _checked(method: Any, qualname: str, signature: inspect.Signature, types: di
             # Signature.bind once per way of calling, not on every call (the
             # simulated device runs this per inference): a shape that binds
             # always binds, and its positional values always take these names.
-            names = shapes[shape] = _positional_names(signature, qualname, shape)
+            names = _positional_names(signature, qualname, shape)
+            if not kwargs and names == own_positional[:len(names)] and not types.keys() & set(names):
+                names = _AS_GIVEN   # the same names in the same places, nothing to check by type
+            shapes[shape] = names
+        if names is _AS_GIVEN:
+            return function(*args)
         if names is _BIND_EACH_CALL:
             named = _bound_by_name(signature, qualname, bound_args, kwargs)
         else:
@@ -67,6 +73,15 @@ def _checked(method: Any, qualname: str, signature: inspect.Signature, types: di
 
 
 _BIND_EACH_CALL = object()   # a signature with *args or **kwargs: bound on every call
+_AS_GIVEN = object()         # positional values the implementation takes in the recorded order
+
+
+def _positional_parameters(function: Any, static: bool) -> tuple:
+    """The implementation's positional parameter names (``self`` left out)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = tuple(name for name, parameter in inspect.signature(function).parameters.items()
+                  if parameter.kind in kinds)
+    return names if static else names[1:]
 
 
 def _positional_names(signature: inspect.Signature, qualname: str, shape: tuple):
