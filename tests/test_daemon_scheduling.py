@@ -288,6 +288,29 @@ def test_bad_scheduling_fields_are_bad_requests(sched_daemon, model_dir, field, 
     v2.close()
 
 
+def test_a_v1_client_that_pipelines_past_the_read_ahead_then_closes_runs_at_most_one_more_job(sched_daemon,
+                                                                                                  model_dir):
+    """More than the read-ahead bound queued behind its first request, then a
+    close the daemon cannot see yet: once the first answer cannot be written,
+    none of what was read ahead runs."""
+    (model_dir / "tiny.hef").write_text("inputs: [{name: x, shape: [16], format: UINT8}]\n"
+                                        "outputs: [{name: y, shape: [16], format: UINT8}]\nmemory_mb: 1\n")
+    tiny = {"action": "infer", "model_type": "generic", "model_path": str(model_dir / "tiny.hef"),
+            "input_data": {"inputs": {"x": tensor(np.zeros(16, np.uint8))}}}
+    blocker = Raw(sched_daemon.socket_path)
+    blocker.send(infer(model_dir, request_id="blocker", simulate_ms=800))
+    wait_busy(sched_daemon)
+    leaver = Raw(sched_daemon.socket_path, hello=False)
+    leaver.sock.sendall(b"".join(p.encode_frame({**tiny, "request_id": n}) for n in range(150)))  # ~35 KB
+    leaver.close()
+    assert blocker.read()["request_id"] == "blocker"
+    time.sleep(0.5)
+    with Client(sched_daemon.socket_path, timeout=10) as client:
+        uses = [model["uses"] for model in client.status()["loaded_models"] if model["model_path"].endswith("tiny.hef")]
+    assert uses in ([], [1])
+    blocker.close()
+
+
 def test_pipelined_answers_larger_than_the_socket_buffer_never_interleave(start_daemon, model_dir):
     """Large answers finishing all the time while a slow reader takes them: each
     frame arrives whole (an answer that had to wait its turn must not let a

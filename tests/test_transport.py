@@ -137,6 +137,27 @@ def test_socket_stream_and_codec_pass_fds_and_read_attachments_into_their_buffer
     asyncio.run(main())
 
 
+def test_descriptors_that_come_for_a_closed_reader_are_closed():
+    """A socket still watched after its reader was closed (a connection being
+    cut while an answer is written): what arrives, descriptors too, is
+    dropped, not kept open by nobody."""
+    async def main():
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream, reader = SocketStream(left), codec.FrameReader()
+        right.sendall(p.encode_frame({"action": "ping"}))
+        await read_frame(stream, reader)      # the stream now watches for this reader
+        reader.close()
+        before = len(os.listdir("/proc/self/fd"))
+        sent = memfd(b"x" * 64)
+        socket.send_fds(right, [b"y"], [sent])
+        os.close(sent)
+        await asyncio.sleep(0.1)              # the readable callback runs, nobody waiting
+        assert len(os.listdir("/proc/self/fd")) == before
+        stream.close()
+        right.close()
+    run_async(main())
+
+
 def test_frames_read_in_one_go_keep_their_own_descriptors():
     """Small frames sent back to back arrive in one read-ahead; the memfd
     sent with a frame goes to that frame, never to the one before."""

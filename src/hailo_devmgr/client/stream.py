@@ -26,7 +26,7 @@ import socket
 import threading
 
 from ..wire import protocol as p
-from ..wire.codec import MAX_FDS, NEED_DATA, Frame, FrameReader
+from ..wire.codec import MAX_FDS, NEED_DATA, Frame, FrameReader, close_fds
 
 # A read shorter than this takes this much (what has arrived of it): one system
 # call for a small frame's header and body. What is read past the frame waits
@@ -71,17 +71,28 @@ def read_for(sock: socket.socket, reader: FrameReader) -> int:
     view = reader.want()
     if len(view) >= READ_AHEAD:
         count, fds, truncated = recv_with_fds(sock, view)
-        reader.got(count, fds, truncated)
+        _hand_over(reader.got, count, fds, truncated)
         return count
     return _read_small(sock, reader)
 
 
-def _read_small(sock: socket.socket, reader: FrameReader) -> int:
-    """Up to READ_AHEAD bytes fed to ``reader`` (whatever it is reading)."""
-    scratch = _read_ahead_buffer()
+def _read_small(sock: socket.socket, reader: FrameReader, most: int = READ_AHEAD) -> int:
+    """Up to ``most`` bytes (at most READ_AHEAD) fed to ``reader``, whatever it is reading."""
+    scratch = _read_ahead_buffer()[:most]
     count, fds, truncated = recv_with_fds(sock, scratch)
-    reader.feed(scratch[:count], fds, truncated)
+    _hand_over(reader.feed, scratch[:count], fds, truncated)
     return count
+
+
+def _hand_over(give, read, fds: list[int], truncated: bool) -> None:
+    """Give a read (bytes, or a count of bytes written in place) to the
+    reader; if it refuses it (closed, or failed on an earlier frame), the
+    descriptors that came with it are closed here: they are nobody's."""
+    try:
+        give(read, fds, truncated)
+    except BaseException:
+        close_fds(fds)
+        raise
 
 
 def read_frame_blocking(sock: socket.socket, reader: FrameReader) -> Frame:
@@ -248,7 +259,7 @@ class SocketStream:
         reader, closed = self._reader, False
         if reader is not None and reader.buffered < READ_AHEAD:
             try:
-                closed = _read_small(self.sock, reader) == 0
+                closed = _read_small(self.sock, reader, READ_AHEAD - reader.buffered) == 0
             except (BlockingIOError, InterruptedError):
                 return   # nothing there after all: keep watching
             except OSError:

@@ -183,6 +183,8 @@ class Session:
                 if frame is None:
                     break
                 self._frames.add(frame)
+                if self._stream.closed:
+                    break   # cut off (an answer could not be written): nothing read ahead runs
                 self.last_active = time.monotonic()
                 if self.protocol >= 2:
                     self._spawn(frame)
@@ -398,7 +400,8 @@ class Session:
             if not self._peer_closed or asyncio.current_task().cancelling():
                 raise
             return False   # its queued job was dropped: the client is gone
-        return True
+        # Closed (its answer could not be written): frames read ahead are not answered.
+        return not self._stream.closed
 
     def _peer_went_away(self) -> None:
         """The stream saw the client close while nobody was reading (a v1
