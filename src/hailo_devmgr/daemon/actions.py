@@ -20,7 +20,7 @@ from .handlers import HANDLERS, InputLimits
 from .model_files import resolve_model_path
 from ..wire.protocol import RequestError
 from .registry import ModelSpec
-from .scheduler import PRIORITIES
+from .jobs import PRIORITIES
 
 # Per-request knobs of the simulated backend (the real one ignores them).
 SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")

@@ -2,7 +2,8 @@
 
 HailoRT objects must be created, used and released by one thread: this
 one. Everything else hands it work through :meth:`DeviceThread.submit`,
-which returns a ``concurrent.futures.Future`` the event loop can await.
+which returns a :class:`~hailo_devmgr.daemon.jobs.Job` whose outcome the
+event loop awaits (``Job.outcome``).
 
 Between jobs (and when idle) the thread does its chores, each when it is
 due: rebuild the VDevice after a runtime fault (bounded attempts with
@@ -34,7 +35,8 @@ from typing import Any, Callable
 from . import lending
 from .backends import Backend, BackendUnavailable, DeviceIdentity
 from ..wire.protocol import DEVICE_UNAVAILABLE, OVERHEATED, RequestError, shutting_down
-from .scheduler import FairScheduler, Job, JobQueue
+from .jobs import Job
+from .scheduler import FairScheduler, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class DeviceThread:
 
     def submit(self, fn: Callable[[], Any], *, label: str, budget_s: float, **fields) -> Job:
         """Queue ``fn`` for the device thread; ``fields`` are the scheduling
-        ones of :class:`~hailo_devmgr.daemon.scheduler.Job` (priority, client, ...).
+        ones of :class:`~hailo_devmgr.daemon.jobs.Job` (priority, client, ...).
         Raises ``busy`` when the queue is full."""
         job = Job(fn, label, budget_s, **fields)
         self.queue.put(job)

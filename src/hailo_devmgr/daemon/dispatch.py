@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import actions, lending, scheduler, simulate, status, streaming, workers
+from . import actions, jobs, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
 from .handoff import LoopHandoff
 from .session import Session, Frame, Peer
@@ -339,9 +339,9 @@ class Dispatcher:
 
     def _job_fields(self, request: p.Request, prepared, connection: Session | None) -> dict:
         priority = prepared.priority or (connection.default_priority if connection else None) \
-            or scheduler.DEFAULT_PRIORITY
+            or jobs.DEFAULT_PRIORITY
         return {
-            "priority": scheduler.PRIORITIES.index(priority),
+            "priority": jobs.PRIORITIES.index(priority),
             "client": connection.client_key if connection else "daemon",
             "owner": connection.id if connection else None,
             "request_id": request.request_id if request.has_request_id else None,
@@ -392,7 +392,7 @@ class Dispatcher:
             "protocol": agreed,
             "version": __version__,
             "features": self._features() if agreed >= 2 else [],
-            "priorities": list(scheduler.PRIORITIES),
+            "priorities": list(jobs.PRIORITIES),
             "limits": {
                 "max_message_bytes": self.config.max_message_bytes,
                 "max_tensor_elements": self.config.max_tensor_elements,

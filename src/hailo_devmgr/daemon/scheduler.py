@@ -36,64 +36,23 @@ Locking: every field is guarded by ``_lock`` (one lock); ``put``, ``remove``
 and ``drop_owner`` come from the event loop, ``get`` from the device thread,
 which sleeps on ``_wakeup`` (a C queue: one token when it sleeps and a job
 comes; no Python-level condition variable on the request path).
-Futures are completed outside no lock of ours (concurrent.futures has its own).
+Jobs are settled outside our lock (a JobFuture has its own, jobs.py).
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import itertools
 import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
+from .jobs import PRIORITIES, Job
 from ..wire.protocol import BUSY, CANCELLED, TIMEOUT, RequestError, shutting_down
 
-PRIORITIES = ("interactive", "normal", "batch")   # index = class; lower runs first
-DEFAULT_PRIORITY = "normal"
 _EWMA_WEIGHT = 0.2
 MAX_REMEMBERED_CLIENTS = 1024
-
-
-@dataclass
-class Job:
-    fn: Callable[[], Any]
-    label: str
-    budget_s: float
-    priority: int = PRIORITIES.index(DEFAULT_PRIORITY)
-    client: Hashable = None          # fairness key (the peer's uid, "uid N")
-    owner: Hashable = None           # the connection (cancel and disconnect act per connection)
-    request_id: Any = None
-    deadline: float | None = None    # monotonic; not started by then -> timeout
-    model_key: str | None = None     # for affinity
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    finished_at: float | None = None
-    skips: int = 0                   # times passed over for affinity
-
-    def outcome(self, handoff) -> asyncio.Future:
-        """The job's result on the event loop of ``handoff`` (handoff.py):
-        one batched hand-over when the job completes, whichever thread
-        completes it (lighter than ``asyncio.wrap_future``, which chains both
-        ways). Cancelling this future does not touch the job: its awaiter
-        cancels the job itself."""
-        waiter = handoff.loop.create_future()
-
-        def settle(done: concurrent.futures.Future) -> None:
-            if waiter.done():
-                return
-            if done.cancelled():
-                waiter.cancel()
-            elif done.exception() is not None:
-                waiter.set_exception(done.exception())
-            else:
-                waiter.set_result(done.result())
-        self.future.add_done_callback(lambda done: handoff.call(settle, done))
-        return waiter
 
 
 @dataclass(frozen=True)
