@@ -26,6 +26,7 @@ by the device thread only and read by the event loop, each assigned whole.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -89,6 +90,7 @@ class DeviceThread:
         self._current: tuple[str, float, float] | None = None  # (label, started, budget)
         self._thread = threading.Thread(target=self._main, name="hailo-device", daemon=True)
         self._started = threading.Event()
+        self._wake_scheduled = False   # a wake-up is on the event loop's list (submit)
 
     # -- event loop side ----------------------------------------------------
 
@@ -98,13 +100,29 @@ class DeviceThread:
         # from the first request; it is bounded like any other operation.
         self._started.wait(open_budget_s)
 
-    def submit(self, fn: Callable[[], Any], *, label: str, budget_s: float, **fields) -> Job:
+    def submit(self, fn: Callable[[], Any], *, label: str, budget_s: float,
+               loop: asyncio.AbstractEventLoop | None = None, **fields) -> Job:
         """Queue ``fn`` for the device thread; ``fields`` are the scheduling
         ones of :class:`~hailo_devmgr.daemon.jobs.Job` (priority, client, ...).
-        Raises ``busy`` when the queue is full."""
+        Raises ``busy`` when the queue is full.
+
+        With ``loop`` (the caller's running event loop) a sleeping device
+        thread is woken once per pass of that loop, after every job the pass
+        queued: under load several jobs cost one wake-up, and the thread
+        takes the GIL once for all of them instead of once per request."""
         job = Job(fn, label, budget_s, **fields)
-        self.queue.put(job)
+        if loop is None:
+            self.queue.put(job)
+            return job
+        self.queue.put(job, wake=False)
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            loop.call_soon(self._wake)
         return job
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
+        self.queue.wake()
 
     @property
     def queue_depth(self) -> int:

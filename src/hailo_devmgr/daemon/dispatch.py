@@ -213,6 +213,7 @@ class Dispatcher:
         self.admission.take_job_slot(uid)
         try:
             job = self.device.submit(fn, label=label, budget_s=budget_s, enqueued_at=received,
+                                     loop=self._handoff().loop,
                                      **self._job_fields(request, prepared, connection))
             if tracked:
                 connection.inflight[request.request_id] = job

@@ -79,7 +79,9 @@ class JobQueue:
 
     # -- event loop side ----------------------------------------------------
 
-    def put(self, job: Job) -> None:
+    def put(self, job: Job, *, wake: bool = True) -> None:
+        """Queue ``job``; ``wake=False`` leaves a sleeping device thread asleep
+        until :meth:`wake` (several jobs, one wake-up)."""
         with self._lock:
             if self._closed:
                 raise shutting_down()
@@ -88,11 +90,17 @@ class JobQueue:
                 self._jobs.remove(displaced)
                 refusal = self._displaced_error(displaced)
             self._jobs.append(job)
+        if wake:
+            self.wake()
+        if displaced is not None:
+            displaced.future.set_exception(refusal)  # answered as a refused request is
+
+    def wake(self) -> None:
+        """Wake the device thread if it sleeps (or is about to)."""
+        with self._lock:
             wake, self._sleeping = self._sleeping, False
         if wake:
             self._wakeup.put(None)
-        if displaced is not None:
-            displaced.future.set_exception(refusal)  # answered as a refused request is
 
     def _admit(self, job: Job) -> Job | None:
         """Raise ``busy`` if ``job`` may not enter; else the job it displaces, if any."""
