@@ -17,6 +17,7 @@ from ..wire import protocol as p
 from ..wire.protocol import RequestError
 
 UNBOUNDED = 1 << 62
+_DAEMON_UID = os.getuid()   # the daemon's own user is an admin (it never changes while it runs)
 
 
 class Admission:
@@ -55,7 +56,7 @@ class Admission:
         if peer.uid is None:
             return False
         admin = self.config.admin
-        if peer.uid in (0, os.getuid()) or peer.uid in admin.uids:
+        if peer.uid in (0, _DAEMON_UID) or peer.uid in admin.uids:
             return True
         return bool(admin.groups) and bool(set(admin.groups) & peer.groups())
 

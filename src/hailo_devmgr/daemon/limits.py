@@ -13,7 +13,6 @@ Event loop only; ``give`` is synchronous so it is safe in any ``finally``.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 
 class Pool:
@@ -22,7 +21,7 @@ class Pool:
         self.limit = limit
         self.per_uid = min(per_uid, limit)
         self.used = 0
-        self.by_uid: Counter = Counter()
+        self.by_uid: dict = {}   # uid -> amount held (no entry: none)
         self._waiters: list[asyncio.Future] = []
 
     def set_limits(self, limit: int, per_uid: int) -> None:
@@ -36,7 +35,7 @@ class Pool:
         as ``own``, all its uid holds (so one request larger than the share
         still goes through, however many steps it takes in). The bound for
         all is never passed, but by a taker when nothing at all is held."""
-        mine = self.by_uid[uid]
+        mine = self.by_uid.get(uid, 0)
         if mine > own and mine + amount > self.per_uid:
             return f"uid {uid} already holds {mine} of its {self.per_uid} {self.name}"
         if self.used + amount <= self.limit:
@@ -57,14 +56,14 @@ class Pool:
         reason = self.refusal(uid, amount, own)
         if reason is None:
             self.used += amount
-            self.by_uid[uid] += amount
+            self.by_uid[uid] = self.by_uid.get(uid, 0) + amount
         return reason
 
     def charge(self, uid, amount: int) -> None:
         """Count ``amount`` that is held already (an answer made, waiting to be
         written), even past the bounds: what the uid then sends waits."""
         self.used += amount
-        self.by_uid[uid] += amount
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + amount
 
     async def take(self, uid, amount: int, deadline: float, own: int = 0) -> None:
         """Take ``amount``, waiting for room until ``deadline`` (loop time);
@@ -92,10 +91,13 @@ class Pool:
         if not amount:
             return
         self.used -= amount
-        self.by_uid[uid] -= amount
-        if self.by_uid[uid] <= 0:
-            del self.by_uid[uid]
-        self._wake()
+        left = self.by_uid.get(uid, 0) - amount
+        if left > 0:
+            self.by_uid[uid] = left
+        else:
+            self.by_uid.pop(uid, None)
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
