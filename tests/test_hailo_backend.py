@@ -397,10 +397,13 @@ def test_close_swallows_release_errors(dev_dir, caplog):
     assert caplog.text.count("HAILO_RPC_FAILED") == 2
 
 
-def test_request_scope_does_nothing():
+def test_the_real_backend_has_no_request_knobs():
+    """The simulated backend's model_params knobs mean nothing on hardware:
+    ignored, whoever asks, and nothing applies around the inference."""
     module, _ = make_platform()
     backend = HailoBackend(DeviceConfig(), importer_of(module))
-    with backend.request_scope({"simulate_ms": 5}) as value:
+    assert backend.request_options({"simulate_ms": -5, "simulate_hang_ms": "x"}, 30.0, 1000) is None
+    with backend.request_scope(None) as value:
         assert value is None
     assert backend.name == "hailo"
 

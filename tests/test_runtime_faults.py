@@ -20,6 +20,8 @@ import pytest
 from hailo_devmgr.daemon import hailort_status as hs
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.daemon import simulate
+from hailo_devmgr.daemon.backends.simulated import SimulatedBackend
+from hailo_devmgr.daemon.config import DeviceConfig, SimulatedConfig
 from hailo_devmgr.client import Client, DeviceError, tensor
 from handler_checks import refused
 from test_daemon_models import loaded_paths, wait_until
@@ -269,13 +271,15 @@ def test_simulate_does_not_exist_on_the_real_backend(start_daemon):
         assert error.message == "Unknown action: simulate"
 
 
-def test_simulate_is_only_for_root_or_the_daemons_user(start_daemon, readable_src):
+def test_simulate_is_only_for_root_or_the_daemons_user(start_daemon, readable_src, model_dir):
     for uid in (0, 1234):
-        simulate.authorize("simulated", uid, own_uid=1234)
+        assert SimulatedBackend.may_drive(uid, own_uid=1234)
     for uid in (None, 1000):
-        with pytest.raises(p.RequestError) as info:
-            simulate.authorize("simulated", uid, own_uid=1234)
-        assert info.value.code == p.FORBIDDEN
+        assert not SimulatedBackend.may_drive(uid, own_uid=1234)
+    stranger = os.geteuid() + 1 if os.geteuid() else 1000
+    with pytest.raises(p.RequestError) as info:
+        simulate.authorize(SimulatedBackend(SimulatedConfig(), DeviceConfig()), stranger)
+    assert info.value.code == p.FORBIDDEN
     if os.geteuid() != 0:
         return  # only root can connect as another user; the rule itself is checked above
     # A socket another user can reach: the test's tmp_path is private to root.
@@ -283,24 +287,30 @@ def test_simulate_is_only_for_root_or_the_daemons_user(start_daemon, readable_sr
     os.chmod(folder, 0o755)
     try:
         _refused_for_another_user(start_daemon(socket_mode="0666", socket_path=f"{folder}/device.sock"),
-                                  readable_src)
+                                  readable_src, str(model_dir / "net.hef"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _refused_for_another_user(daemon, src: str):
+def _refused_for_another_user(daemon, src: str, model: str):
+    """The simulate action, and the knobs in model_params that hold the
+    simulated device, as a member of group hailo would ask for them."""
     script = (
         "import os, sys; os.setgid(65534); os.setgroups([]); os.setuid(65534); sys.path.insert(0, sys.argv[2]);"
         "from hailo_devmgr.client import Client, DeviceError\n"
         "with Client(sys.argv[1], timeout=10) as c:\n"
         "    try: c.request('simulate', temperature_c=99)\n"
         "    except DeviceError as e: print(e.code, e.message)\n"
+        "    try: c.request('infer', model_path=sys.argv[3], model_type='generic', input_data={'inputs': {}},\n"
+        "                   model_params={'simulate_hang_ms': 600000})\n"
+        "    except DeviceError as e: print(e.code, e.message)\n"
         "    print(c.device_status()['status'])")
-    out = subprocess.run([sys.executable, "-c", script, daemon.socket_path, src], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script, daemon.socket_path, src, model], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        "forbidden simulate is accepted only from root or the daemon's own user", "ok"]
+        "forbidden simulate is accepted only from root or the daemon's own user",
+        "forbidden model_params.simulate_hang_ms is accepted only from root or the daemon's own user", "ok"]
 
 
 # ------------------------------------------------------------------ no HailoRT here

@@ -4,6 +4,7 @@ No timing assertions: latency is checked through a fake ``backend.sleep``.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from hailo_devmgr.daemon.backends import BackendUnavailable
 from hailo_devmgr.daemon.backends import simulated as sim
 from hailo_devmgr.daemon.backends.simulated import SimulatedBackend, raw_status_error, status_error
 from hailo_devmgr.daemon.config import DeviceConfig, SimulatedConfig
+from hailo_devmgr.wire.protocol import RequestError
 
 CLIP_YAML = """\
 inputs:
@@ -380,13 +382,33 @@ def test_load_and_infer_sleep_the_configured_times(tmp_path, model_file):
 def test_simulate_ms_applies_inside_request_scope_only(backend, vdevice, model_file):
     sleeps = []
     backend.sleep = sleeps.append
+    own = backend.request_options({"simulate_ms": 250, "other": 1}, 30.0, os.geteuid())
+    assert own == {"simulate_ms": 250}
     with vdevice.create_infer_model(model_file()).configure() as configured:
-        with backend.request_scope({"simulate_ms": 250}):
+        with backend.request_scope(own):
             infer_once(configured, image(1))
-        with backend.request_scope({}):
+        with backend.request_scope(backend.request_options({"other": 1}, 30.0, os.geteuid())):
             infer_once(configured, image(1))
         infer_once(configured, image(1))
     assert sleeps == [0.25]  # only the scoped inference: load_ms and infer_ms are 0 here, and 0 is no sleep
+
+
+@pytest.mark.parametrize("params, uid, code, text", [
+    ({"simulate_ms": -1}, 0, "bad_request", "model_params.simulate_ms must be >= 0"),
+    ({"simulate_ms": 30_001}, 0, "bad_request", "model_params.simulate_ms must be <= 30000"),   # the infer budget
+    ({"simulate_hang_ms": 1.5}, 0, "bad_request", "model_params.simulate_hang_ms must be an integer"),
+    ({"simulate_hang_ms": 600_001}, 0, "bad_request", "must be <= 600000"),
+    ({"simulate_ms": 5}, 1000, "forbidden", "model_params.simulate_ms is accepted only from root"),
+    ({"simulate_hang_ms": 5}, None, "forbidden", "accepted only from root or the daemon's own user"),
+])
+def test_request_knobs_are_checked_and_only_for_root_or_the_daemons_user(backend, params, uid, code, text):
+    """They hold the simulated device (a hang outlasts the watchdog): a
+    member of group hailo may not ask for them."""
+    if uid == 1000 and os.geteuid() == 1000:
+        uid = 1001
+    with pytest.raises(RequestError) as info:
+        backend.request_options(params, 30.0, uid)
+    assert info.value.code == code and text in info.value.message
 
 
 def test_inference_longer_than_timeout_raises_hailort_timeout(backend, vdevice, model_file):

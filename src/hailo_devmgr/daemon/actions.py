@@ -22,9 +22,6 @@ from ..wire.protocol import RequestError
 from .registry import ModelSpec
 from .jobs import PRIORITIES
 
-# Per-request knobs of the simulated backend (the real one ignores them).
-SIMULATION_PARAMS = ("simulate_ms", "simulate_hang_ms")
-MAX_SIMULATE_MS = 600_000
 MAX_TIMEOUT_MS = 3_600_000
 MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0   # a decade: beyond that, say -1 (forever)
 # keep_alive as Ollama takes it: seconds, or a duration such as "10m", "1h", "-1".
@@ -39,7 +36,7 @@ class DeviceRequest:
     model_path: str
     spec: ModelSpec | None = None       # None for unload_model (no file is opened)
     inputs: Any = None                  # decoded input_data, for infer
-    scope: dict = field(default_factory=dict)
+    backend_options: Any = None         # the backend's own knobs in model_params (Backend.request_options)
     log_fields: dict = field(default_factory=dict)
     keep_alive: float | None = None     # seconds (negative = forever); None = configured
     priority: str | None = None         # scheduling class; None = the client's default
@@ -115,8 +112,6 @@ def prepare(request: p.Request, config) -> DeviceRequest:
     handler_cls = HANDLERS[model_type]
     prepared.keep_alive = keep_alive_seconds(body)
     params = p.optional_object(body, "model_params")
-    if params:
-        prepared.scope = _simulation_scope(params, config)
     dirs = config.model_dirs
     real_path = resolve_model_path(model_path, dirs)
     checked = handler_cls.check_params(
@@ -127,17 +122,6 @@ def prepare(request: p.Request, config) -> DeviceRequest:
         limits = _input_limits(config.max_tensor_elements, config.max_audio_s)
         prepared.inputs = handler_cls.parse_input(body["input_data"], limits)
     return prepared
-
-
-def _simulation_scope(params: dict, config) -> dict:
-    """The simulated backend's per-request knobs in ``model_params``."""
-    # A simulated inference may last as long as a real one may (the watchdog's
-    # infer budget); a hang (simulate_hang_ms, root only) is meant to outlast it.
-    longest = {"simulate_ms": min(MAX_SIMULATE_MS, int(config.watchdog.infer_budget_s * 1000)),
-               "simulate_hang_ms": MAX_SIMULATE_MS}
-    return {key: p.optional_number(params, key, None, minimum=0, maximum=longest[key],
-                                   integer=True, where="model_params.")
-            for key in SIMULATION_PARAMS if key in params}
 
 
 @functools.lru_cache(maxsize=8)
@@ -200,10 +184,10 @@ def device_job(request: DeviceRequest, registry, budgets,
         timeout_ms = hailort_timeout_ms(int(infer_budget_s * 1000), request.deadline)
         try:
             if request.stream:
-                result, run_ms = registry.generate(spec, request.inputs, timeout_ms, on_token, request.scope,
+                result, run_ms = registry.generate(spec, request.inputs, timeout_ms, on_token, request.backend_options,
                                                    request.log_fields, request.keep_alive, request.admin, model)
             else:
-                result, run_ms = registry.infer(spec, request.inputs, timeout_ms, request.scope,
+                result, run_ms = registry.infer(spec, request.inputs, timeout_ms, request.backend_options,
                                                 request.log_fields, request.keep_alive, request.admin, model)
         except RequestError as error:
             raise _as_deadline(error, request.deadline) from None

@@ -191,6 +191,11 @@ class Dispatcher:
         else:
             prepared = await self.worker_pool.run(_work_key(connection), self._prepare, request, blocks)
         if request.action != "unload_model":
+            params = request.body.get("model_params")
+            if params:   # a dict (prepare checked it): the backend's own knobs in it
+                requester = connection.peer.uid if connection is not None else os.geteuid()
+                prepared.backend_options = self.runtime.backend.request_options(
+                    params, self.config.watchdog.infer_budget_s, requester)
             # The thermal guard, from the device thread's latest reading
             # (checked again when the job starts on the device thread).
             refusal = self.runtime.thermal_refusal()
@@ -198,10 +203,6 @@ class Dispatcher:
                 raise refusal
         prepared.log_fields = self._log_fields(request, connection)
         prepared.admin = connection is None or self.admission.is_admin(connection.peer)
-        if prepared.scope and connection is not None and self.runtime.backend.name == "simulated":
-            # Test hooks that hold the simulated device (a hang outlasts every
-            # timeout and the watchdog): the simulate action's rule.
-            simulate.authorize(self.runtime.backend.name, connection.peer.uid)
         tokens = self._open_stream(request, connection) if prepared.stream else None
         fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog,
                                                  tokens.on_token if tokens else None)

@@ -240,15 +240,15 @@ class ModelRegistry:
                         "DURATION_MS": round(model.load_ms)})
         return model, False
 
-    def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, scope_params: dict,
+    def infer(self, spec: ModelSpec, inputs: Any, timeout_ms: int, backend_options: Any,
               log_fields: dict | None = None, keep_alive: float | None = None,
               admin: bool = True, model: LoadedModel | None = None) -> tuple[Any, float]:
         """Run one inference (loading first if needed: ``model`` is the one the
         caller loaded just before, if any); returns (result, run ms)."""
-        return self._run(spec, lambda handler: handler.run(inputs, timeout_ms), scope_params,
+        return self._run(spec, lambda handler: handler.run(inputs, timeout_ms), backend_options,
                          log_fields, keep_alive, admin, model)
 
-    def generate(self, spec: ModelSpec, inputs: Any, timeout_ms: int, on_token, scope_params: dict,
+    def generate(self, spec: ModelSpec, inputs: Any, timeout_ms: int, on_token, backend_options: Any,
                  log_fields: dict | None = None, keep_alive: float | None = None,
                  admin: bool = True, model: LoadedModel | None = None) -> tuple[Any, float]:
         """``infer`` token by token, for model types whose handler has ``generate`` (llm,
@@ -258,10 +258,10 @@ class ModelRegistry:
         if not callable(getattr(spec.handler_cls, "generate", None)):
             raise RequestError(BAD_REQUEST, f"model type {spec.model_type} does not generate tokens; "
                                             "streaming is for llm, vlm and vlm_chat")
-        return self._run(spec, lambda handler: handler.generate(inputs, timeout_ms, on_token), scope_params,
+        return self._run(spec, lambda handler: handler.generate(inputs, timeout_ms, on_token), backend_options,
                          log_fields, keep_alive, admin, model)
 
-    def _run(self, spec: ModelSpec, call, scope_params: dict, log_fields: dict | None,
+    def _run(self, spec: ModelSpec, call, backend_options: Any, log_fields: dict | None,
              keep_alive: float | None, admin: bool, model: LoadedModel | None) -> tuple[Any, float]:
         """``call(handler)`` on the model (loaded first if needed): HailoRT's
         failures become answers, and those that break the model or the
@@ -270,7 +270,7 @@ class ModelRegistry:
             model, _ = self.load(spec, log_fields, keep_alive, admin)
         started = time.perf_counter()
         try:
-            with self.runtime.backend.request_scope(scope_params):
+            with self.runtime.backend.request_scope(backend_options):
                 result = call(model.handler)
         except RequestError as error:
             raise _shown(error, model.files) from None
@@ -425,7 +425,7 @@ class ModelRegistry:
                                        activate_to_run=self.runtime.device_config.scheduling_algorithm == "none")
             started = time.perf_counter()
             try:
-                with self.runtime.backend.request_scope({}):
+                with self.runtime.backend.request_scope(None):
                     handler.load()
             except RequestError as error:
                 raise _shown(error, files) from None

@@ -25,7 +25,6 @@ reading (every ``thermal.interval_s``).
 from __future__ import annotations
 
 import logging
-import os
 
 from ..wire.protocol import BAD_REQUEST, FORBIDDEN, RequestError, json_type, optional_number, shown, unknown_action
 
@@ -35,18 +34,17 @@ FAULT_KINDS = ("raise", "hang", "lose_device")
 OPERATIONS = ("temperature_c", "fault", "release_hang", "clear_faults")
 
 
-def authorize(backend_name: str, peer_uid: int | None, own_uid: int | None = None) -> None:
+def authorize(backend, peer_uid: int | None) -> None:
     """Raise ``unknown_action`` off the simulated backend, ``forbidden`` unless this peer may drive it."""
-    if backend_name != "simulated":
+    if backend.name != "simulated":
         raise unknown_action("simulate")
-    own_uid = os.geteuid() if own_uid is None else own_uid
-    if peer_uid is None or peer_uid not in (0, own_uid):
+    if not backend.may_drive(peer_uid):
         raise RequestError(FORBIDDEN, "simulate is accepted only from root or the daemon's own user")
 
 
 def apply(body: dict, backend, peer_uid: int | None) -> dict:
     """Check, then apply the operations of one ``simulate`` request, in the order of OPERATIONS."""
-    authorize(backend.name, peer_uid)
+    authorize(backend, peer_uid)
     asked = [name for name in OPERATIONS if body.get(name) not in (None, False)]
     if not asked:
         raise RequestError(BAD_REQUEST, f"simulate needs at least one of {', '.join(OPERATIONS)}")

@@ -44,9 +44,16 @@ class Backend(Protocol):
     def temperature(self, vdevice: Any) -> float | None:
         """Chip temperature in °C, or None when it cannot be read."""
 
-    def request_scope(self, model_params: dict) -> AbstractContextManager:
-        """Context around one device operation (the simulated backend uses
-        it for ``model_params.simulate_ms``; the real one does nothing)."""
+    def request_options(self, model_params: dict, infer_budget_s: float, requester_uid: int | None) -> Any:
+        """The backend's own knobs in a request's ``model_params``, checked
+        (RequestError) while the request is validated; None when it has
+        none. Only the simulated backend has any (``simulate_ms``...): no
+        other module knows their names. ``requester_uid``: the peer's (the
+        daemon's own for its pins; None when unknown)."""
+
+    def request_scope(self, options: Any) -> AbstractContextManager:
+        """Context around one request's inference on the device thread, with
+        what ``request_options`` gave (None: nothing to apply)."""
 
     def close_vdevice(self, vdevice: Any) -> None:
         """Release the VDevice (after every model object was released)."""

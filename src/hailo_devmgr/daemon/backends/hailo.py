@@ -57,6 +57,8 @@ DEFAULT_DEV_DIR = "/dev"
 INSTALL_HINT = "install python3-h10-hailort (Hailo-10H) or python3-hailort (Hailo-8)"
 
 
+_NOTHING_TO_APPLY = contextlib.nullcontext()
+
 class HailoBackend:
     """Backend on a real Hailo-10H / Hailo-8 / Hailo-8L (see backends.Backend)."""
 
@@ -253,8 +255,11 @@ class HailoBackend:
 
     # -- the rest of the Backend interface -----------------------------------
 
-    def request_scope(self, model_params: dict) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def request_options(self, model_params: dict, infer_budget_s: float, requester_uid: int | None):
+        return None   # no per-request knobs of its own
+
+    def request_scope(self, options) -> contextlib.AbstractContextManager:
+        return _NOTHING_TO_APPLY
 
     def close_vdevice(self, vdevice: Any) -> None:
         # The VDevice goes first (models were released before it), then the

@@ -25,8 +25,8 @@ What a simulated model file ("HEF") holds:
 Behaviour: outputs are a pure function of (model file content, output name,
 input bytes); ``configure()`` and genai constructors sleep ``load_ms`` and
 reserve device memory (81 when ``device_memory_mb`` or the limit of 8 loaded
-networks is exceeded); one inference sleeps ``infer_ms`` (or ``simulate_ms``
-inside ``SimulatedBackend.request_scope``); a genai LLM generation takes
+networks is exceeded); one inference sleeps ``infer_ms`` (or a request's ``simulate_ms``:
+``SimulatedBackend.request_options`` and ``request_scope``); a genai LLM generation takes
 ``infer_ms`` for the prompt and ``token_ms`` per token, each token made as
 it is read (see _GenAIModel); ``group_id "UNIQUE"`` takes an
 exclusive ``flock`` on ``settings.lock_path`` (74 for a second owner). Tests
@@ -62,10 +62,14 @@ import yaml
 from .. import hailort_status
 from ..hailort_status import COMMUNICATION_CLOSED, DRIVER_OPERATION_FAILED, INVALID_HEF, INVALID_OPERATION, NOT_FOUND, OPEN_FILE_FAILURE, OUT_OF_PHYSICAL_DEVICES, RESOURCE_EXHAUSTED, TIMEOUT
 from . import hailort_api, recorded
+from ...wire.protocol import FORBIDDEN, RequestError, optional_number
 from .hailo import HailoBackend
 
 log = logging.getLogger(__name__)
 
+REQUEST_KNOBS = ("simulate_ms", "simulate_hang_ms")   # in model_params (request_options)
+MAX_SIMULATE_MS = 600_000
+_NO_KNOBS = contextlib.nullcontext()
 DEVICE_ID = "0001:01:00.0"
 ARCHITECTURE = "HAILO10H"
 FW_VERSION = "5.3.0 (simulated)"
@@ -1729,22 +1733,54 @@ class SimulatedBackend(HailoBackend):
         """The simulated ``hailo_platform`` (usable before a VDevice is opened, for tests)."""
         return self.modules.top
 
-    @contextlib.contextmanager
-    def request_scope(self, model_params: dict):
-        """Per-request simulation knobs (validated upstream by the server):
+    # -- per-request knobs (model_params), known only here
 
-        * ``simulate_ms``: one inference takes that long (a run that is
-          longer than its HailoRT timeout ends in HailoRTTimeout, as on hardware);
+    def request_options(self, model_params: dict, infer_budget_s: float, requester_uid: int | None):
+        """The simulation knobs of one request's ``model_params``, checked
+        while the request is validated (never on the device thread); None
+        when it has none:
+
+        * ``simulate_ms``: one inference takes that long, at most the
+          watchdog's infer budget (a run longer than its HailoRT timeout
+          ends in HailoRTTimeout, as on hardware);
         * ``simulate_hang_ms``: the device call blocks that long, ignoring
           every timeout, like a hung HailoRT call (for watchdog tests).
+
+        Both hold the simulated device, so only the peers that may drive
+        it (:meth:`may_drive`) may ask for them: ``forbidden`` otherwise.
         """
-        params = model_params or {}
+        asked = [key for key in REQUEST_KNOBS if key in model_params]
+        if not asked:
+            return None
+        longest = {"simulate_ms": min(MAX_SIMULATE_MS, int(infer_budget_s * 1000)),
+                   "simulate_hang_ms": MAX_SIMULATE_MS}
+        knobs = {key: optional_number(model_params, key, None, minimum=0, maximum=longest[key], integer=True,
+                                      where="model_params.") for key in asked}
+        if not self.may_drive(requester_uid):
+            raise RequestError(FORBIDDEN, f"model_params.{asked[0]} is accepted only from root or the "
+                                          f"daemon's own user")
+        return knobs
+
+    @staticmethod
+    def may_drive(peer_uid: int | None, own_uid: int | None = None) -> bool:
+        """Who may drive the simulated chip (its test hooks hold the device;
+        a hang outlasts the watchdog): root and the daemon's own user,
+        processes that could already signal or ptrace the daemon."""
+        own_uid = os.geteuid() if own_uid is None else own_uid
+        return peer_uid is not None and peer_uid in (0, own_uid)
+
+    def request_scope(self, options) -> contextlib.AbstractContextManager:
+        """Around one request's inference: its knobs (``request_options``) apply."""
+        return _NO_KNOBS if options is None else self._knobs_applied(options)
+
+    @contextlib.contextmanager
+    def _knobs_applied(self, knobs: dict):
         chip = self._chip
         previous = chip.infer_ms_override, chip.hang_ms_override
-        if params.get("simulate_ms") is not None:
-            chip.infer_ms_override = params["simulate_ms"]
-        if params.get("simulate_hang_ms") is not None:
-            chip.hang_ms_override = params["simulate_hang_ms"]
+        if knobs.get("simulate_ms") is not None:
+            chip.infer_ms_override = knobs["simulate_ms"]
+        if knobs.get("simulate_hang_ms") is not None:
+            chip.hang_ms_override = knobs["simulate_hang_ms"]
         try:
             yield
         finally:
