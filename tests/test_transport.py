@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from hailo_devmgr.client.stream import SocketStream, read_frame
+from hailo_devmgr.daemon.attachment_buffers import BufferPool
 from hailo_devmgr.wire import codec
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.wire import shm
@@ -488,7 +489,7 @@ def test_errors_still_raise_device_errors(fast_daemon, model_dir):
 
 
 def test_buffer_pool_never_hands_out_memory_still_in_use():
-    pool = t.BufferPool(64 * 1024 * 1024)
+    pool = BufferPool(64 * 1024 * 1024)
     size = 256 * 1024
     blocks = [pool.get(size)]
     in_use = np.frombuffer(memoryview(blocks[0]).cast("B"), np.uint8)  # an array over it, as a tensor is

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import actions, jobs, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
+from .attachment_buffers import BufferPool
 from .handoff import LoopHandoff
 from .session import Session, Frame, Peer
 from .metrics import Metrics
@@ -47,7 +48,7 @@ class Dispatcher:
         self.started_mono = time.monotonic()
         self.admission = Admission(config)
         # Idle attachment buffers kept for reuse (not counted in the budget).
-        self.buffers = transport.BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
+        self.buffers = BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
         self.last_error_code: str | None = None   # what systemd's STATUS= shows of it
         self.metrics = Metrics()
