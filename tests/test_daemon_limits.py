@@ -50,6 +50,23 @@ def test_connections_per_uid_are_limited_and_refused_with_busy(start_daemon):
     second.close()
 
 
+def test_status_lists_at_most_32_connections_the_askers_own_first(start_daemon):
+    """A uid with many connections that pings on each cannot make every
+    answer (and the daemon's work per ping) grow with them."""
+    daemon = start_daemon()
+    others = [Raw(daemon.socket_path, hello=False) for _ in range(40)]
+    for raw in others:
+        assert connections_seen(raw)["status"] == "ok"   # each connection is open and answered
+    with Client(daemon.socket_path, timeout=10) as client:
+        client.request("hello", protocol=2, client="the-asker")
+        status = client.status()
+    assert status["connections"] >= 41
+    assert len(status["clients"]) == 32 and status["clients_not_listed"] == status["connections"] - 32
+    assert status["clients"][0]["client"] == "the-asker"
+    for raw in others:
+        raw.close()
+
+
 def test_a_stalled_half_frame_is_cut_off_and_frees_its_memory(start_daemon):
     daemon = start_daemon(frame_timeout_s=0.5, max_message_bytes=4096, max_pending_bytes=4096)
     staller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -137,8 +137,8 @@ class Dispatcher:
         Control-plane actions answer at once from snapshots; device actions
         go through admission and the scheduler to the device thread."""
         return {
-            "ping": self._at_once(lambda request, connection: status.status_payload(self)),
-            "status": self._at_once(lambda request, connection: status.status_payload(self)),
+            "ping": self._at_once(lambda request, connection: status.status_payload(self, connection)),
+            "status": self._at_once(lambda request, connection: status.status_payload(self, connection)),
             "device_status": self._at_once(lambda request, connection: status.device_status_payload(self)),
             "metrics": self._at_once(lambda request, connection: {"metrics": self.metrics.snapshot()}),
             "hello": self._at_once(self._hello),

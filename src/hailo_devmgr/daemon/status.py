@@ -15,7 +15,14 @@ def uptime(d) -> float:
     return round(time.monotonic() - d.started_mono, 3)
 
 
-def status_payload(d) -> dict:
+# Connections described in one status answer: a uid that holds many
+# connections and pings on each would otherwise make every answer, and the
+# loop's work per ping, grow with the number of connections.
+MAX_LISTED_CLIENTS = 32
+
+
+def status_payload(d, asker=None) -> dict:
+    """``asker``: the session asking (listed first), or None."""
     reason, model, at = d.registry.last_capacity_event
     return {
         "device_id": d.runtime.identity.device_id,
@@ -27,7 +34,8 @@ def status_payload(d) -> dict:
         "queue_by_class": d.device.queue.depth_by_class(),
         "queue_by_client": d.device.queue.depth_by_client(),
         "connections": len(d.sessions),
-        "clients": [client.describe() for client in d.sessions.values()],
+        "clients": [client.describe() for client in _listed_sessions(d, asker)],
+        "clients_not_listed": max(0, len(d.sessions) - MAX_LISTED_CLIENTS),
         "runtime_broken_reason": d.runtime.broken_reason,
         "last_capacity_event_reason": reason,
         "last_capacity_event_model": model,
@@ -45,6 +53,18 @@ def status_payload(d) -> dict:
         "held_by_clients": d.admission.held(),
         **_loan(d),
     }
+
+
+def _listed_sessions(d, asker) -> list:
+    """At most MAX_LISTED_CLIENTS sessions: the asker's own first, then the
+    oldest connections."""
+    listed = [asker] if asker is not None and asker.id in d.sessions else []
+    for session in d.sessions.values():
+        if len(listed) >= MAX_LISTED_CLIENTS:
+            break
+        if session is not asker:
+            listed.append(session)
+    return listed
 
 
 def _loan(d) -> dict:
