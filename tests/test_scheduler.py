@@ -211,3 +211,34 @@ def test_fifo_keeps_arrival_order_whatever_the_priority():
     for item in (job("b", priority=BATCH), job("i", client="z", priority=INTERACTIVE), job("n")):
         queue.put(item)
     assert drain(queue) == ["b", "i", "n"]
+
+
+def test_a_job_outcome_is_the_first_one_given():
+    """A job its waiter cancelled and the queue then expired (or the device
+    thread then finished) keeps its first outcome, and nobody raises."""
+    from hailo_devmgr.daemon.jobs import JobFuture
+    cancelled = JobFuture()
+    assert cancelled.cancel() and cancelled.cancel()
+    assert not cancelled.set_exception(RuntimeError("expired")) and cancelled.cancelled()
+    assert not cancelled.set_running_or_notify_cancel()   # never runs
+    running = JobFuture()
+    assert running.set_running_or_notify_cancel()
+    assert not running.cancel()                         # too late: it runs to the end
+    seen = []
+    running.add_done_callback(lambda done: seen.append(done.result()))
+    assert running.set_result(42) and not running.set_result(43)
+    assert seen == [42] and running.result(0) == 42
+    running.add_done_callback(lambda done: seen.append("at once"))
+    assert seen == [42, "at once"]
+
+
+def test_a_blocking_wait_for_a_job_ends_when_another_thread_settles_it():
+    import threading
+    from hailo_devmgr.daemon.jobs import JobFuture
+    future = JobFuture()
+    with pytest.raises(TimeoutError):
+        future.result(0.01)
+    threading.Timer(0.05, future.set_exception, [ValueError("failed")]).start()
+    assert isinstance(future.exception(5), ValueError)
+    with pytest.raises(ValueError):
+        future.result(0)
