@@ -245,8 +245,66 @@ def test_answers_a_uid_does_not_read_are_bounded_by_its_share(hostile_daemon, re
         time.sleep(6)
         grown = rss_mib(daemon.process.pid) - before
         assert ping_ms(daemon.socket_path) < 2000
-    # The uid's share (8 MiB), plus the answers of what its queue held (16 jobs): not 16 x 128 answers.
+    # The uid's share (8 MiB) and the few answers made before its queue was held: not 16 x 128 answers.
     assert grown < 120, f"RSS grew by {grown:.0f} MiB"
+
+
+def test_a_uid_that_does_not_read_has_its_queued_requests_held_not_answered_into_memory(
+        hostile_daemon, readable_src, model_dir):
+    """1 MiB results asked for on 40 v1 connections that never read. All
+    40 are queued before the first is answered; past the uid's share of
+    unread answers (4 MiB) the rest wait in the queue, instead of all being
+    run and their answers held in memory (with the queue's 128, over 170 MB)."""
+    (model_dir / "big_out.hef").write_text(
+        "inputs: [{name: x, shape: [4], format: UINT8}]\n"
+        "outputs: [{name: y, shape: [512, 512], format: FLOAT32}]\nmemory_mb: 1\n")
+    daemon = hostile_daemon(max_pending_bytes_per_uid=4 * 1024 * 1024, max_message_bytes=4 * 1024 * 1024,
+                            frame_timeout_s=60, simulated={"infer_ms": 20}, model_dirs=[str(model_dir)])
+    with attacking(ATTACKER, readable_src, daemon.socket_path, raw("""
+        import base64
+        tensor = {"dtype": "uint8", "shape": [4], "data_b64": base64.b64encode(bytes(4)).decode()}
+        socks = [connect() for _ in range(40)]
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for sock in socks:
+            sock.sendall(frame({"action": "infer", "model_type": "generic", "model_path": ARGS[0],
+                                "input_data": {"inputs": {"x": tensor}}}))
+        print("sent", flush=True)
+        time.sleep(60)
+    """), str(model_dir / "big_out.hef")):
+        with Client(daemon.socket_path, timeout=30) as client:
+            answered = _settled(lambda: _infers_answered(client))
+            waiting = client.status()["queue_depth"]
+        # Four answers fill the share (about 1.2 MiB of each stays unwritten);
+        # a few more are made before the hold is seen.
+        assert answered <= 12 and waiting >= 25, (answered, waiting)
+        assert "does not read its answers: its queued device requests wait" in daemon.log()
+    deadline = time.monotonic() + 20
+    while ping_status(daemon.socket_path)["queue_depth"]:   # dropped with their connections
+        assert time.monotonic() < deadline, "the closed connections' requests are still queued"
+        time.sleep(0.1)
+
+
+def _infers_answered(client) -> int:
+    types = client.request("metrics")["metrics"]["model_types"]
+    return types.get("generic", {}).get("requests", {}).get("infer", 0)
+
+
+def _settled(read, quiet_s: float = 1.5, timeout_s: float = 30) -> int:
+    """``read()`` once it has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
+def ping_status(socket_path: str) -> dict:
+    with Client(socket_path, timeout=10) as client:
+        return client.request("ping")
 
 
 def test_registered_shared_memory_is_bounded_per_uid(hostile_daemon, readable_src):

@@ -242,3 +242,16 @@ def test_a_blocking_wait_for_a_job_ends_when_another_thread_settles_it():
     assert isinstance(future.exception(5), ValueError)
     with pytest.raises(ValueError):
         future.result(0)
+
+
+@pytest.mark.parametrize("policy", [FairScheduler, FifoQueue])
+def test_a_held_clients_jobs_wait_while_the_others_run(policy):
+    """The admission holds a uid that does not read its answers: its jobs
+    stay queued (none starts) until it is released."""
+    queue = policy()
+    for item in (job("slow1", client="slow"), job("fast1", client="fast"), job("slow2", client="slow")):
+        queue.put(item)
+    queue.hold("slow", True)
+    assert drain(queue) == ["fast1"] and len(queue) == 2
+    queue.hold("slow", False)
+    assert drain(queue) == ["slow1", "slow2"]

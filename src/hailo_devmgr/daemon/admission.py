@@ -10,11 +10,14 @@ gets from ``scheduling.client_priorities``. Event loop only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 from . import limits
 from ..wire import protocol as p
 from ..wire.protocol import RequestError
+
+log = logging.getLogger(__name__)
 
 UNBOUNDED = 1 << 62
 _DAEMON_UID = os.getuid()   # the daemon's own user is an admin (it never changes while it runs)
@@ -33,6 +36,10 @@ class Admission:
         # Registered shared memory: per connection in shm_buffers.py; here per uid (the
         # daemon's page tables, and the RSS the kernel's OOM killer reads).
         self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
+        # Clients (fairness keys) whose queued device jobs are held while their
+        # answers go unread, and how (the device queue's hold; set by the dispatcher).
+        self._holding: dict = {}   # client -> its uid
+        self.hold_jobs = lambda client, held: None
         # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
         self.device_jobs = limits.Pool("device requests", UNBOUNDED, _jobs_per_uid(config))
 
@@ -44,6 +51,8 @@ class Admission:
         self.unsent_answers.set_limits(UNBOUNDED, _bytes_per_uid(config))
         self.registered_bytes.set_limits(*_registered_bounds(config))
         self.device_jobs.set_limits(UNBOUNDED, _jobs_per_uid(config))
+        for client, uid in list(self._holding.items()):   # a larger share may release some
+            self._release_if_under(client, uid)
 
     def held(self) -> dict:
         return {"request_bytes": self.pending_bytes.used, "descriptors": self.pending_fds.used,
@@ -82,11 +91,40 @@ class Admission:
     def give_job_slot(self, uid) -> None:
         self.device_jobs.give(uid, 1)
 
+    # -- answers not read -----------------------------------------------------
+
+    def answer_waiting(self, uid, client, size: int) -> None:
+        """An answer of ``size`` bytes waits to be written (its client does not
+        read): it counts in the uid's request bytes and unread answers. Past
+        the uid's share its waiting device jobs are held (``hold_jobs``), so
+        no more of its answers are made until these are taken: a uid that
+        never reads makes the daemon hold its share and the answers of the
+        jobs already running, not one answer per job its queue can hold."""
+        self.pending_bytes.charge(uid, size)
+        self.unsent_answers.charge(uid, size)
+        if client not in self._holding and self.unsent_answers.refusal(uid, 0) is not None:
+            self._holding[client] = uid
+            log.warning("%s does not read its answers: its queued device requests wait", client,
+                        extra={"CLIENT_UID": uid})
+            self.hold_jobs(client, True)
+
+    def answer_written(self, uid, client, size: int) -> None:
+        """A waiting answer is written, or dropped with its connection."""
+        self.pending_bytes.give(uid, size)
+        self.unsent_answers.give(uid, size)
+        self._release_if_under(client, uid)
+
+    def _release_if_under(self, client, uid) -> None:
+        if client in self._holding and self.unsent_answers.refusal(uid, 0) is None:
+            del self._holding[client]
+            log.info("%s reads its answers again: its device requests run", client, extra={"CLIENT_UID": uid})
+            self.hold_jobs(client, False)
+
     async def answers_taken(self, uid) -> None:
         """Wait while the uid holds more than its share of request bytes and
         unread answers: a client that asks and never reads gets no more of
-        its work run, so its answers cannot pile up past its share (and what
-        its queue held already). Bounded like any wait: then busy."""
+        its work queued (its queued work is held: answer_waiting). Bounded
+        like any wait: then busy."""
         if self.unsent_answers.refusal(uid, 0) is None:
             return   # the usual case: no wait, no deadline to set
         deadline = asyncio.get_running_loop().time() + self.config.frame_timeout_s

@@ -47,6 +47,7 @@ class Dispatcher:
         self.socket_path = socket_path
         self.started_mono = time.monotonic()
         self.admission = Admission(config)
+        self.admission.hold_jobs = device.queue.hold   # a uid whose answers go unread: its jobs wait
         # Idle attachment buffers kept for reuse (not counted in the budget).
         self.buffers = BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None

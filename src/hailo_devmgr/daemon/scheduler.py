@@ -74,6 +74,7 @@ class JobQueue:
         self._lock = threading.Lock()
         self._wakeup: queue.SimpleQueue = queue.SimpleQueue()
         self._sleeping = False   # the device thread waits (or is about to) on _wakeup
+        self._held: set = set()  # clients whose waiting jobs do not start (hold)
         self._closed = False
         self._run_s = 0.05  # moving average of a job's run time, for retry_after_ms
 
@@ -94,6 +95,20 @@ class JobQueue:
             self.wake()
         if displaced is not None:
             displaced.future.set_exception(refusal)  # answered as a refused request is
+
+    def hold(self, client: Hashable, held: bool) -> None:
+        """Hold a client's waiting jobs: they stay queued (cancel, deadlines
+        and disconnects still apply) and none starts until released; the
+        admission holds a uid whose answers are not being read (admission.py).
+        Released, the device thread is woken for them."""
+        with self._lock:
+            if held:
+                self._held.add(client)
+                return
+            if client not in self._held:
+                return
+            self._held.discard(client)
+        self.wake()
 
     def wake(self) -> None:
         """Wake the device thread if it sleeps (or is about to)."""
@@ -200,8 +215,9 @@ class JobQueue:
                 now = time.monotonic()
                 expired += self._take_expired(now)
                 self._sleeping = False   # awake (a token left by a late put only costs one more look)
-                if self._jobs:
-                    job = self._select(now)
+                runnable = self._runnable()
+                if runnable:
+                    job = self._select(runnable, now)
                     self._jobs.remove(job)
                     break
                 left = deadline - now
@@ -225,15 +241,22 @@ class JobQueue:
             self._jobs = [job for job in self._jobs if job not in expired]
         return expired
 
-    def _select(self, now: float) -> Job:
+    def _runnable(self) -> list[Job]:
+        """The waiting jobs that may start (those of held clients may not)."""
+        if not self._held:
+            return self._jobs
+        return [job for job in self._jobs if job.client not in self._held]
+
+    def _select(self, jobs: list[Job], now: float) -> Job:
+        """Which of ``jobs`` (waiting, none held; never empty) runs next."""
         raise NotImplementedError
 
 
 class FifoQueue(JobQueue):
     """First come, first served: the core's order, kept for comparison."""
 
-    def _select(self, now: float) -> Job:
-        return min(self._jobs, key=lambda job: job.enqueued_at)
+    def _select(self, jobs: list[Job], now: float) -> Job:
+        return min(jobs, key=lambda job: job.enqueued_at)
 
 
 class FairScheduler(JobQueue):
@@ -248,17 +271,17 @@ class FairScheduler(JobQueue):
         promoted = int((now - job.enqueued_at) // self.limits.aging_s) if self.limits.aging_s > 0 else 0
         return max(0, job.priority - promoted)
 
-    def _select(self, now: float) -> Job:
+    def _select(self, jobs: list[Job], now: float) -> Job:
         # One job waiting: nothing to choose (the usual case when the device keeps up).
-        pick = self._jobs[0] if len(self._jobs) == 1 else self._choose(now)
+        pick = jobs[0] if len(jobs) == 1 else self._choose(jobs, now)
         self._last_turn[pick.client] = next(self._turns)
         if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
             self._forget_idle_clients()
         return pick
 
-    def _choose(self, now: float) -> Job:
-        best = min(self.effective_class(job, now) for job in self._jobs)
-        in_class = [job for job in self._jobs if self.effective_class(job, now) == best]
+    def _choose(self, jobs: list[Job], now: float) -> Job:
+        best = min(self.effective_class(job, now) for job in jobs)
+        in_class = [job for job in jobs if self.effective_class(job, now) == best]
         oldest_of: dict[Hashable, Job] = {}
         for job in in_class:
             known = oldest_of.get(job.client)

@@ -481,8 +481,7 @@ class Session:
         # written at once (the lock alone looks free between a release and
         # its next holder's turn, and a frame would land inside another).
         self._sends_waiting += 1
-        self.admission.pending_bytes.charge(self.peer.uid, size)
-        self.admission.unsent_answers.charge(self.peer.uid, size)
+        self.admission.answer_waiting(self.peer.uid, self.client_key, size)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
             # cancellation that comes as the send completes, and the connection
@@ -498,8 +497,7 @@ class Session:
             raise ConnectionResetError("the client does not read its answers") from None
         finally:
             self._sends_waiting -= 1
-            self.admission.pending_bytes.give(self.peer.uid, size)
-            self.admission.unsent_answers.give(self.peer.uid, size)
+            self.admission.answer_written(self.peer.uid, self.client_key, size)
 
     async def _send_in_turn(self, buffers: list, fds: list[int]) -> None:
         async with self._write_lock:
