@@ -160,9 +160,9 @@ def run_clients(path: str, action: str, model: str, count: int, seconds: float,
         proc.start()
     try:
         time.sleep(max(0.0, start_at - time.monotonic()))
-        cpu_before = cpu_seconds(pid)
+        cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
         time.sleep(seconds)
-        cpu_after = cpu_seconds(pid)
+        cpu_after, loop_after = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
         results = [out.get(timeout=seconds + 3 * CLIENT_TIMEOUT_S) for _ in procs]
     finally:
         reap(procs)
@@ -179,6 +179,7 @@ def run_clients(path: str, action: str, model: str, count: int, seconds: float,
         "p50_ms": percentile(latencies, 50) / 1e6 if latencies else None,
         "p99_ms": percentile(latencies, 99) / 1e6 if latencies else None,
         "cpu_us": (cpu_after - cpu_before) * 1e6 / ok if ok else None,
+        "loop_cpu_us": (loop_after - loop_before) * 1e6 / ok if ok else None,
     }
 
 
@@ -326,8 +327,11 @@ def peak_rss_mib(pid: int) -> float:
     return proc_status(pid, "VmHWM")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU time of the process, or of one of its threads (the main thread,
+    which runs the event loop in both daemons, has the process's id)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    with open(path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
@@ -434,6 +438,7 @@ def report(rss_idle: dict, storm_result: dict | None, rounds: list, cfg: dict) -
     n = cfg["clients"]
     row(f"small infer, {n} client procs (req/s)", "infer8", "rate", 0, GOALS["throughput"], below=False)
     row(f"  daemon CPU per request, {n} procs (us)", "infer8", "cpu_us", 0)
+    row("    of which the event-loop thread (us)", "infer8", "loop_cpu_us", 0)
     row(f"  latency p50, {n} procs (ms)", "infer8", "p50_ms", 3)
     row("small infer, 1 client p50 (ms)", "infer1", "p50_ms", 3, GOALS["infer_p50"])
     row("small infer, 1 client p99 (ms)", "infer1", "p99_ms", 3)
