@@ -331,3 +331,23 @@ def test_pipelined_answers_larger_than_the_socket_buffer_never_interleave(start_
     sender.join(10)
     assert answered == set(sent) and len(sent) > 100
     raw.close()
+
+
+def test_a_request_abandoned_while_its_job_runs_leaves_nothing_in_the_log(start_daemon, model_dir):
+    """The client closes while its job runs and fails (its timeout_ms is
+    shorter than the inference): nobody is left to read the failure, and it
+    must not be logged as a Future exception never retrieved (a line no uid
+    limit applies to: hundreds a second under a flood)."""
+    daemon = start_daemon(simulated={"load_ms": 1, "infer_ms": 1})
+    for _ in range(5):
+        v2 = Raw(daemon.socket_path)
+        v2.send(infer(model_dir, request_id="doomed", simulate_ms=400, timeout_ms=200))
+        wait_busy(daemon)
+        v2.close()
+    wait_until_idle = time.monotonic() + 10
+    with Client(daemon.socket_path, timeout=10) as client:
+        while client.status()["device_busy_with"]:
+            assert time.monotonic() < wait_until_idle
+            time.sleep(0.05)
+        client.ping()
+    assert "never retrieved" not in daemon.log()

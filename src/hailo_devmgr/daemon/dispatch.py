@@ -367,6 +367,9 @@ class Dispatcher:
                 return await waiting
         except asyncio.CancelledError:
             job.future.cancel()   # the request is gone: a job that has not started never runs
+            # A running job still settles it later (behind the shield, above):
+            # an outcome nobody reads would be logged as never retrieved.
+            waiting.cancel()
             raise
 
     def _handoff(self) -> LoopHandoff:
