@@ -245,13 +245,31 @@ def test_a_blocking_wait_for_a_job_ends_when_another_thread_settles_it():
 
 
 @pytest.mark.parametrize("policy", [FairScheduler, FifoQueue])
-def test_a_held_clients_jobs_wait_while_the_others_run(policy):
-    """The admission holds a uid that does not read its answers: its jobs
-    stay queued (none starts) until it is released."""
-    queue = policy()
-    for item in (job("slow1", client="slow"), job("fast1", client="fast"), job("slow2", client="slow")):
+def test_a_client_past_its_untaken_bytes_waits_while_the_others_run(policy):
+    """Results made and answers not yet written count against the client
+    from the moment the device thread makes them: past the bound its waiting
+    jobs do not start, until its answers are made and read."""
+    queue = policy(QueueLimits(max_untaken_bytes=1000))
+    for item in (job("slow1", client="slow"), job("fast1", client="fast"), job("slow2", client="slow"),
+                 job("slow3", client="slow")):
         queue.put(item)
-    queue.hold("slow", True)
+    first = queue.get(0)
+    assert first.label == "slow1"
+    queue.job_done(first, 1500)                  # one large result: the client is past its bound
     assert drain(queue) == ["fast1"] and len(queue) == 2
-    queue.hold("slow", False)
-    assert drain(queue) == ["slow1", "slow2"]
+    queue.answer_made(first)                     # its answer is made ...
+    queue.unread("slow", 1200)                   # ... and its socket takes none of it
+    assert queue.get(0) is None
+    queue.unread("slow", -1200)                  # written
+    assert drain(queue) == ["slow2", "slow3"]
+
+
+def test_a_result_whose_request_is_gone_counts_for_nothing():
+    queue = FairScheduler(QueueLimits(max_untaken_bytes=1000))
+    gone, other = job("gone"), job("other")
+    queue.put(gone)
+    queue.put(other)
+    taken = queue.get(0)
+    queue.answer_made(taken)                     # the request ended while its job ran
+    queue.job_done(taken, 5000)                  # the result comes after: nobody would give it back
+    assert queue.get(0) is other

@@ -27,32 +27,31 @@ class Admission:
     def __init__(self, config):
         self.config = config
         # What clients' requests hold while read and until answered, bounded in all and per uid.
-        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, _bytes_per_uid(config))
+        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, bytes_per_uid(config))
         self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
                                        config.max_pending_fds_per_uid)
         # Answers made and not yet taken by their client (also in pending_bytes):
         # past a uid's share, that uid gets no more device work run.
-        self.unsent_answers = limits.Pool("bytes of unread answers", UNBOUNDED, _bytes_per_uid(config))
+        self.unsent_answers = limits.Pool("bytes of unread answers", UNBOUNDED, bytes_per_uid(config))
         # Registered shared memory: per connection in shm_buffers.py; here per uid (the
         # daemon's page tables, and the RSS the kernel's OOM killer reads).
         self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
-        # Clients (fairness keys) whose queued device jobs are held while their
-        # answers go unread, and how (the device queue's hold; set by the dispatcher).
-        self._holding: dict = {}   # client -> its uid
-        self.hold_jobs = lambda client, held: None
+        # Answers waiting to be written are also told to the device queue
+        # (JobQueue.unread, set by the dispatcher), which holds the client's
+        # jobs past its share; clients past it, for the log's sake.
+        self.report_unread = lambda client, delta: None
+        self._not_reading: set = set()
         # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
         self.device_jobs = limits.Pool("device requests", UNBOUNDED, _jobs_per_uid(config))
 
     def apply(self, config) -> None:
         """The bounds of a new configuration (what is held stays counted)."""
         self.config = config
-        self.pending_bytes.set_limits(config.max_pending_bytes, _bytes_per_uid(config))
+        self.pending_bytes.set_limits(config.max_pending_bytes, bytes_per_uid(config))
         self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
-        self.unsent_answers.set_limits(UNBOUNDED, _bytes_per_uid(config))
+        self.unsent_answers.set_limits(UNBOUNDED, bytes_per_uid(config))
         self.registered_bytes.set_limits(*_registered_bounds(config))
         self.device_jobs.set_limits(UNBOUNDED, _jobs_per_uid(config))
-        for client, uid in list(self._holding.items()):   # a larger share may release some
-            self._release_if_under(client, uid)
 
     def held(self) -> dict:
         return {"request_bytes": self.pending_bytes.used, "descriptors": self.pending_fds.used,
@@ -95,30 +94,25 @@ class Admission:
 
     def answer_waiting(self, uid, client, size: int) -> None:
         """An answer of ``size`` bytes waits to be written (its client does not
-        read): it counts in the uid's request bytes and unread answers. Past
-        the uid's share its waiting device jobs are held (``hold_jobs``), so
-        no more of its answers are made until these are taken: a uid that
-        never reads makes the daemon hold its share and the answers of the
-        jobs already running, not one answer per job its queue can hold."""
+        read): it counts in the uid's request bytes and unread answers, and
+        in what the device queue holds against the client (``report_unread``:
+        past the uid's share its waiting jobs do not start)."""
         self.pending_bytes.charge(uid, size)
         self.unsent_answers.charge(uid, size)
-        if client not in self._holding and self.unsent_answers.refusal(uid, 0) is not None:
-            self._holding[client] = uid
+        self.report_unread(client, size)
+        if client not in self._not_reading and self.unsent_answers.refusal(uid, 0) is not None:
+            self._not_reading.add(client)
             log.warning("%s does not read its answers: its queued device requests wait", client,
                         extra={"CLIENT_UID": uid})
-            self.hold_jobs(client, True)
 
     def answer_written(self, uid, client, size: int) -> None:
         """A waiting answer is written, or dropped with its connection."""
         self.pending_bytes.give(uid, size)
         self.unsent_answers.give(uid, size)
-        self._release_if_under(client, uid)
-
-    def _release_if_under(self, client, uid) -> None:
-        if client in self._holding and self.unsent_answers.refusal(uid, 0) is None:
-            del self._holding[client]
+        self.report_unread(client, -size)
+        if client in self._not_reading and self.unsent_answers.refusal(uid, 0) is None:
+            self._not_reading.discard(client)
             log.info("%s reads its answers again: its device requests run", client, extra={"CLIENT_UID": uid})
-            self.hold_jobs(client, False)
 
     async def answers_taken(self, uid) -> None:
         """Wait while the uid holds more than its share of request bytes and
@@ -146,7 +140,7 @@ def _registered_bounds(config) -> tuple[int, int]:
     return 4 * config.shm_buffer_max_bytes, config.shm_buffer_max_bytes
 
 
-def _bytes_per_uid(config) -> int:
+def bytes_per_uid(config) -> int:
     """A uid's share of request bytes, never below one whole message: a body is
     charged a chunk at a time, and its own earlier chunks count."""
     return max(config.max_pending_bytes_per_uid, config.max_message_bytes)

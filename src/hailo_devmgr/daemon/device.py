@@ -36,7 +36,7 @@ from typing import Any, Callable
 from . import lending
 from .backends import Backend, BackendUnavailable, DeviceIdentity
 from ..wire.protocol import DEVICE_UNAVAILABLE, OVERHEATED, RequestError, shutting_down
-from .jobs import Job
+from .jobs import Job, payload_bytes
 from .scheduler import FairScheduler, JobQueue
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,9 @@ class DeviceThread:
         if error is not None:
             job.future.set_exception(error)
         else:
+            # Counted before the next job is taken, so a client whose answers
+            # pile up waits now, not once the event loop has seen them.
+            self.queue.job_done(job, payload_bytes(result))
             job.future.set_result(result)
 
     def _run_guarded(self, label: str, budget_s: float, fn: Callable[[], Any]) -> None:

@@ -47,7 +47,7 @@ class Dispatcher:
         self.socket_path = socket_path
         self.started_mono = time.monotonic()
         self.admission = Admission(config)
-        self.admission.hold_jobs = device.queue.hold   # a uid whose answers go unread: its jobs wait
+        self.admission.report_unread = device.queue.unread   # a uid whose answers go unread: its jobs wait
         # Idle attachment buffers kept for reuse (not counted in the budget).
         self.buffers = BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
         self.last_error: str | None = None
@@ -214,6 +214,7 @@ class Dispatcher:
             raise scheduler.cancelled_error()  # cancelled while it was being validated
         uid = _peer(connection).uid
         self.admission.take_job_slot(uid)
+        job = None
         try:
             job = self.device.submit(fn, label=label, budget_s=budget_s, enqueued_at=received,
                                      loop=self._handoff().loop,
@@ -242,6 +243,8 @@ class Dispatcher:
         finally:
             # From here the answer counts in the uid's request bytes (Session.send).
             self.admission.give_job_slot(uid)
+            if job is not None:
+                self.device.queue.answer_made(job)
             if tokens:
                 connection.streams.pop(request.request_id, None)
 

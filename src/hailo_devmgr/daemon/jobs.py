@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
+import numpy as np
+
 PRIORITIES = ("interactive", "normal", "batch")   # index = class; lower runs first (scheduler.py)
 DEFAULT_PRIORITY = "normal"
 PENDING, RUNNING, CANCELLED, FINISHED = "pending", "running", "cancelled", "finished"
@@ -122,6 +124,27 @@ class JobFuture:
             raise concurrent.futures.CancelledError()
 
 
+def payload_bytes(value: Any, max_nodes: int = 4096) -> int:
+    """About how many bytes a job's result holds: its arrays, texts and bytes
+    (handlers' results are dicts, lists and tuples of those). At most
+    ``max_nodes`` containers and values are looked at (what a handler
+    returns is far smaller); what lies beyond is not counted."""
+    total, pending = 0, [value]
+    for _ in range(max_nodes):
+        if not pending:
+            break
+        item = pending.pop()
+        if isinstance(item, np.ndarray):
+            total += item.nbytes
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, (str, bytes, bytearray)):
+            total += len(item)
+    return total
+
+
 @dataclass(eq=False)
 class Job:
     fn: Callable[[], Any]
@@ -138,6 +161,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     skips: int = 0                   # times passed over for affinity
+    result_bytes: int = 0            # of its result, counted to its client until answered (scheduler.py)
+    answered: bool = False           # its answer is made (or its request gone): nothing more to count
 
     def outcome(self, handoff) -> asyncio.Future:
         """The job's result on the event loop of ``handoff`` (handoff.py): one

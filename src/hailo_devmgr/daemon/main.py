@@ -29,6 +29,7 @@ from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
 from .scheduler import QueueLimits, create_queue
 from . import lending, status
+from .admission import bytes_per_uid
 from .dispatch import Dispatcher
 from .listener import Listener, bind_unix_socket, refuse_connections
 
@@ -89,7 +90,7 @@ def pin_keys(config) -> frozenset[str]:
 def queue_limits(config) -> QueueLimits:
     settings = config.scheduling
     return QueueLimits(settings.max_queue, settings.max_queue_per_client, settings.aging_s,
-                       settings.affinity_max_skips)
+                       settings.affinity_max_skips, max_untaken_bytes=bytes_per_uid(config))
 
 
 class Daemon:
@@ -234,7 +235,7 @@ class Daemon:
         systemd.set_level(new.log_level)
         self.dispatcher.apply_config(new)
         self.runtime.budgets = new.watchdog
-        self.device.queue.limits = queue_limits(new)  # the policy itself needs a restart
+        self.device.queue.set_limits(queue_limits(new))  # the policy itself needs a restart
         self.runtime.thermal = new.thermal  # used from the next temperature reading
         self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new),
                                                             new.keep_alive),

@@ -61,6 +61,9 @@ class QueueLimits:
     max_queue_per_client: int = 128
     aging_s: float = 10.0
     affinity_max_skips: int = 4
+    # Bytes of results and answers a client has not taken yet (the uid's
+    # share of request bytes): past it, its waiting jobs do not start.
+    max_untaken_bytes: int = 1 << 62
 
 
 class JobQueue:
@@ -74,7 +77,9 @@ class JobQueue:
         self._lock = threading.Lock()
         self._wakeup: queue.SimpleQueue = queue.SimpleQueue()
         self._sleeping = False   # the device thread waits (or is about to) on _wakeup
-        self._held: set = set()  # clients whose waiting jobs do not start (hold)
+        self._unanswered: dict = {}   # client -> bytes of results made, answers not yet made
+        self._unread: dict = {}       # client -> bytes of answers made, not yet written
+        self._over: set = set()       # clients past max_untaken_bytes: their jobs do not start
         self._closed = False
         self._run_s = 0.05  # moving average of a job's run time, for retry_after_ms
 
@@ -96,19 +101,70 @@ class JobQueue:
         if displaced is not None:
             displaced.future.set_exception(refusal)  # answered as a refused request is
 
-    def hold(self, client: Hashable, held: bool) -> None:
-        """Hold a client's waiting jobs: they stay queued (cancel, deadlines
-        and disconnects still apply) and none starts until released; the
-        admission holds a uid whose answers are not being read (admission.py).
-        Released, the device thread is woken for them."""
+    # -- results a client has not taken yet -----------------------------------
+    #
+    # A client's results count from the moment the device thread makes them
+    # (job_done) until its answers are made (answer_made), then, for what
+    # its socket does not take at once, until written (unread). Past
+    # max_untaken_bytes its waiting jobs do not start: checked on the device
+    # thread before it takes another job, since the event loop may see the
+    # results, and the answers a client does not read, only after many more.
+
+    def job_done(self, job: Job, result_bytes: int) -> None:
+        """The device thread made ``job``'s result (device thread)."""
         with self._lock:
-            if held:
-                self._held.add(client)
-                return
-            if client not in self._held:
-                return
-            self._held.discard(client)
-        self.wake()
+            if job.answered or not result_bytes:
+                return   # its request is gone already: nothing would give it back
+            job.result_bytes = result_bytes
+            self._unanswered[job.client] = self._unanswered.get(job.client, 0) + result_bytes
+            self._recount(job.client)
+
+    def answer_made(self, job: Job) -> None:
+        """``job``'s answer is made, or its request is gone (event loop)."""
+        with self._lock:
+            job.answered = True
+            size, job.result_bytes = job.result_bytes, 0
+            released = size and self._add(self._unanswered, job.client, -size)
+        if released:
+            self.wake()
+
+    def unread(self, client: Hashable, delta: int) -> None:
+        """Bytes of ``client``'s answers waiting to be written: more (their
+        socket did not take them) or fewer (written, or their connection
+        closed) (event loop; admission.py)."""
+        with self._lock:
+            released = self._add(self._unread, client, delta)
+        if released:
+            self.wake()
+
+    def _add(self, counts: dict, client: Hashable, delta: int) -> bool:
+        """Under the lock; True when ``client`` may run jobs again."""
+        left = counts.get(client, 0) + delta
+        if left > 0:
+            counts[client] = left
+        else:
+            counts.pop(client, None)
+        return self._recount(client)
+
+    def _recount(self, client: Hashable) -> bool:
+        """Under the lock: whether ``client`` is past its bound now; True
+        when it just came back under it."""
+        untaken = self._unanswered.get(client, 0) + self._unread.get(client, 0)
+        if untaken > self.limits.max_untaken_bytes:
+            self._over.add(client)
+            return False
+        if client in self._over:
+            self._over.discard(client)
+            return True
+        return False
+
+    def set_limits(self, limits: QueueLimits) -> None:
+        """A reloaded configuration's bounds (the policy itself needs a restart)."""
+        with self._lock:
+            self.limits = limits
+            released = [client for client in list(self._over) if self._recount(client)]
+        if released:
+            self.wake()
 
     def wake(self) -> None:
         """Wake the device thread if it sleeps (or is about to)."""
@@ -242,10 +298,10 @@ class JobQueue:
         return expired
 
     def _runnable(self) -> list[Job]:
-        """The waiting jobs that may start (those of held clients may not)."""
-        if not self._held:
+        """The waiting jobs that may start (not those of clients past their bound)."""
+        if not self._over:
             return self._jobs
-        return [job for job in self._jobs if job.client not in self._held]
+        return [job for job in self._jobs if job.client not in self._over]
 
     def _select(self, jobs: list[Job], now: float) -> Job:
         """Which of ``jobs`` (waiting, none held; never empty) runs next."""
