@@ -324,7 +324,6 @@ class Dispatcher:
         return result
 
 
-
     def _prepare(self, request: p.Request, blocks: references.Blocks | None):
         """actions.prepare, after v2 tensor references in input_data are resolved
         (worker thread, or the event loop for a small request without input_data).
@@ -545,12 +544,6 @@ def _memfd_size(blocks: references.Blocks | None) -> int:
         return os.fstat(blocks.fds[0]).st_size
     except OSError:
         return 0
-
-
-
-
-
-
 
 
 def _peer(connection: Session | None) -> Peer:
