@@ -351,3 +351,19 @@ def test_a_request_abandoned_while_its_job_runs_leaves_nothing_in_the_log(start_
             time.sleep(0.05)
         client.ping()
     assert "never retrieved" not in daemon.log()
+
+
+def test_a_client_that_pipelines_hundreds_of_requests_does_not_keep_another_waiting_behind_them(start_daemon):
+    """Frames read ahead are answered one per connection per pass of the
+    event loop: another client's ping is answered among the first of a
+    300-status burst, not after all of it (uptime_seconds orders them)."""
+    daemon = start_daemon(scheduling={"max_inflight_per_connection": 1000})
+    flood, victim = Raw(daemon.socket_path), Raw(daemon.socket_path)
+    flood.sock.sendall(b"".join(p.encode_frame({"action": "status", "request_id": i}) for i in range(300)))
+    victim.send({"action": "ping", "request_id": "victim"})
+    answered_at = victim.read()["uptime_seconds"]
+    burst = [flood.read()["uptime_seconds"] for _ in range(300)]
+    after = sum(at > answered_at for at in burst)
+    assert after >= 150, f"the ping was answered after {300 - after} of the 300 status answers"
+    flood.close()
+    victim.close()

@@ -47,6 +47,7 @@ from .shm_buffers import RegisteredBuffers
 log = logging.getLogger(__name__)
 
 INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
+FRAMES_PER_TURN = 8               # frames read ahead handled in a row before other connections' turn
 VALUE_BYTES = 80                 # what one JSON value may take decoded (a dict is 64, a list slot 8)
 _connection_ids = itertools.count(1)
 
@@ -177,6 +178,7 @@ class Session:
         return f"uid {self.peer.uid}" if self.peer.uid is not None else f"connection {self.id}"
 
     async def run(self) -> None:
+        in_a_row = 0   # frames taken from what was read already, without a pause
         try:
             while True:
                 frame = await self._read_frame()
@@ -191,6 +193,14 @@ class Session:
                     await self._room_for_tasks()
                 elif not await self._answer_v1(frame):
                     break
+                if not self._reader.buffered:
+                    in_a_row = 0
+                elif (in_a_row := in_a_row + 1) >= FRAMES_PER_TURN:
+                    # Many of this client's frames were here already: the other
+                    # connections' go next, or a client that pipelines hundreds
+                    # would keep every other client waiting behind all of them.
+                    in_a_row = 0
+                    await asyncio.sleep(0)
         except (OSError, asyncio.IncompleteReadError):
             pass  # the client went away, or was cut off
         finally:
