@@ -273,3 +273,12 @@ def test_a_result_whose_request_is_gone_counts_for_nothing():
     queue.answer_made(taken)                     # the request ended while its job ran
     queue.job_done(taken, 5000)                  # the result comes after: nobody would give it back
     assert queue.get(0) is other
+
+
+def test_a_results_size_counts_its_arrays_and_text_and_gives_up_on_huge_structures():
+    import numpy as np
+    from hailo_devmgr.daemon.jobs import payload_bytes
+    result = ({"outputs": {"y": np.zeros(1000, np.float32)}, "text": "abc", "raw": b"xy"}, 1.5, 0.0)
+    assert payload_bytes(result) == 4000 + 3 + 2
+    assert payload_bytes([{"a": 1}] * 300, max_nodes=256) is None
+    assert payload_bytes([[[]]] * 100, max_nodes=150) is None   # nested: too many nodes in all

@@ -224,8 +224,9 @@ class DeviceThread:
             job.future.set_exception(error)
         else:
             # Counted before the next job is taken, so a client whose answers
-            # pile up waits now, not once the event loop has seen them.
-            self.queue.job_done(job, payload_bytes(result))
+            # pile up waits now, not once the event loop has seen them (a
+            # result too intricate to size here counts once its answer is made).
+            self.queue.job_done(job, payload_bytes(result) or 0)
             job.future.set_result(result)
 
     def _run_guarded(self, label: str, budget_s: float, fn: Callable[[], Any]) -> None:

@@ -18,8 +18,6 @@ import os
 import time
 from dataclasses import replace
 
-import numpy as np
-
 from . import actions, jobs, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
 from .attachment_buffers import BufferPool
@@ -554,26 +552,10 @@ SMALL_RESULT_BYTES = 64 * 1024
 
 
 def _is_small_result(result) -> bool:
-    """At most SMALL_RESULT_BYTES of arrays, in a shallow structure (handlers'
-    results are a dict of outputs, a list of segments, an array or text)."""
-    total, pending = 0, [result]
-    for _ in range(256):
-        if not pending:
-            return total <= SMALL_RESULT_BYTES
-        item = pending.pop()
-        if isinstance(item, np.ndarray):
-            total += item.nbytes
-        elif isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            if len(item) > 256:
-                return False
-            pending.extend(item)
-        elif isinstance(item, str):
-            total += len(item)
-        if total > SMALL_RESULT_BYTES:
-            return False
-    return False
+    """At most SMALL_RESULT_BYTES of arrays and text, in a shallow structure
+    (handlers' results are a dict of outputs, a list of segments, an array or text)."""
+    size = jobs.payload_bytes(result, max_nodes=256)
+    return size is not None and size <= SMALL_RESULT_BYTES
 
 
 def _work_key(connection: Session | None):

@@ -124,25 +124,27 @@ class JobFuture:
             raise concurrent.futures.CancelledError()
 
 
-def payload_bytes(value: Any, max_nodes: int = 4096) -> int:
+def payload_bytes(value: Any, max_nodes: int = 4096) -> int | None:
     """About how many bytes a job's result holds: its arrays, texts and bytes
-    (handlers' results are dicts, lists and tuples of those). At most
-    ``max_nodes`` containers and values are looked at (what a handler
-    returns is far smaller); what lies beyond is not counted."""
+    (handlers' results are dicts, lists and tuples of those). None when it
+    has more than ``max_nodes`` containers and values: too many to look at
+    (what a handler returns has far fewer)."""
     total, pending = 0, [value]
     for _ in range(max_nodes):
         if not pending:
-            break
+            return total
         item = pending.pop()
         if isinstance(item, np.ndarray):
             total += item.nbytes
         elif isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, (list, tuple)):
+            if len(item) > max_nodes:
+                return None
             pending.extend(item)
         elif isinstance(item, (str, bytes, bytearray)):
             total += len(item)
-    return total
+    return None if pending else total
 
 
 @dataclass(eq=False)
