@@ -425,8 +425,7 @@ class ModelRegistry:
                                        activate_to_run=self.runtime.device_config.scheduling_algorithm == "none")
             started = time.perf_counter()
             try:
-                with self.runtime.backend.request_scope(None):
-                    handler.load()
+                handler.load()
             except RequestError as error:
                 raise _shown(error, files) from None
             except Exception as exc:

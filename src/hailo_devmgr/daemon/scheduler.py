@@ -28,12 +28,19 @@ keeps at least the share (it held more than the newcomer will), so two
 clients never take turns displacing each other, and no set of other
 clients can keep one out of the queue (below ``max_queue`` clients).
 
+A client's results count against it from the moment the device thread
+makes them until their answers are written (``job_done``, ``answer_made``,
+``unread``); past ``max_untaken_bytes`` (the uid's share of request bytes)
+its waiting jobs do not start, so a client that does not read its answers
+cannot have the device make more of them.
+
 Jobs whose deadline passed before they started are answered ``timeout`` and
 never run. :class:`FifoQueue` keeps the core's first-come order (config
 ``scheduling.policy: fifo``), for comparison in benchmarks.
 
-Locking: every field is guarded by ``_lock`` (one lock); ``put``, ``remove``
-and ``drop_owner`` come from the event loop, ``get`` from the device thread,
+Locking: every field is guarded by ``_lock`` (one lock); ``put``, ``remove``,
+``drop_owner``, ``answer_made`` and ``unread`` come from the event loop,
+``get`` and ``job_done`` from the device thread,
 which sleeps on ``_wakeup`` (a C queue: one token when it sleeps and a job
 comes; no Python-level condition variable on the request path).
 Jobs are settled outside our lock (a JobFuture has its own, jobs.py).
@@ -304,7 +311,7 @@ class JobQueue:
         return [job for job in self._jobs if job.client not in self._over]
 
     def _select(self, jobs: list[Job], now: float) -> Job:
-        """Which of ``jobs`` (waiting, none held; never empty) runs next."""
+        """Which of ``jobs`` (waiting, none of a client past its bound; never empty) runs next."""
         raise NotImplementedError
 
 

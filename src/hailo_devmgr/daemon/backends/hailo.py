@@ -59,6 +59,7 @@ INSTALL_HINT = "install python3-h10-hailort (Hailo-10H) or python3-hailort (Hail
 
 _NOTHING_TO_APPLY = contextlib.nullcontext()
 
+
 class HailoBackend:
     """Backend on a real Hailo-10H / Hailo-8 / Hailo-8L (see backends.Backend)."""
 

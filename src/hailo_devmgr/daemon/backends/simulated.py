@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 
 REQUEST_KNOBS = ("simulate_ms", "simulate_hang_ms")   # in model_params (request_options)
 MAX_SIMULATE_MS = 600_000
-_NO_KNOBS = contextlib.nullcontext()
 DEVICE_ID = "0001:01:00.0"
 ARCHITECTURE = "HAILO10H"
 FW_VERSION = "5.3.0 (simulated)"
@@ -1771,7 +1770,7 @@ class SimulatedBackend(HailoBackend):
 
     def request_scope(self, options) -> contextlib.AbstractContextManager:
         """Around one request's inference: its knobs (``request_options``) apply."""
-        return _NO_KNOBS if options is None else self._knobs_applied(options)
+        return super().request_scope(None) if options is None else self._knobs_applied(options)
 
     @contextlib.contextmanager
     def _knobs_applied(self, knobs: dict):
