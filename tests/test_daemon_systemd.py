@@ -226,7 +226,9 @@ def test_sighup_reloads_and_keeps_connections(tmp_path, model_dir, notify):
     with Client(daemon.socket_path, timeout=30) as client:
         client.load_model(a, "generic")
         client.load_model(b, "generic")
-        write_config(tmp_path, model_dir, max_loaded_models=1)
+        # With a change that needs a restart: it waits, the rest applies.
+        write_config(tmp_path, model_dir, max_loaded_models=1, scheduling={"max_queue": 7},
+                     simulated={"infer_ms": 3})
         daemon.signal(signal.SIGHUP)
         notify.wait_for("RELOADING=1")
         deadline = time.monotonic() + 10
@@ -235,6 +237,8 @@ def test_sighup_reloads_and_keeps_connections(tmp_path, model_dir, notify):
             time.sleep(0.05)
         client.load_model(str(model_dir / "two.hef"), "generic")  # same connection still works
         assert len(client.status()["loaded_models"]) == 1  # the new limit applies
+        assert client.request("hello", protocol=1)["limits"]["max_queue"] == 7
+        assert "simulated change only after a restart" in daemon.log()
         # A broken file on reload keeps the running configuration.
         (tmp_path / "config.yaml").write_text("backend: [")
         daemon.signal(signal.SIGHUP)

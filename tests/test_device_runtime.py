@@ -20,6 +20,7 @@ from hailo_devmgr.daemon.backends import simulated as sim
 from hailo_devmgr.daemon.backends.simulated import SimulatedBackend
 from hailo_devmgr.daemon.device import Chore, DeviceRuntime, DeviceThread
 from hailo_devmgr.daemon.handlers import HANDLERS
+from hailo_devmgr.daemon.settings import Settings
 from test_config import CONFFILE, load_text
 
 
@@ -93,8 +94,8 @@ class FakeBackend:
 
 
 def runtime_with(backend, **device):
-    return DeviceRuntime(backend, cfg.DeviceConfig(**device), cfg.WatchdogConfig(),
-                         cfg.ThermalConfig(limit_c=80, resume_c=75, interval_s=1))
+    return DeviceRuntime(backend, Settings(cfg.Config(
+        device=cfg.DeviceConfig(**device), thermal=cfg.ThermalConfig(limit_c=80, resume_c=75, interval_s=1))))
 
 
 def test_rebuild_backoff_doubles_up_to_the_max_then_gives_up(monkeypatch):

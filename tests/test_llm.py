@@ -16,10 +16,11 @@ from hailo_devmgr.client import Client, tensor
 from hailo_devmgr.daemon import registry as reg
 from hailo_devmgr.daemon.backends import simulated as sim
 from hailo_devmgr.daemon.backends.simulated import SimulatedBackend
-from hailo_devmgr.daemon.config import DeviceConfig, SimulatedConfig
+from hailo_devmgr.daemon.config import Config, DeviceConfig, SimulatedConfig
 from hailo_devmgr.daemon.handlers import HANDLERS, InputLimits
 from hailo_devmgr.daemon.handlers.generation import StopText
 from hailo_devmgr.daemon.model_files import resolve_model_path
+from hailo_devmgr.daemon.settings import Settings
 from hailo_devmgr.wire import protocol as p
 
 LLM = HANDLERS["llm"]
@@ -300,7 +301,7 @@ class _Runtime:
 
 def test_registry_generate_loads_on_demand_and_counts_uses(backend, vdevice, model_dir):
     (model_dir / "llm.hef").write_text("LLM stand-in\n")
-    registry = reg.ModelRegistry(_Runtime(backend, vdevice), max_loaded_models=4)
+    registry = reg.ModelRegistry(_Runtime(backend, vdevice), Settings(Config(max_loaded_models=4)))
     path = str(model_dir / "llm.hef")
     spec = reg.ModelSpec("llm", path, resolve_model_path(path, (str(model_dir),)), {}, LLM)
     seen = []

@@ -16,6 +16,7 @@ import os
 from . import limits
 from ..wire import protocol as p
 from ..wire.protocol import RequestError
+from .settings import Settings, bytes_per_uid
 
 log = logging.getLogger(__name__)
 
@@ -24,34 +25,37 @@ _DAEMON_UID = os.getuid()   # the daemon's own user is an admin (it never change
 
 
 class Admission:
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, settings: Settings):
+        self.settings = settings   # admin, client_priorities, frame_timeout_s: read at each use
         # What clients' requests hold while read and until answered, bounded in all and per uid.
-        self.pending_bytes = limits.Pool("request bytes", config.max_pending_bytes, bytes_per_uid(config))
-        self.pending_fds = limits.Pool("request descriptors", config.max_pending_fds,
-                                       config.max_pending_fds_per_uid)
+        self.pending_bytes = limits.Pool("request bytes")
+        self.pending_fds = limits.Pool("request descriptors")
         # Answers made and not yet taken by their client (also in pending_bytes):
         # past a uid's share, that uid gets no more device work run.
-        self.unsent_answers = limits.Pool("bytes of unread answers", UNBOUNDED, bytes_per_uid(config))
+        self.unsent_answers = limits.Pool("bytes of unread answers")
         # Registered shared memory: per connection in shm_buffers.py; here per uid (the
         # daemon's page tables, and the RSS the kernel's OOM killer reads).
-        self.registered_bytes = limits.Pool("registered shared-memory bytes", *_registered_bounds(config))
+        self.registered_bytes = limits.Pool("registered shared-memory bytes")
         # Answers waiting to be written are also told to the device queue
         # (JobQueue.unread, set by the dispatcher), which holds the client's
         # jobs past its share; clients past it, for the log's sake.
         self.report_unread = lambda client, delta: None
         self._not_reading: set = set()
         # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
-        self.device_jobs = limits.Pool("device requests", UNBOUNDED, _jobs_per_uid(config))
+        self.device_jobs = limits.Pool("device requests")
+        self._set_bounds()
+        settings.watch(self._set_bounds)
 
-    def apply(self, config) -> None:
-        """The bounds of a new configuration (what is held stays counted)."""
-        self.config = config
+    def _set_bounds(self) -> None:
+        """The pools' bounds, from the running configuration (what is held stays counted)."""
+        config = self.settings.config
         self.pending_bytes.set_limits(config.max_pending_bytes, bytes_per_uid(config))
         self.pending_fds.set_limits(config.max_pending_fds, config.max_pending_fds_per_uid)
         self.unsent_answers.set_limits(UNBOUNDED, bytes_per_uid(config))
-        self.registered_bytes.set_limits(*_registered_bounds(config))
-        self.device_jobs.set_limits(UNBOUNDED, _jobs_per_uid(config))
+        # One uid may register what one connection may, all together four times that.
+        self.registered_bytes.set_limits(4 * config.shm_buffer_max_bytes, config.shm_buffer_max_bytes)
+        # Those waiting (the queue's own bound), one running and one being answered.
+        self.device_jobs.set_limits(UNBOUNDED, config.scheduling.max_queue_per_client + 2)
 
     def held(self) -> dict:
         return {"request_bytes": self.pending_bytes.used, "descriptors": self.pending_fds.used,
@@ -63,14 +67,14 @@ class Admission:
         """Root, the daemon's own user, and the uids/groups in config `admin`."""
         if peer.uid is None:
             return False
-        admin = self.config.admin
+        admin = self.settings.config.admin
         if peer.uid in (0, _DAEMON_UID) or peer.uid in admin.uids:
             return True
         return bool(admin.groups) and bool(set(admin.groups) & peer.groups())
 
     def configured_priority(self, peer, unit: str | None) -> str | None:
         """The priority ``scheduling.client_priorities`` gives this peer, by uid or unit."""
-        for rule in self.config.scheduling.client_priorities:
+        for rule in self.settings.config.scheduling.client_priorities:
             if rule.get("uid") == peer.uid or (unit is not None and rule.get("unit") == unit):
                 return rule["priority"]
         return None
@@ -121,26 +125,10 @@ class Admission:
         like any wait: then busy."""
         if self.unsent_answers.refusal(uid, 0) is None:
             return   # the usual case: no wait, no deadline to set
-        deadline = asyncio.get_running_loop().time() + self.config.frame_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.settings.config.frame_timeout_s
         try:
             await self.unsent_answers.take(uid, 0, deadline)
         except limits.PoolTimeout as full:
             raise RequestError(p.BUSY, f"This client's answers are not being read ({full.reason})",
                                retry_after_ms=1000) from None
 
-
-def _jobs_per_uid(config) -> int:
-    """Those waiting (the queue's own bound), one running and one being answered."""
-    return config.scheduling.max_queue_per_client + 2
-
-
-def _registered_bounds(config) -> tuple[int, int]:
-    """(all uids, one uid): one uid may register what one connection may, all
-    together four times that."""
-    return 4 * config.shm_buffer_max_bytes, config.shm_buffer_max_bytes
-
-
-def bytes_per_uid(config) -> int:
-    """A uid's share of request bytes, never below one whole message: a body is
-    charged a chunk at a time, and its own earlier chunks count."""
-    return max(config.max_pending_bytes_per_uid, config.max_message_bytes)

@@ -38,6 +38,7 @@ from .backends import Backend, BackendUnavailable, DeviceIdentity
 from ..wire.protocol import DEVICE_UNAVAILABLE, OVERHEATED, RequestError, shutting_down
 from .jobs import Job, payload_bytes
 from .scheduler import FairScheduler, JobQueue
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class DeviceThread:
                  chores: list[Chore] | None = None):
         self.runtime = runtime
         self.queue = queue if queue is not None else FairScheduler()  # (an empty queue is falsy)
-        other = lambda: runtime.budgets.other_budget_s  # noqa: E731 - read at run time (reload)
+        other = lambda: runtime.budgets.other_budget_s  # noqa: E731 - read at run time (settings.py)
         # The runtime's own chores first: a rebuilt device before anything else.
         self.chores: list[Chore] = [
             Chore("rebuild device", runtime.rebuild_due, runtime.rebuild, other),
@@ -245,11 +246,9 @@ class DeviceRuntime:
     attributes the event loop reads (see the module docstring) and
     :meth:`thermal_refusal`, which only reads them."""
 
-    def __init__(self, backend: Backend, device_config, budgets, thermal):
+    def __init__(self, backend: Backend, settings: Settings):
         self.backend = backend
-        self.device_config = device_config    # retry_s, rebuild_* (restart to change)
-        self.budgets = budgets                # watchdog budgets (replaced on reload)
-        self.thermal = thermal                # thermal limits (replaced on reload)
+        self.settings = settings
         self.vdevice: Any = None
         self.identity = DeviceIdentity(None, None, None)
         self.temperature_c: float | None = None
@@ -273,6 +272,19 @@ class DeviceRuntime:
     @property
     def platform(self):
         return self.backend.platform
+
+    # Read from the running configuration at each use (settings.py).
+    @property
+    def device_config(self):
+        return self.settings.config.device       # retry_s, rebuild_* (restart to change)
+
+    @property
+    def budgets(self):
+        return self.settings.config.watchdog     # the watchdog's budgets
+
+    @property
+    def thermal(self):
+        return self.settings.config.thermal      # the thermal guard's limits
 
     # -- opening ------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from . import actions, jobs, lending, scheduler, simulate, status, streaming, workers
 from .admission import Admission
+from .settings import Settings
 from .attachment_buffers import BufferPool
 from .handoff import LoopHandoff
 from .session import Session, Frame, Peer
@@ -37,17 +38,17 @@ class Dispatcher:
     """What every session shares: the device, the registry, the pools and the
     table of actions. Holds no session; each call names its own."""
 
-    def __init__(self, config, device, runtime, registry, socket_path: str):
-        self.config = config
+    def __init__(self, settings: Settings, device, runtime, registry, socket_path: str):
+        self.settings = settings
         self.device = device
         self.runtime = runtime
         self.registry = registry
         self.socket_path = socket_path
         self.started_mono = time.monotonic()
-        self.admission = Admission(config)
+        self.admission = Admission(settings)
         self.admission.report_unread = device.queue.unread   # a uid whose answers go unread: its jobs wait
         # Idle attachment buffers kept for reuse (not counted in the budget).
-        self.buffers = BufferPool(min(64 * 1024 * 1024, config.max_pending_bytes // 4))
+        self.buffers = BufferPool(min(64 * 1024 * 1024, settings.config.max_pending_bytes // 4))
         self.last_error: str | None = None
         self.last_error_code: str | None = None   # what systemd's STATUS= shows of it
         self.metrics = Metrics()
@@ -58,10 +59,10 @@ class Dispatcher:
         self._table = self._actions()
         self._loop_handoff: LoopHandoff | None = None
 
-    def apply_config(self, config) -> None:
-        """A new configuration (SIGHUP), replacing the old one whole."""
-        self.config = config
-        self.admission.apply(config)
+    @property
+    def config(self):
+        """The running configuration (settings.py): read once per use, never kept."""
+        return self.settings.config
 
     async def preload(self, model_type: str, model_path: str, model_params: dict) -> dict:
         """Load a pinned model as the daemon itself (no session): the answer a
@@ -190,12 +191,13 @@ class Dispatcher:
             prepared = self._prepare(request, blocks)
         else:
             prepared = await self.worker_pool.run(_work_key(connection), self._prepare, request, blocks)
+        budgets = self.config.watchdog
         if request.action != "unload_model":
             params = request.body.get("model_params")
             if params:   # a dict (prepare checked it): the backend's own knobs in it
                 requester = connection.peer.uid if connection is not None else os.geteuid()
                 prepared.backend_options = self.runtime.backend.request_options(
-                    params, self.config.watchdog.infer_budget_s, requester)
+                    params, budgets.infer_budget_s, requester)
             # The thermal guard, from the device thread's latest reading
             # (checked again when the job starts on the device thread).
             refusal = self.runtime.thermal_refusal()
@@ -204,7 +206,7 @@ class Dispatcher:
         prepared.log_fields = self._log_fields(request, connection)
         prepared.admin = connection is None or self.admission.is_admin(connection.peer)
         tokens = self._open_stream(request, connection) if prepared.stream else None
-        fn, label, budget_s = actions.device_job(prepared, self.registry, self.config.watchdog,
+        fn, label, budget_s = actions.device_job(prepared, self.registry, budgets,
                                                  tokens.on_token if tokens else None)
         if connection is not None:
             await self.admission.answers_taken(connection.peer.uid)

@@ -16,7 +16,7 @@ import asyncio
 
 
 class Pool:
-    def __init__(self, name: str, limit: int, per_uid: int):
+    def __init__(self, name: str, limit: int = 0, per_uid: int = 0):
         self.name = name
         self.limit = limit
         self.per_uid = min(per_uid, limit)

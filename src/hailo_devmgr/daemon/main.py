@@ -28,8 +28,8 @@ from .backends import create_backend
 from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
 from .scheduler import QueueLimits, create_queue
+from .settings import Settings, bytes_per_uid
 from . import lending, status
-from .admission import bytes_per_uid
 from .dispatch import Dispatcher
 from .listener import Listener, bind_unix_socket, refuse_connections
 
@@ -83,26 +83,21 @@ def load_config(args) -> config_mod.Config:
     return replace(config, **overrides) if overrides else config
 
 
-def pin_keys(config) -> frozenset[str]:
-    return frozenset(f"{pin.model_type}:{pin.model_path}" for pin in config.pin)
-
-
 def queue_limits(config) -> QueueLimits:
-    settings = config.scheduling
-    return QueueLimits(settings.max_queue, settings.max_queue_per_client, settings.aging_s,
-                       settings.affinity_max_skips, max_untaken_bytes=bytes_per_uid(config))
+    scheduling = config.scheduling
+    return QueueLimits(scheduling.max_queue, scheduling.max_queue_per_client, scheduling.aging_s,
+                       scheduling.affinity_max_skips, max_untaken_bytes=bytes_per_uid(config))
 
 
 class Daemon:
     def __init__(self, config, args):
-        self.config = config
+        self.settings = Settings(config)   # the one running configuration (settings.py)
         self.args = args
         self.notifier = systemd.Notifier()
         backend = create_backend(config)
-        self.runtime = DeviceRuntime(backend, config.device, config.watchdog, config.thermal)
-        self.registry = ModelRegistry(self.runtime, config.max_loaded_models, pin_keys(config),
-                                      config.keep_alive)
-        budgets = lambda: self.runtime.budgets  # noqa: E731 - replaced on reload
+        self.runtime = DeviceRuntime(backend, self.settings)
+        self.registry = ModelRegistry(self.runtime, self.settings)
+        budgets = lambda: self.runtime.budgets  # noqa: E731 - read at each use (settings.py)
         queue = create_queue(config.scheduling.policy, queue_limits(config),
                              lambda: self.registry.loaded_keys)
         self.device = DeviceThread(self.runtime, queue=queue, chores=[
@@ -117,11 +112,12 @@ class Daemon:
         self._bound_path: str | None = None
         self._bound_inode: tuple | None = None
         self._watchdog_warned = False
+        self._watch_settings()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         listener = self._listener()
-        self.dispatcher = Dispatcher(self.config, self.device, self.runtime, self.registry,
+        self.dispatcher = Dispatcher(self.settings, self.device, self.runtime, self.registry,
                                      self.config.socket_path)
         self.listener = Listener(self.dispatcher)
         self.dispatcher.after_reclaim = self.prewarm
@@ -224,25 +220,25 @@ class Daemon:
             self._apply(new)
         self.notifier.ready(status.summary(self.dispatcher))
 
+    @property
+    def config(self):
+        return self.settings.config
+
+    def _watch_settings(self) -> None:
+        """What a reload rebuilds beside the parts that read the settings at use."""
+        settings = self.settings
+        settings.watch(lambda: systemd.set_level(settings.config.log_level))
+        settings.watch(lambda: self.device.queue.set_limits(queue_limits(settings.config)))
+        # The registry is the device thread's: its pinned flags are redone there.
+        settings.watch(lambda: self.device.submit(
+            self.registry.settings_changed, label="apply configuration",
+            budget_s=settings.config.watchdog.other_budget_s, client="daemon", priority=0))
+        settings.watch(self.prewarm)  # pins added by the new file (loaded ones answer "already loaded")
+
     def _apply(self, new) -> None:
-        needs_restart = [key for key in ("backend", "socket_path", "socket_mode", "socket_dir_mode",
-                                         "simulated", "device")
-                         if getattr(new, key) != getattr(self.config, key)]
-        if new.scheduling.policy != self.config.scheduling.policy:
-            needs_restart.append("scheduling.policy")
-        if needs_restart:
-            log.warning("configuration reloaded; %s change only after a restart", ", ".join(needs_restart))
-        systemd.set_level(new.log_level)
-        self.dispatcher.apply_config(new)
-        self.runtime.budgets = new.watchdog
-        self.device.queue.set_limits(queue_limits(new))  # the policy itself needs a restart
-        self.runtime.thermal = new.thermal  # used from the next temperature reading
-        self.device.submit(lambda: self.registry.set_limits(new.max_loaded_models, pin_keys(new),
-                                                            new.keep_alive),
-                           label="apply configuration", budget_s=new.watchdog.other_budget_s,
-                           client="daemon", priority=0)
-        self.config = new
-        self.prewarm()  # pins added by the new file (loaded ones answer "already loaded")
+        waiting = self.settings.replace(new)
+        if waiting:
+            log.warning("configuration reloaded; %s change only after a restart", ", ".join(waiting))
         log.info("configuration reloaded")
 
     async def shutdown(self) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 from . import hailort_status as hs
 from .handlers import Handler
 from .model_files import UNREADABLE_HINT, ModelFiles
+from .settings import Settings, pin_keys
 from ..wire.protocol import BAD_REQUEST, DEVICE_UNAVAILABLE, FORBIDDEN, INFERENCE_FAILED, LOAD_FAILED, RESOURCE_EXHAUSTED, RequestError
 
 log = logging.getLogger(__name__)
@@ -182,12 +183,9 @@ def _shown(error: RequestError, files: ModelFiles) -> RequestError:
 
 
 class ModelRegistry:
-    def __init__(self, runtime, max_loaded_models: int, pins: frozenset[str] = frozenset(),
-                 keep_alive: dict | None = None):
+    def __init__(self, runtime, settings: Settings):
         self.runtime = runtime
-        self.max_loaded_models = max_loaded_models
-        self.pins = pins
-        self.keep_alive = dict(keep_alive or {"default": FOREVER})  # model type → seconds
+        self.settings = settings   # max_loaded_models, pin, keep_alive: read at each use
         self._models: dict[str, LoadedModel] = {}  # by ModelSpec.identity
         # Pinned models as the daemon's own load_model named them (name → spec:
         # only the pin's own model_params are pinned; to reload them after a
@@ -315,13 +313,18 @@ class ModelRegistry:
             self._drop(self._models[key])
         self._publish()
 
-    def set_limits(self, max_loaded_models: int, pins: frozenset[str], keep_alive: dict | None = None) -> None:
-        """Apply a reloaded config (takes effect at the next load; keep-alive
-        at each model's next use)."""
-        self.max_loaded_models = max_loaded_models
-        self.pins = pins
-        if keep_alive is not None:
-            self.keep_alive = dict(keep_alive)
+    @property
+    def max_loaded_models(self) -> int:
+        return self.settings.config.max_loaded_models
+
+    @property
+    def pins(self) -> frozenset[str]:
+        return self.settings.derived(pin_keys)
+
+    def settings_changed(self) -> None:
+        """After a reload (device thread): models pinned or unpinned by it say
+        so at once; max_loaded_models applies at the next load, keep_alive at
+        each model's next use."""
         self._refresh_pins()
         self._publish()
 
@@ -456,7 +459,8 @@ class ModelRegistry:
         then not applied (the current one restarts)."""
         seconds = requested
         if seconds is None:
-            seconds = self.keep_alive.get(model.spec.model_type, self.keep_alive.get("default", FOREVER))
+            configured = self.settings.config.keep_alive   # model type → seconds
+            seconds = configured.get(model.spec.model_type, configured.get("default", FOREVER))
         # Negative is forever; so is a non-finite one (JSON lets NaN and 1e999 through),
         # which status could not even encode.
         keep_s = None if seconds < 0 or not math.isfinite(seconds) else float(seconds)
