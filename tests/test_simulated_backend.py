@@ -691,3 +691,15 @@ def test_status_of_reads_every_raised_exception(backend, number, class_name):
     assert hailort_status.status_of(error) == number
     assert hailort_status.status_of(raw_status_error(number)) == number
     assert str(raw_status_error(number)) == str(number)
+
+
+@pytest.mark.parametrize("count", [16, 1024, 1025, 4096])
+def test_float_outputs_look_like_a_models_whatever_their_size(count):
+    """Small float outputs come from the hash (no numpy generator, which lets go
+    of the GIL), large ones from a generator: both about standard normal."""
+    stream = sim._StreamSpec("out", (count, 1), sim.FormatType.FLOAT32)
+    values = np.concatenate([sim._simulated_output(seed.to_bytes(4, "little") * 4, stream, sim.FormatType.FLOAT32,
+                                                   [("in", memoryview(b"x"))])
+                             for seed in range(max(1, 20000 // count))]).ravel()
+    assert values.dtype == np.float32 and np.isfinite(values).all()
+    assert abs(float(values.mean())) < 0.05 and abs(float(values.std()) - 1.0) < 0.05

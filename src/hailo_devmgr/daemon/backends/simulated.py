@@ -564,6 +564,17 @@ class _NetworkSpec:
 
 
 _SMALL_OUTPUT_ELEMENTS = 4096
+_SMALL_FLOAT_OUTPUT_ELEMENTS = 1024
+
+
+def _normal_from_hash(seed: bytes, count: int) -> np.ndarray:
+    """``count`` standard normal float32 values drawn from ``seed``: Box-Muller
+    over the hash's bits made into floats in [1, 2) (float32 throughout:
+    numpy lets go of the GIL in every cast or copy, however small)."""
+    bits = np.frombuffer(hashlib.shake_128(seed).digest(8 * count), dtype="<u4")
+    uniform = ((bits >> np.uint32(9)) | np.uint32(0x3F800000)).view(np.float32)   # [1, 2)
+    radius = np.sqrt(np.float32(-2.0) * np.log(np.float32(2.0) - uniform[:count]))  # of (0, 1]
+    return radius * np.cos(np.float32(2.0 * math.pi) * (uniform[count:] - np.float32(1.0)))
 
 
 def _simulated_output(model_digest: bytes, spec: _StreamSpec, format_type: FormatType,
@@ -578,18 +589,26 @@ def _simulated_output(model_digest: bytes, spec: _StreamSpec, format_type: Forma
     for name, data in inputs:
         hasher.update(b"\0" + name.encode() + b"\0")
         hasher.update(zlib.crc32(data).to_bytes(4, "little") + len(data).to_bytes(8, "little"))
-    if format_type != FormatType.FLOAT32 and math.prod(spec.shape) <= _SMALL_OUTPUT_ELEMENTS:
-        # Uniform integers straight from the hash: a generator's seeding costs
-        # more than a small model's whole simulated run.
+    count = math.prod(spec.shape)
+    # A small output comes straight from the hash, with no numpy call that
+    # lets go of the GIL: seeding a generator (which also costs more than a
+    # small model's whole simulated run), np.linalg.norm, a copy or a cast.
+    # Each such call hands the GIL to the event loop's thread, and the device
+    # thread then waits for it back.
+    if format_type != FormatType.FLOAT32 and count <= _SMALL_OUTPUT_ELEMENTS:
         dtype = np.dtype(_DTYPES[format_type])
-        raw = hashlib.shake_128(hasher.digest()).digest(math.prod(spec.shape) * dtype.itemsize)
-        return np.frombuffer(raw, dtype=dtype).reshape(spec.shape).copy()
-    rng = np.random.default_rng(int.from_bytes(hasher.digest(), "little"))
+        raw = bytearray(hashlib.shake_128(hasher.digest()).digest(count * dtype.itemsize))
+        return np.frombuffer(raw, dtype=dtype).reshape(spec.shape)   # writable, as the copy was
     if format_type == FormatType.FLOAT32:
-        values = rng.standard_normal(spec.shape, dtype=np.float32)
+        if count <= _SMALL_FLOAT_OUTPUT_ELEMENTS:
+            values = _normal_from_hash(hasher.digest(), count).reshape(spec.shape)
+        else:
+            rng = np.random.default_rng(int.from_bytes(hasher.digest(), "little"))
+            values = rng.standard_normal(spec.shape, dtype=np.float32)
         if len(spec.shape) == 1:  # an embedding: unit length, as CLIP-like models give
-            values /= np.float32(np.linalg.norm(values)) or np.float32(1.0)
+            values /= np.float32(math.sqrt(float(np.add.reduce(values * values)))) or np.float32(1.0)
         return values
+    rng = np.random.default_rng(int.from_bytes(hasher.digest(), "little"))
     top = 256 if format_type == FormatType.UINT8 else 65536
     return rng.integers(0, top, size=spec.shape, dtype=_DTYPES[format_type])
 
