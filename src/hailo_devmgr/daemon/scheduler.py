@@ -343,14 +343,23 @@ class FairScheduler(JobQueue):
         return pick
 
     def _choose(self, jobs: list[Job], now: float) -> Job:
-        best = min(self.effective_class(job, now) for job in jobs)
-        in_class = [job for job in jobs if self.effective_class(job, now) == best]
+        # One pass (the device thread runs this between every two jobs): the
+        # best effective class, its jobs, and each client's oldest in it.
+        best = None
+        in_class: list[Job] = []
         oldest_of: dict[Hashable, Job] = {}
-        for job in in_class:
+        for job in jobs:
+            rank = self.effective_class(job, now)
+            if best is None or rank < best:
+                best, in_class, oldest_of = rank, [], {}
+            elif rank > best:
+                continue
+            in_class.append(job)
             known = oldest_of.get(job.client)
             if known is None or job.enqueued_at < known.enqueued_at:
                 oldest_of[job.client] = job
-        client = min(oldest_of, key=lambda c: (self._last_turn.get(c, 0), oldest_of[c].enqueued_at))
+        turn = self._last_turn.get
+        client = min(oldest_of, key=lambda c: (turn(c, 0), oldest_of[c].enqueued_at))
         return self._with_affinity(oldest_of[client], in_class)
 
     def _forget_idle_clients(self) -> None:
