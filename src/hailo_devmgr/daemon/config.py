@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .cpu_affinity import CpuPlacement
+
 DEFAULT_CONFIG_PATH = "/etc/hailo/device-manager.yaml"
 DEFAULT_SOCKET_PATH = "/run/hailo/device.sock"
 # Where HEFs are installed: Raspberry Pi's hailo-models package, hailo-apps'
@@ -70,6 +72,14 @@ def _idle_exit(value):
         raise ValueError(f"must be 0 (never) or at least {MIN_IDLE_EXIT_S:g} (each idle exit costs a start, "
                          f"and systemd allows 10 a minute), got {value}")
     return seconds
+
+
+def _cpu_affinity(value):
+    """"auto", "off", or a CPU this process may run on."""
+    if value not in ("auto", "off") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"must be auto, off or a CPU number, got {value!r}")
+    CpuPlacement.choose(value)   # a CPU number the process may not use: ValueError
+    return value
 
 
 def _choice(*choices: str):
@@ -328,6 +338,8 @@ class Config:
     keep_alive: dict = field(default_factory=lambda: {"default": -1.0},
                              metadata={"check": _keep_alive_map, "env": None})
     log_level: str = _key(_choice(*LOG_LEVELS), "info", "HAILO_DEVICE_LOG_LEVEL")
+    # The CPU the event loop and the device thread share (cpu_affinity.py).
+    cpu_affinity: str | int = _key(_cpu_affinity, "auto")
     device: DeviceConfig = field(default_factory=DeviceConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     thermal: ThermalConfig = field(default_factory=ThermalConfig)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from . import lending
 from .backends import Backend, BackendUnavailable, DeviceIdentity
+from .cpu_affinity import CpuPlacement
 from ..wire.protocol import DEVICE_UNAVAILABLE, OVERHEATED, RequestError, shutting_down
 from .jobs import Job, payload_bytes
 from .scheduler import FairScheduler, JobQueue
@@ -246,9 +247,11 @@ class DeviceRuntime:
     attributes the event loop reads (see the module docstring) and
     :meth:`thermal_refusal`, which only reads them."""
 
-    def __init__(self, backend: Backend, settings: Settings):
+    def __init__(self, backend: Backend, settings: Settings, placement: CpuPlacement | None = None):
         self.backend = backend
         self.settings = settings
+        # The device thread's CPU: widened while HailoRT makes its threads (open, loads).
+        self.placement = placement if placement is not None else CpuPlacement()
         self.vdevice: Any = None
         self.identity = DeviceIdentity(None, None, None)
         self.temperature_c: float | None = None
@@ -292,7 +295,8 @@ class DeviceRuntime:
         """Open the VDevice; False (reason in ``broken_reason``) if it cannot be."""
         self._last_attempt = time.monotonic()
         try:
-            self.vdevice = self.backend.open_vdevice()
+            with self.placement.widened():
+                self.vdevice = self.backend.open_vdevice()
         except BackendUnavailable as exc:
             self.broken_reason = str(exc)
             log.error("device unavailable: %s", exc)

@@ -52,7 +52,8 @@ class Dispatcher:
         self.last_error: str | None = None
         self.last_error_code: str | None = None   # what systemd's STATUS= shows of it
         self.metrics = Metrics()
-        self.worker_pool = workers.FairPool()   # request work, shared out by uid
+        # Request work, shared out by uid; on any CPU (cpu_affinity.py).
+        self.worker_pool = workers.FairPool(thread_init=runtime.placement.unpin_here)
         self.shutting_down = False
         self.sessions: dict[int, Session] = {}   # by connection id (the listener's), for status
         self.after_reclaim = lambda: None          # the daemon pre-loads its pins again

@@ -25,6 +25,7 @@ from . import config as config_mod
 from . import systemd
 from .._version import __version__
 from .backends import create_backend
+from .cpu_affinity import CpuPlacement
 from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
 from .scheduler import QueueLimits, create_queue
@@ -95,7 +96,9 @@ class Daemon:
         self.args = args
         self.notifier = systemd.Notifier()
         backend = create_backend(config)
-        self.runtime = DeviceRuntime(backend, self.settings)
+        # The event loop's thread and the device thread share one CPU (cpu_affinity.py).
+        self.placement = CpuPlacement.choose(config.cpu_affinity)
+        self.runtime = DeviceRuntime(backend, self.settings, self.placement)
         self.registry = ModelRegistry(self.runtime, self.settings)
         budgets = lambda: self.runtime.budgets  # noqa: E731 - read at each use (settings.py)
         queue = create_queue(config.scheduling.policy, queue_limits(config),
@@ -116,6 +119,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self.placement.pin_here()   # before any thread starts: the device thread inherits it
         listener = self._listener()
         self.dispatcher = Dispatcher(self.settings, self.device, self.runtime, self.registry,
                                      self.config.socket_path)
@@ -137,8 +141,8 @@ class Daemon:
         await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
         await self.listener.start(listener)
         self.notifier.ready(status.summary(self.dispatcher))
-        log.info("hailo-device-manager %s ready on %s (backend %s)", __version__,
-                 self.dispatcher.socket_path, self.config.backend)
+        log.info("hailo-device-manager %s ready on %s (backend %s; event loop and device thread: %s)",
+                 __version__, self.dispatcher.socket_path, self.config.backend, self.placement.describe())
         if self.runtime.loan is None:
             self.prewarm()
         tasks = [asyncio.ensure_future(self._status_loop())]

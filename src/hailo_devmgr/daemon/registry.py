@@ -428,7 +428,8 @@ class ModelRegistry:
                                        activate_to_run=self.runtime.device_config.scheduling_algorithm == "none")
             started = time.perf_counter()
             try:
-                handler.load()
+                with self.runtime.placement.widened():   # HailoRT's threads for it: any CPU
+                    handler.load()
             except RequestError as error:
                 raise _shown(error, files) from None
             except Exception as exc:

@@ -10,7 +10,7 @@ device queue's bounds, the registry's pinned models) is rebuilt from the
 new object by the watchers the part registered (:meth:`Settings.watch`).
 
 Settings that need a restart (the backend, the socket, the device, the
-simulated device, the scheduling policy) keep their running values in the
+simulated device, the scheduling policy, the CPU affinity) keep their running values in the
 object that replaces the old one: what ``settings.config`` says is what is
 in effect.
 """
@@ -22,8 +22,9 @@ from typing import Any, Callable
 from .config import Config
 
 # Taken only at start: the socket is bound, the backend and device opened,
-# the queue's policy built.
-RESTART_ONLY = ("backend", "socket_path", "socket_mode", "socket_dir_mode", "simulated", "device")
+# the queue's policy built, the threads placed.
+RESTART_ONLY = ("backend", "socket_path", "socket_mode", "socket_dir_mode", "simulated", "device",
+                "cpu_affinity")
 
 
 class Settings:

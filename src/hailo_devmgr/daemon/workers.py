@@ -39,11 +39,13 @@ class _Job:
 
 
 class FairPool:
-    def __init__(self, workers: int = WORKERS, per_key: int | None = None):
+    def __init__(self, workers: int = WORKERS, per_key: int | None = None,
+                 thread_init: Callable[[], None] | None = None):
         self.workers = workers
         # One worker is kept for the other keys (with a single worker, it is shared).
         self.per_key = per_key if per_key is not None else max(1, workers - 1)
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="hailo-worker")
+        # thread_init: run first in each worker thread (they run on any CPU: cpu_affinity.py).
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="hailo-worker", initializer=thread_init)
         self._queues: dict[Hashable, deque[_Job]] = {}
         self._running: dict[Hashable, int] = {}
         self._last_start: dict[Hashable, int] = {}   # keys with work: when one of theirs last started
