@@ -4,11 +4,19 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
+import pytest
+
+from conftest import env_with_src
 from hailo_devmgr.wire import protocol as p
 from hailo_devmgr.client import Client
+from hostile import socket_folder  # noqa: F401
 from test_daemon_scheduling import Raw
+
+NOBODY = 65534
 
 
 def closed_by_daemon(sock: socket.socket, within: float = 10.0) -> bool:
@@ -65,6 +73,30 @@ def test_status_lists_at_most_32_connections_the_askers_own_first(start_daemon):
     assert status["clients"][0]["client"] == "the-asker"
     for raw in others:
         raw.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_status_lists_every_uid_however_many_connections_one_uid_opens(start_daemon, socket_folder,
+                                                                        readable_src):
+    daemon = start_daemon(socket_path=f"{socket_folder}/device.sock", socket_mode="0666")
+    crowd = [Raw(daemon.socket_path, hello=False) for _ in range(40)]   # root's, the oldest
+    for raw in crowd:
+        assert connections_seen(raw)["status"] == "ok"
+    holder = ("import sys; from hailo_devmgr.client import Client\n"
+              f"c = Client({daemon.socket_path!r}); c.ping(); print('open', flush=True); sys.stdin.read()\n")
+    other = subprocess.Popen([sys.executable, "-c", holder], user=NOBODY, group=NOBODY, text=True,
+                             env=env_with_src({"PYTHONPATH": readable_src}),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert other.stdout.readline() == "open\n"
+        status = connections_seen(crowd[-1])
+        assert len(status["clients"]) == 32 and status["clients_not_listed"] == 9
+        assert [entry["uid"] for entry in status["clients"]].count(NOBODY) == 1
+    finally:
+        other.stdin.close()
+        other.wait(30)
+        for raw in crowd:
+            raw.close()
 
 
 def test_a_stalled_half_frame_is_cut_off_and_frees_its_memory(start_daemon):

@@ -17,6 +17,7 @@ from hailo_devmgr.daemon import registry as reg
 from hailo_devmgr.daemon.backends import simulated as sim
 from hailo_devmgr.daemon.backends.simulated import SimulatedBackend
 from hailo_devmgr.daemon.config import Config, DeviceConfig, SimulatedConfig
+from hailo_devmgr.daemon.cpu_affinity import CpuPlacement
 from hailo_devmgr.daemon.handlers import HANDLERS, InputLimits
 from hailo_devmgr.daemon.handlers.generation import StopText
 from hailo_devmgr.daemon.model_files import resolve_model_path
@@ -293,6 +294,7 @@ class _Runtime:
     def __init__(self, backend, vdevice):
         self.backend, self.platform, self.vdevice = backend, backend.platform, vdevice
         self.device_config = DeviceConfig()
+        self.placement = CpuPlacement()   # not pinned
         self.on_close, self.on_open = [], []
 
     def require(self):

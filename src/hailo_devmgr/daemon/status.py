@@ -57,14 +57,20 @@ def status_payload(d, asker=None) -> dict:
 
 def _listed_sessions(d, asker) -> list:
     """At most MAX_LISTED_CLIENTS sessions: the asker's own first, then the
-    oldest connections."""
+    oldest connection of each other uid, then the oldest of the rest. One
+    uid's many connections cannot hide every other uid's."""
     listed = [asker] if asker is not None and asker.id in d.sessions else []
+    uids = {session.peer.uid for session in listed}
+    rest = []
     for session in d.sessions.values():
-        if len(listed) >= MAX_LISTED_CLIENTS:
-            break
-        if session is not asker:
+        if session is asker:
+            continue
+        if session.peer.uid not in uids and len(listed) < MAX_LISTED_CLIENTS:
+            uids.add(session.peer.uid)
             listed.append(session)
-    return listed
+        elif len(listed) + len(rest) < MAX_LISTED_CLIENTS:
+            rest.append(session)
+    return listed + rest[:MAX_LISTED_CLIENTS - len(listed)]
 
 
 def _loan(d) -> dict:
