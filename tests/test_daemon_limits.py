@@ -99,6 +99,57 @@ def test_status_lists_every_uid_however_many_connections_one_uid_opens(start_dae
             raw.close()
 
 
+def _answers_written(raws: list[Raw]) -> int:
+    """How many whole answers the daemon has written to these connections so
+    far: what their sockets hold now, read without waiting for more."""
+    count = 0
+    for raw in raws:
+        raw.sock.setblocking(False)
+        data = bytearray()
+        try:
+            while chunk := raw.sock.recv(1 << 20):
+                data += chunk
+        except BlockingIOError:
+            pass
+        while len(data) >= 4 and len(data) >= 4 + struct.unpack(">I", data[:4])[0]:
+            del data[:4 + struct.unpack(">I", data[:4])[0]]
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_one_uids_pipelined_status_on_many_connections_does_not_hold_up_another_uid(
+        start_daemon, socket_folder, readable_src):
+    """Status answers are built on the event loop: one uid's backlog of them is
+    served a share of each pass, and another uid's request goes in between."""
+    daemon = start_daemon(socket_path=f"{socket_folder}/device.sock", socket_mode="0666")
+    victim_code = ("import sys; from hailo_devmgr.client import Client\n"
+                   f"c = Client({daemon.socket_path!r}); c.ping(); print('ready', flush=True)\n"
+                   "sys.stdin.readline(); c.ping(); print('answered', flush=True)\n")
+    victim = subprocess.Popen([sys.executable, "-c", victim_code], user=NOBODY, group=NOBODY, text=True,
+                              env=env_with_src({"PYTHONPATH": readable_src}),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    flood = [Raw(daemon.socket_path) for _ in range(8)]
+    try:
+        assert victim.stdout.readline() == "ready\n"
+        backlog = 30
+        for raw in flood:
+            raw.sock.sendall(b"".join(p.encode_frame({"action": "status", "request_id": i})
+                                      for i in range(backlog)))
+        victim.stdin.write("go\n")
+        victim.stdin.flush()
+        assert victim.stdout.readline() == "answered\n"
+        # Without turns, 130-190 of the 240 were written before the victim's
+        # ping was answered (the tasks ran in the passes after they were
+        # read); with them, 2-26.
+        assert _answers_written(flood) < len(flood) * backlog // 4
+    finally:
+        victim.stdin.close()
+        victim.wait(30)
+        for raw in flood:
+            raw.close()
+
+
 def test_a_stalled_half_frame_is_cut_off_and_frees_its_memory(start_daemon):
     daemon = start_daemon(frame_timeout_s=0.5, max_message_bytes=4096, max_pending_bytes=4096)
     staller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

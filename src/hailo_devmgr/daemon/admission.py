@@ -3,7 +3,8 @@ and answered, and who may ask for what.
 
 The pools (limits.Pool) bound, per uid and in all, the request bytes and
 descriptors held, the answers not yet taken, the registered shared memory
-and the device jobs between submission and answer. Peer rules: admins
+and the device jobs between submission and answer; the work of answering
+takes turns per uid on the event loop (limits.Turns). Peer rules: admins
 (root, the daemon's own user, config ``admin``) and the priority a client
 gets from ``scheduling.client_priorities``. Event loop only.
 """
@@ -21,6 +22,12 @@ from .settings import Settings, bytes_per_uid
 log = logging.getLogger(__name__)
 
 UNBOUNDED = 1 << 62
+# A uid's share of each pass of the event loop: a request costs one unit, an
+# answer built from the daemon's whole state (status and the like, which grow
+# with the connections and models they list) costs the whole share. Eight
+# units: eight clients of one uid with a request each never wait.
+TURN_UNITS_PER_PASS = 8
+STATE_ANSWERS = frozenset({"ping", "status", "device_status", "metrics"})
 _DAEMON_UID = os.getuid()   # the daemon's own user is an admin (it never changes while it runs)
 
 
@@ -43,6 +50,8 @@ class Admission:
         self._not_reading: set = set()
         # Per uid only: the queue's fair share rule (scheduler.py) governs all uids together.
         self.device_jobs = limits.Pool("device requests")
+        # Each uid's share of a pass of the event loop (its answers' work there).
+        self.turns = limits.Turns(TURN_UNITS_PER_PASS)
         self._set_bounds()
         settings.watch(self._set_bounds)
 
@@ -78,6 +87,19 @@ class Admission:
             if rule.get("uid") == peer.uid or (unit is not None and rule.get("unit") == unit):
                 return rule["priority"]
         return None
+
+    # -- turns on the event loop ----------------------------------------------
+
+    def turn(self, uid, action: str | None):
+        """None when a request of ``action`` (None: refused before its action
+        was known) may be answered in this pass; else an awaitable that ends
+        when its turn comes. ``cancel`` never waits."""
+        if action == "cancel":
+            return None
+        cost = TURN_UNITS_PER_PASS if action in STATE_ANSWERS else 1
+        if self.turns.take_now(uid, cost):
+            return None
+        return self.turns.wait(uid, cost)
 
     # -- device work ----------------------------------------------------------
 

@@ -87,7 +87,7 @@ class Dispatcher:
         connection.shm_charged = 0
 
     async def answer(self, frame: Frame, connection: Session) -> dict:
-        message = frame.message
+        message, request, refusal = frame.message, None, None
         try:
             if message is None:
                 message = await connection.decode(frame)
@@ -97,7 +97,14 @@ class Dispatcher:
                 transport.check_fds(message, len(frame.fds), frame.fds_truncated)
             request = p.parse_request(message, len(frame.body))
         except RequestError as error:
-            return self.error_answer(None, message, error, connection)
+            refusal = error
+        # The request's turn among its uid's on the event loop (limits.Turns):
+        # one uid's many connections cannot fill every pass of the loop.
+        waiting = self.admission.turn(connection.peer.uid, request.action if request else None)
+        if waiting is not None:
+            await waiting
+        if refusal is not None:
+            return self.error_answer(None, message, refusal, connection)
         if connection.protocol >= 2:
             # The attachments and descriptors of a v2 frame, which tensor
             # references in input_data point into.

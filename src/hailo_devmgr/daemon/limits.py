@@ -13,6 +13,7 @@ Event loop only; ``give`` is synchronous so it is safe in any ``finally``.
 from __future__ import annotations
 
 import asyncio
+import collections
 
 
 class Pool:
@@ -112,3 +113,78 @@ class PoolTimeout(Exception):
     @property
     def reason(self) -> str:
         return self.args[0]
+
+
+class Turns:
+    """Each uid's share of one pass of the event loop: ``per_pass`` units,
+    however many connections the uid opens. A request that finds its uid's
+    share of this pass used waits for a later pass, in the order it came.
+
+    For the work the event loop does itself to answer a request (reading it
+    is done by then): without this, a uid with 40 connections gets 40
+    answers made for every one another uid gets, and each pass of the loop
+    grows with them. A uid may always take its first turn of a pass,
+    whatever it costs; a client that waits for each answer never waits
+    here, nor do a few clients of one uid with a request each."""
+
+    def __init__(self, per_pass: int = 8):
+        self.per_pass = per_pass
+        self._used: dict = {}      # uid -> units taken in this pass
+        self._waiting: dict = {}   # uid -> deque of (future, cost), oldest first
+        self._pass_scheduled = False
+
+    def take_now(self, uid, cost: int = 1) -> bool:
+        """Take ``cost`` units of the uid's share of this pass; False (nothing
+        taken) when they must wait (:meth:`wait`)."""
+        used = self._used.get(uid, 0)
+        if uid in self._waiting or (used and used + cost > self.per_pass):
+            return False
+        self._used[uid] = used + cost
+        self._next_pass_soon()
+        return True
+
+    async def wait(self, uid, cost: int = 1) -> None:
+        """Wait for a pass with room for ``cost`` units, after the uid's earlier waiters."""
+        waiter = asyncio.get_running_loop().create_future()
+        queue = self._waiting.setdefault(uid, collections.deque())
+        queue.append((waiter, cost))
+        self._next_pass_soon()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            for entry in queue:
+                if entry[0] is waiter:
+                    queue.remove(entry)
+                    break
+            if not queue and self._waiting.get(uid) is queue:
+                del self._waiting[uid]
+            raise
+
+    def _next_pass_soon(self) -> None:
+        if not self._pass_scheduled:
+            self._pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        """A new pass: every uid's share is whole again, and each uid's oldest
+        waiters take theirs now (at least the first, whatever it costs)."""
+        self._pass_scheduled = False
+        self._used.clear()
+        for uid in list(self._waiting):
+            queue, used = self._waiting[uid], 0
+            while queue:
+                waiter, cost = queue[0]
+                if waiter.done():          # cancelled meanwhile
+                    queue.popleft()
+                    continue
+                if used and used + cost > self.per_pass:
+                    break
+                queue.popleft()
+                waiter.set_result(None)
+                used += cost
+            if used:
+                self._used[uid] = used
+            if not queue:
+                del self._waiting[uid]
+        if self._used:
+            self._next_pass_soon()
