@@ -93,9 +93,9 @@ class Admission:
     def turn(self, uid, action: str | None):
         """None when a request of ``action`` (None: refused before its action
         was known) may be answered in this pass; else an awaitable that ends
-        when its turn comes. ``cancel`` never waits."""
-        if action == "cancel":
-            return None
+        when its turn comes. A ``cancel`` waits too (cheap as it is, a flood
+        of them took the loop like any other), behind its uid's earlier
+        requests, so the request it names is known by then."""
         cost = TURN_UNITS_PER_PASS if action in STATE_ANSWERS else 1
         if self.turns.take_now(uid, cost):
             return None
