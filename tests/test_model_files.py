@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from hailo_devmgr.daemon.model_files import resolve_model_path
+from hailo_devmgr.daemon.model_files import NotResolvedLately, resolve_model_path
 from hailo_devmgr.wire.protocol import BAD_REQUEST, FORBIDDEN, MODEL_NOT_FOUND, RequestError
 
 
@@ -79,3 +79,19 @@ def test_a_name_resolved_before_is_resolved_again_once_it_leads_elsewhere(dirs):
     # Another allowed folder list is another question.
     (root / "models" / "ok.hef").write_text("x")
     assert _code(f"{root}/models/ok.hef", (str(root / "secret"),))[0] == FORBIDDEN
+
+
+def test_the_event_loop_only_uses_names_resolved_lately(dirs):
+    """``lately_only`` (the event loop's small requests) never resolves a
+    name: a client picks how many components a path has, and each costs a
+    system call. A name not known, or that leads elsewhere now, goes to a worker."""
+    root, model_dirs = dirs
+    link = str(root / "link-in.hef")
+    with pytest.raises(NotResolvedLately):
+        resolve_model_path(link, model_dirs, lately_only=True)
+    assert resolve_model_path(link, model_dirs) == f"{root}/models/ok.hef"        # a worker resolves it
+    assert resolve_model_path(link, model_dirs, lately_only=True) == f"{root}/models/ok.hef"
+    os.unlink(link)
+    os.symlink(root / "secret" / "key.hef", link)
+    with pytest.raises(NotResolvedLately):
+        resolve_model_path(link, model_dirs, lately_only=True)

@@ -100,8 +100,9 @@ def hailort_timeout_ms(budget_ms: int, deadline: float | None) -> int:
     return max(1, min(budget_ms, int((deadline - time.monotonic()) * 1000)))
 
 
-def prepare(request: p.Request, config) -> DeviceRequest:
-    """Check every field and decode tensors (worker thread)."""
+def prepare(request: p.Request, config, lately_only: bool = False) -> DeviceRequest:
+    """Check every field and decode tensors (worker thread; or the event loop
+    with ``lately_only``: model paths not resolved lately raise NotResolvedLately)."""
     body, action = request.body, request.action
     model_path = _model_path(body, action)
     model_type = _model_type(body)
@@ -113,9 +114,9 @@ def prepare(request: p.Request, config) -> DeviceRequest:
     prepared.keep_alive = keep_alive_seconds(body)
     params = p.optional_object(body, "model_params")
     dirs = config.model_dirs
-    real_path = resolve_model_path(model_path, dirs)
+    real_path = resolve_model_path(model_path, dirs, lately_only=lately_only)
     checked = handler_cls.check_params(
-        params, lambda path, name: resolve_model_path(path, dirs, f"model_params.{name}"))
+        params, lambda path, name: resolve_model_path(path, dirs, f"model_params.{name}", lately_only))
     prepared.spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
     if action == "infer":
         prepared.stream = _stream_flag(body, handler_cls, model_type)

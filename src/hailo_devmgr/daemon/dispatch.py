@@ -25,6 +25,7 @@ from .attachment_buffers import BufferPool
 from .handoff import LoopHandoff
 from .session import Session, Frame, Peer
 from .metrics import Metrics
+from .model_files import NotResolvedLately
 from .._version import __version__
 from ..wire import protocol as p
 from ..wire import references, shm, transport
@@ -192,12 +193,15 @@ class Dispatcher:
     async def _run_device_action(self, request, connection, received: float, tracked: bool,
                                  blocks: references.Blocks | None = None) -> dict:
         small = 0 < request.size <= workers.INLINE_BODY_BYTES or workers.is_small(request.body)
+        prepared = None
         if small and not (blocks is not None and blocks.fds):
-            # A few paths to check and at most a few KiB of tensors, nothing to
-            # map: quicker here than a worker's hand-over, and never behind other
-            # clients' validations.
-            prepared = self._prepare(request, blocks)
-        else:
+            # Model paths known from lately and at most a few KiB of tensors,
+            # nothing to map: quicker here than a worker's hand-over, and never
+            # behind other clients' validations. A path to resolve costs a
+            # system call per component, as many as the client writes: a worker's.
+            with contextlib.suppress(NotResolvedLately):
+                prepared = self._prepare(request, blocks, lately_only=True)
+        if prepared is None:
             prepared = await self.worker_pool.run(_work_key(connection), self._prepare, request, blocks)
         budgets = self.config.watchdog
         if request.action != "unload_model":
@@ -332,12 +336,13 @@ class Dispatcher:
         return result
 
 
-    def _prepare(self, request: p.Request, blocks: references.Blocks | None):
+    def _prepare(self, request: p.Request, blocks: references.Blocks | None, lately_only: bool = False):
         """actions.prepare, after v2 tensor references in input_data are resolved
-        (worker thread, or the event loop for a small request without input_data).
+        (worker thread, or the event loop for a small request: ``lately_only``).
         The references are bounded in number and bytes before anything is mapped.
         The frame's descriptors are closed here: mappings stay valid for as long
         as the arrays on them live."""
+        done = True
         try:
             if blocks is not None and request.action == "infer" and \
                     references.has_references(request.body.get("input_data")):
@@ -346,9 +351,12 @@ class Dispatcher:
                                              max_count=references.MAX_REFERENCES,
                                              max_bytes=references.MAX_REFERENCED_BYTES)
                 request = replace(request, body={**request.body, "input_data": resolved})
-            return actions.prepare(request, self.config)
+            return actions.prepare(request, self.config, lately_only)
+        except NotResolvedLately:
+            done = False   # prepared again in a worker, from the same blocks
+            raise
         finally:
-            if blocks is not None:
+            if blocks is not None and done:
                 blocks.close()
 
     def _job_fields(self, request: p.Request, prepared, connection: Session | None) -> dict:

@@ -121,10 +121,18 @@ _RESOLVED: dict = {}
 _RESOLVED_MAX = 1024
 
 
-def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "model_path") -> AllowedPath:
+class NotResolvedLately(Exception):
+    """``resolve_model_path(lately_only=True)`` met a name it must resolve again."""
+
+
+def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "model_path",
+                       lately_only: bool = False) -> AllowedPath:
     """The real path of an allowed, existing model file; raises RequestError.
 
-    ``field`` names the request field in error messages."""
+    ``field`` names the request field in error messages. ``lately_only``:
+    raise NotResolvedLately rather than resolve a name that is not known
+    from lately (a path's resolution costs a system call per component, and
+    a client chooses how many: the event loop leaves that to a worker)."""
     key = (path, model_dirs)
     known = _RESOLVED.get(key)
     if known is not None:
@@ -134,6 +142,8 @@ def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "mod
             found = None
         if found is not None and (found.st_dev, found.st_ino) == known[1] and stat.S_ISREG(found.st_mode):
             return known[0]
+    if lately_only:
+        raise NotResolvedLately(path)
     _check_form(path, field)
     real = _realpath(path, path)
     if not _allowed(real, model_dirs):
