@@ -100,3 +100,42 @@ def test_a_cancelled_waiter_gives_its_place_to_the_next():
         return turns._waiting
 
     assert run(main()) == {}
+
+
+def test_one_connections_backlog_does_not_hold_up_the_same_uids_other_connections():
+    async def main():
+        turns, passes, served = limits.Turns(WHOLE), PassCounter(), {}
+
+        async def ask(connection, tag, cost=WHOLE):
+            if not turns.take_now("uid", cost):
+                await turns.wait("uid", cost, connection)
+            served[tag] = passes.now
+
+        backlog = [asyncio.ensure_future(ask("chatty", f"c{i}")) for i in range(6)]
+        await asyncio.sleep(0)   # the chatty connection's backlog waits
+        sibling = asyncio.ensure_future(ask("sibling", "s"))
+        await asyncio.gather(*backlog, sibling)
+        passes.stop()
+        return served
+
+    served = run(main())
+    chatty = sorted(served[f"c{i}"] for i in range(6))
+    assert served["s"] <= chatty[2]   # in turn with the backlog, not after all of it
+
+
+def test_a_cancel_goes_ahead_of_its_connections_waiting_requests():
+    async def main():
+        turns, order = limits.Turns(WHOLE), []
+
+        async def ask(tag, first=False):
+            if not turns.take_now("uid", WHOLE):
+                await turns.wait("uid", WHOLE, "connection", first=first)
+            order.append(tag)
+
+        backlog = [asyncio.ensure_future(ask(f"status{i}")) for i in range(4)]
+        await asyncio.sleep(0)
+        await asyncio.gather(*backlog, ask("cancel", first=True))
+        return order
+
+    # status0 had the first pass, status1 the next (granted as the cancel came): then the cancel.
+    assert run(main()) == ["status0", "status1", "cancel", "status2", "status3"]

@@ -90,16 +90,17 @@ class Admission:
 
     # -- turns on the event loop ----------------------------------------------
 
-    def turn(self, uid, action: str | None):
+    def turn(self, uid, action: str | None, connection=None):
         """None when a request of ``action`` (None: refused before its action
         was known) may be answered in this pass; else an awaitable that ends
-        when its turn comes. A ``cancel`` waits too (cheap as it is, a flood
-        of them took the loop like any other), behind its uid's earlier
-        requests, so the request it names is known by then."""
+        when its turn comes, in ``connection``'s turn among the uid's
+        connections. A ``cancel`` waits too (cheap as it is, a flood of them
+        took the loop like any other), but ahead of its connection's other
+        requests."""
         cost = TURN_UNITS_PER_PASS if action in STATE_ANSWERS else 1
         if self.turns.take_now(uid, cost):
             return None
-        return self.turns.wait(uid, cost)
+        return self.turns.wait(uid, cost, connection, first=action == "cancel")
 
     # -- device work ----------------------------------------------------------
 

@@ -101,7 +101,7 @@ class Dispatcher:
             refusal = error
         # The request's turn among its uid's on the event loop (limits.Turns):
         # one uid's many connections cannot fill every pass of the loop.
-        waiting = self.admission.turn(connection.peer.uid, request.action if request else None)
+        waiting = self.admission.turn(connection.peer.uid, request.action if request else None, connection.id)
         if waiting is not None:
             await waiting
         if refusal is not None:

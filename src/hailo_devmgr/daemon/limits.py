@@ -118,19 +118,23 @@ class PoolTimeout(Exception):
 class Turns:
     """Each uid's share of one pass of the event loop: ``per_pass`` units,
     however many connections the uid opens. A request that finds its uid's
-    share of this pass used waits for a later pass, in the order it came.
+    share of this pass used waits for a later pass.
 
-    For the work the event loop does itself to answer a request (reading it
-    is done by then): without this, a uid with 40 connections gets 40
-    answers made for every one another uid gets, and each pass of the loop
-    grows with them. A uid may always take its first turn of a pass,
-    whatever it costs; a client that waits for each answer never waits
-    here, nor do a few clients of one uid with a request each."""
+    For the work the event loop does itself to answer a request: without
+    this, a uid with 40 connections gets 40 answers made for every one
+    another uid gets, and each pass of the loop grows with them. A uid may
+    always take its first turn of a pass, whatever it costs; a client that
+    waits for each answer never waits here, nor do a few clients of one
+    uid with a request each. Within a uid, the waiting requests of its
+    connections go in turn, each connection's in order (a ``first`` one,
+    a cancel, ahead of its connection's others): one connection's backlog
+    does not hold up the uid's other connections."""
 
     def __init__(self, per_pass: int = 8):
         self.per_pass = per_pass
         self._used: dict = {}      # uid -> units taken in this pass
-        self._waiting: dict = {}   # uid -> deque of (future, cost), oldest first
+        # uid -> {connection: deque of (future, cost)}; the dict's order is the turn order.
+        self._waiting: dict = {}
         self._pass_scheduled = False
 
     def take_now(self, uid, cost: int = 1) -> bool:
@@ -143,20 +147,30 @@ class Turns:
         self._next_pass_soon()
         return True
 
-    async def wait(self, uid, cost: int = 1) -> None:
-        """Wait for a pass with room for ``cost`` units, after the uid's earlier waiters."""
+    async def wait(self, uid, cost: int = 1, connection=None, first: bool = False) -> None:
+        """Wait for a pass with room for ``cost`` units, in ``connection``'s turn
+        among the uid's connections, after its earlier waiters (before them: ``first``)."""
         waiter = asyncio.get_running_loop().create_future()
-        queue = self._waiting.setdefault(uid, collections.deque())
-        queue.append((waiter, cost))
+        queues = self._waiting.setdefault(uid, {})
+        queue = queues.get(connection)
+        if queue is None:
+            # A connection that starts waiting goes first: the others had their turns.
+            queue = collections.deque()
+            others = list(queues.items())
+            queues.clear()
+            queues[connection] = queue
+            queues.update(others)
+        entry = (waiter, cost)
+        queue.appendleft(entry) if first else queue.append(entry)
         self._next_pass_soon()
         try:
             await waiter
         except asyncio.CancelledError:
-            for entry in queue:
-                if entry[0] is waiter:
-                    queue.remove(entry)
-                    break
-            if not queue and self._waiting.get(uid) is queue:
+            if entry in queue:
+                queue.remove(entry)
+            if not queue and queues.get(connection) is queue:
+                del queues[connection]
+            if not queues and self._waiting.get(uid) is queues:
                 del self._waiting[uid]
             raise
 
@@ -166,25 +180,39 @@ class Turns:
             asyncio.get_running_loop().call_soon(self._next_pass)
 
     def _next_pass(self) -> None:
-        """A new pass: every uid's share is whole again, and each uid's oldest
-        waiters take theirs now (at least the first, whatever it costs)."""
+        """A new pass: every uid's share is whole again, and each uid's waiters
+        take theirs now (at least one, whatever it costs)."""
         self._pass_scheduled = False
         self._used.clear()
         for uid in list(self._waiting):
-            queue, used = self._waiting[uid], 0
-            while queue:
-                waiter, cost = queue[0]
-                if waiter.done():          # cancelled meanwhile
-                    queue.popleft()
-                    continue
-                if used and used + cost > self.per_pass:
-                    break
-                queue.popleft()
-                waiter.set_result(None)
-                used += cost
+            queues = self._waiting[uid]
+            used = self._grant(queues)
             if used:
                 self._used[uid] = used
-            if not queue:
+            if not queues:
                 del self._waiting[uid]
         if self._used:
             self._next_pass_soon()
+
+    def _grant(self, queues: dict) -> int:
+        """Wake one uid's waiters while its share lasts: the connections in
+        turn, the oldest waiter of each; a connection served, or refused for
+        want of share, goes to the back of the turn."""
+        used = 0
+        while queues:
+            connection = next(iter(queues))
+            queue = queues.pop(connection)
+            while queue and queue[0][0].done():   # cancelled meanwhile
+                queue.popleft()
+            if not queue:
+                continue
+            waiter, cost = queue[0]
+            if used and used + cost > self.per_pass:
+                queues[connection] = queue
+                return used
+            queue.popleft()
+            waiter.set_result(None)
+            used += cost
+            if queue:
+                queues[connection] = queue
+        return used

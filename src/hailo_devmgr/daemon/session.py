@@ -444,7 +444,7 @@ class Session:
 
     async def _refuse_busy(self, frame: Frame) -> None:
         try:
-            waiting = self.admission.turn(self.peer.uid, None)   # refusals too: the loop's work
+            waiting = self.admission.turn(self.peer.uid, None, self.id)   # refusals too: the loop's work
             if waiting is not None:
                 await waiting
             error = RequestError(p.BUSY, "Too many requests in flight on this connection", retry_after_ms=50)
