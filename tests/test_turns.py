@@ -139,3 +139,19 @@ def test_a_cancel_goes_ahead_of_its_connections_waiting_requests():
 
     # status0 had the first pass, status1 the next (granted as the cancel came): then the cancel.
     assert run(main()) == ["status0", "status1", "cancel", "status2", "status3"]
+
+
+def test_a_large_body_takes_a_pass_to_decode_and_a_small_one_its_requests_turn():
+    from hailo_devmgr.daemon.admission import DECODE_UNIT_BYTES, Admission
+    from hailo_devmgr.daemon.config import Config
+    from hailo_devmgr.daemon.settings import Settings
+
+    async def main():
+        admission = Admission(Settings(Config()))
+        assert admission.turn_to_decode("uid", DECODE_UNIT_BYTES, "c") is None   # small: no turn of its own
+        assert admission.turn_to_decode("uid", 250_000, "c") is None             # the first of the pass goes
+        waiting = admission.turn_to_decode("uid", 250_000, "c")                  # the second waits for the next
+        assert waiting is not None
+        await asyncio.wait_for(waiting, 1)
+
+    run(main())

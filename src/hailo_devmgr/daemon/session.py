@@ -524,6 +524,9 @@ class Session:
         decoding, and a body whose values would take more than max_message_bytes
         is refused unread. Large bodies are decoded in the fair worker pool."""
         body = frame.body
+        waiting = self.admission.turn_to_decode(self.peer.uid, len(body), self.id)
+        if waiting is not None:
+            await waiting   # the uid's share of this pass of the loop is used (limits.Turns)
         large = len(body) > INLINE_PARSE_BYTES
         key = self.client_key
         values = await self.dispatcher.worker_pool.run(key, _json_values, body) if large else _json_values(body)
