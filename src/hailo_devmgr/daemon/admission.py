@@ -97,12 +97,12 @@ class Admission:
         was known) may be answered in this pass; else an awaitable that ends
         when its turn comes, in ``connection``'s turn among the uid's
         connections. A ``cancel`` waits too (cheap as it is, a flood of them
-        took the loop like any other), but ahead of its connection's other
-        requests."""
+        took the loop like any other), after the request it names: a
+        connection's requests keep the order they came in."""
         cost = TURN_UNITS_PER_PASS if action in STATE_ANSWERS else 1
         if self.turns.take_now(uid, cost):
             return None
-        return self.turns.wait(uid, cost, connection, first=action == "cancel")
+        return self.turns.wait(uid, cost, connection)
 
     def turn_to_decode(self, uid, size: int, connection=None):
         """Like :meth:`turn`, for decoding a JSON body of ``size`` bytes: it

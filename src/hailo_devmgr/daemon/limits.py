@@ -126,9 +126,9 @@ class Turns:
     always take its first turn of a pass, whatever it costs; a client that
     waits for each answer never waits here, nor do a few clients of one
     uid with a request each. Within a uid, the waiting requests of its
-    connections go in turn, each connection's in order (a ``first`` one,
-    a cancel, ahead of its connection's others): one connection's backlog
-    does not hold up the uid's other connections."""
+    connections go in turn, each connection's in the order it sent them (a
+    cancel after the request it names): one connection's backlog does not
+    hold up the uid's other connections."""
 
     def __init__(self, per_pass: int = 8):
         self.per_pass = per_pass
@@ -147,9 +147,9 @@ class Turns:
         self._next_pass_soon()
         return True
 
-    async def wait(self, uid, cost: int = 1, connection=None, first: bool = False) -> None:
+    async def wait(self, uid, cost: int = 1, connection=None) -> None:
         """Wait for a pass with room for ``cost`` units, in ``connection``'s turn
-        among the uid's connections, after its earlier waiters (before them: ``first``)."""
+        among the uid's connections, after its earlier waiters."""
         waiter = asyncio.get_running_loop().create_future()
         queues = self._waiting.setdefault(uid, {})
         queue = queues.get(connection)
@@ -161,7 +161,7 @@ class Turns:
             queues[connection] = queue
             queues.update(others)
         entry = (waiter, cost)
-        queue.appendleft(entry) if first else queue.append(entry)
+        queue.append(entry)
         self._next_pass_soon()
         try:
             await waiter
