@@ -99,10 +99,7 @@ class Admission:
         connections. A ``cancel`` waits too (cheap as it is, a flood of them
         took the loop like any other), after the request it names: a
         connection's requests keep the order they came in."""
-        cost = TURN_UNITS_PER_PASS if action in STATE_ANSWERS else 1
-        if self.turns.take_now(uid, cost):
-            return None
-        return self.turns.wait(uid, cost, connection)
+        return self.turns.take(uid, TURN_UNITS_PER_PASS if action in STATE_ANSWERS else 1, connection)
 
     def turn_to_decode(self, uid, size: int, connection=None):
         """Like :meth:`turn`, for decoding a JSON body of ``size`` bytes: it
@@ -112,10 +109,7 @@ class Admission:
         (:meth:`turn`) covers it."""
         if size <= DECODE_UNIT_BYTES:
             return None
-        cost = size // DECODE_UNIT_BYTES
-        if self.turns.take_now(uid, cost):
-            return None
-        return self.turns.wait(uid, cost, connection)
+        return self.turns.take(uid, size // DECODE_UNIT_BYTES, connection)
 
     # -- device work ----------------------------------------------------------
 

@@ -75,7 +75,7 @@ def _idle_exit(value):
 
 
 def _cpu_affinity(value):
-    """"auto", "off", or a CPU this process may run on."""
+    """auto, off, or a CPU this process may run on."""
     if value not in ("auto", "off") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"must be auto, off or a CPU number, got {value!r}")
     CpuPlacement.choose(value)   # a CPU number the process may not use: ValueError

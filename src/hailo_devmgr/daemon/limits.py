@@ -147,6 +147,13 @@ class Turns:
         self._next_pass_soon()
         return True
 
+    def take(self, uid, cost: int = 1, connection=None):
+        """None when ``cost`` units are taken now; else the awaitable of
+        :meth:`wait` (no coroutine is made for the usual case)."""
+        if self.take_now(uid, cost):
+            return None
+        return self.wait(uid, cost, connection)
+
     async def wait(self, uid, cost: int = 1, connection=None) -> None:
         """Wait for a pass with room for ``cost`` units, in ``connection``'s turn
         among the uid's connections, after its earlier waiters."""
