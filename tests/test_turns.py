@@ -138,6 +138,30 @@ def test_a_connections_requests_keep_their_order_so_a_cancel_finds_its_target():
     assert run(main()) == ["status", "infer", "cancel the infer", "status 2"]
 
 
+def test_a_request_woken_for_its_turn_is_not_overtaken_before_it_runs():
+    """A waiter is woken in one pass and runs in the next: a request of the
+    same uid that comes in between (a cancel of the woken one) waits too."""
+    async def main():
+        turns, order = limits.Turns(WHOLE), []
+
+        async def ask(tag, cost=1):
+            waiting = turns.take("uid", cost, "connection")
+            if waiting is not None:
+                await waiting
+            order.append(tag)
+
+        await ask("status", WHOLE)                 # this pass's share is used
+        infer = asyncio.ensure_future(ask("infer"))
+        await asyncio.sleep(0)                     # the infer waits
+        turns._next_pass()                         # a new pass wakes it; its task runs later
+        cancel = asyncio.ensure_future(ask("cancel the infer"))
+        await asyncio.gather(infer, cancel)
+        return order, turns._resuming
+
+    order, resuming = run(main())
+    assert order == ["status", "infer", "cancel the infer"] and resuming == {}
+
+
 def test_a_large_body_takes_a_pass_to_decode_and_a_small_one_its_requests_turn():
     from hailo_devmgr.daemon.admission import DECODE_UNIT_BYTES, Admission
     from hailo_devmgr.daemon.config import Config

@@ -135,13 +135,16 @@ class Turns:
         self._used: dict = {}      # uid -> units taken in this pass
         # uid -> {connection: deque of (future, cost)}; the dict's order is the turn order.
         self._waiting: dict = {}
+        # uid -> waiters woken whose tasks have not run yet: until they do, no
+        # newcomer of the uid goes at once (it would overtake them).
+        self._resuming: dict = {}
         self._pass_scheduled = False
 
     def take_now(self, uid, cost: int = 1) -> bool:
         """Take ``cost`` units of the uid's share of this pass; False (nothing
         taken) when they must wait (:meth:`wait`)."""
         used = self._used.get(uid, 0)
-        if uid in self._waiting or (used and used + cost > self.per_pass):
+        if uid in self._waiting or uid in self._resuming or (used and used + cost > self.per_pass):
             return False
         self._used[uid] = used + cost
         self._next_pass_soon()
@@ -173,6 +176,8 @@ class Turns:
         try:
             await waiter
         except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._resumed(uid)   # woken, then cancelled before it ran
             if entry in queue:
                 queue.remove(entry)
             if not queue and queues.get(connection) is queue:
@@ -180,6 +185,14 @@ class Turns:
             if not queues and self._waiting.get(uid) is queues:
                 del self._waiting[uid]
             raise
+        self._resumed(uid)
+
+    def _resumed(self, uid) -> None:
+        left = self._resuming[uid] - 1
+        if left:
+            self._resuming[uid] = left
+        else:
+            del self._resuming[uid]
 
     def _next_pass_soon(self) -> None:
         if not self._pass_scheduled:
@@ -193,7 +206,7 @@ class Turns:
         self._used.clear()
         for uid in list(self._waiting):
             queues = self._waiting[uid]
-            used = self._grant(queues)
+            used = self._grant(uid, queues)
             if used:
                 self._used[uid] = used
             if not queues:
@@ -201,7 +214,7 @@ class Turns:
         if self._used:
             self._next_pass_soon()
 
-    def _grant(self, queues: dict) -> int:
+    def _grant(self, uid, queues: dict) -> int:
         """Wake one uid's waiters while its share lasts: the connections in
         turn, the oldest waiter of each; a connection served, or refused for
         want of share, goes to the back of the turn."""
@@ -219,6 +232,7 @@ class Turns:
                 return used
             queue.popleft()
             waiter.set_result(None)
+            self._resuming[uid] = self._resuming.get(uid, 0) + 1
             used += cost
             if queue:
                 queues[connection] = queue
