@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from hailo_devmgr.daemon import model_files
 from hailo_devmgr.daemon.model_files import NotResolvedLately, resolve_model_path
 from hailo_devmgr.wire.protocol import BAD_REQUEST, FORBIDDEN, MODEL_NOT_FOUND, RequestError
 
@@ -63,10 +64,18 @@ def test_malformed_paths_are_bad_requests(dirs, path):
     assert _code(path, model_dirs)[0] == BAD_REQUEST
 
 
-def test_a_name_resolved_before_is_resolved_again_once_it_leads_elsewhere(dirs):
+@pytest.fixture
+def trust(monkeypatch):
+    """Sets how long a resolved name is taken as it was (RESOLUTION_TRUST_S)."""
+    return lambda seconds: monkeypatch.setattr(model_files, "RESOLUTION_TRUST_S", seconds)
+
+
+def test_a_name_resolved_before_is_resolved_again_once_it_leads_elsewhere(dirs, trust):
     """Names are remembered (one stat instead of realpath per request), but a
-    name that now leads to another file, or to none, is checked from scratch."""
+    name that now leads to another file, or to none, is checked from scratch
+    once its trust has passed."""
     root, model_dirs = dirs
+    trust(0)
     link = root / "link-in.hef"
     assert resolve_model_path(str(link), model_dirs) == f"{root}/models/ok.hef"
     link.unlink()
@@ -81,11 +90,29 @@ def test_a_name_resolved_before_is_resolved_again_once_it_leads_elsewhere(dirs):
     assert _code(f"{root}/models/ok.hef", (str(root / "secret"),))[0] == FORBIDDEN
 
 
-def test_the_event_loop_only_uses_names_resolved_lately(dirs):
+def test_a_re_pointed_name_means_the_file_it_was_checked_as_while_trusted(dirs, trust):
+    """Within RESOLUTION_TRUST_S a name is not looked at again (no system
+    call on the event loop): re-pointed outside meanwhile, it still means
+    the inside file it was checked as, never the new target; then it is
+    checked again and refused."""
+    root, model_dirs = dirs
+    trust(3600)
+    link = root / "link-in.hef"
+    assert resolve_model_path(str(link), model_dirs) == f"{root}/models/ok.hef"
+    link.unlink()
+    link.symlink_to(root / "secret" / "key.hef")
+    assert resolve_model_path(str(link), model_dirs) == f"{root}/models/ok.hef"
+    assert resolve_model_path(str(link), model_dirs, lately_only=True) == f"{root}/models/ok.hef"
+    trust(0)
+    assert _code(str(link), model_dirs)[0] == FORBIDDEN
+
+
+def test_the_event_loop_only_uses_names_resolved_lately(dirs, trust):
     """``lately_only`` (the event loop's small requests) never resolves a
     name: a client picks how many components a path has, and each costs a
     system call. A name not known, or that leads elsewhere now, goes to a worker."""
     root, model_dirs = dirs
+    trust(0)
     link = str(root / "link-in.hef")
     with pytest.raises(NotResolvedLately):
         resolve_model_path(link, model_dirs, lately_only=True)

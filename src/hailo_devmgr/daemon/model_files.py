@@ -37,6 +37,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 
 from ..wire.protocol import BAD_REQUEST, FORBIDDEN, LOAD_FAILED, MODEL_NOT_FOUND, RequestError
 
@@ -111,12 +112,19 @@ def _check_form(path: str, field: str) -> None:
         raise RequestError(BAD_REQUEST, f"{field} must be absolute, got {path}")
 
 
-# Names resolved lately: (name, model_dirs) -> (AllowedPath, (st_dev, st_ino)).
-# realpath costs a system call per path component on every request; one stat
-# of the name tells whether it still leads to the same file, which is then
-# the file that was checked (another name for it, a hard link, is the same
-# bytes). Anything else resolves again. Any thread may use it (dict
-# operations are atomic); cleared when full.
+# Names resolved lately: (name, model_dirs) -> (AllowedPath, (st_dev, st_ino), checked_at).
+# realpath costs a system call per path component on every request. A name
+# checked less than RESOLUTION_TRUST_S ago is taken as it was; after that,
+# one stat of the name tells whether it still leads to the same file (another
+# name for it, a hard link, is the same bytes), and anything else resolves
+# again. Why trust at all: on the event loop every system call lets the
+# device thread take the GIL, so a stat per small request cost two context
+# switches (measured: 12 % of the daemon's CPU per request). What the trust
+# allows is only staleness: for at most that long a re-pointed name still
+# means the file it meant, which was inside model_dirs when checked, and
+# open_model checks the opened file again in any case. Any thread may use
+# the table (dict operations are atomic); cleared when full.
+RESOLUTION_TRUST_S = 1.0
 _RESOLVED: dict = {}
 _RESOLVED_MAX = 1024
 
@@ -136,12 +144,17 @@ def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "mod
     key = (path, model_dirs)
     known = _RESOLVED.get(key)
     if known is not None:
+        allowed, identity, checked_at = known
+        now = time.monotonic()
+        if now - checked_at < RESOLUTION_TRUST_S:
+            return allowed
         try:
             found = os.stat(path)
         except (OSError, ValueError):
             found = None
-        if found is not None and (found.st_dev, found.st_ino) == known[1] and stat.S_ISREG(found.st_mode):
-            return known[0]
+        if found is not None and (found.st_dev, found.st_ino) == identity and stat.S_ISREG(found.st_mode):
+            _RESOLVED[key] = (allowed, identity, now)
+            return allowed
     if lately_only:
         raise NotResolvedLately(path)
     _check_form(path, field)
@@ -157,7 +170,7 @@ def resolve_model_path(path: str, model_dirs: tuple[str, ...], field: str = "mod
     allowed = AllowedPath(real, model_dirs)
     if len(_RESOLVED) >= _RESOLVED_MAX:
         _RESOLVED.clear()
-    _RESOLVED[key] = (allowed, (found.st_dev, found.st_ino))
+    _RESOLVED[key] = (allowed, (found.st_dev, found.st_ino), time.monotonic())
     return allowed
 
 
