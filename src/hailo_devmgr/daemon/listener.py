@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import time
+from typing import Callable
 
 from .session import Session
 from ..wire import codec
@@ -115,10 +116,12 @@ def _first_request(conn: socket.socket) -> p.Request | None:
 
 
 class Listener:
-    """Accepts connections and runs one session per connection."""
+    """Accepts connections and runs one session per connection;
+    ``connection_ended()`` is called when one ends, admitted or not."""
 
-    def __init__(self, dispatcher):
+    def __init__(self, dispatcher, connection_ended: Callable[[], None] | None = None):
         self.dispatcher = dispatcher
+        self._connection_ended = connection_ended
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._starting: set[asyncio.Task] = set()   # every connection task, admitted or not
@@ -145,7 +148,12 @@ class Listener:
                 continue
             task = asyncio.ensure_future(self._connection(sock))
             self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self._starting.discard(task)
+        if self._connection_ended is not None:
+            self._connection_ended()
 
     def stop_accepting(self) -> None:
         if self._accepting is not None:

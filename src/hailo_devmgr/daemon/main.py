@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from .device import Chore, DeviceRuntime, DeviceThread
 from .registry import ModelRegistry
 from .scheduler import QueueLimits, create_queue
 from .settings import Settings, bytes_per_uid
-from . import lending, status
+from . import lending, memory, status
 from .dispatch import Dispatcher
 from .listener import Listener, bind_unix_socket, refuse_connections
 
@@ -123,7 +122,8 @@ class Daemon:
         listener = self._listener()
         self.dispatcher = Dispatcher(self.settings, self.device, self.runtime, self.registry,
                                      self.config.socket_path)
-        self.listener = Listener(self.dispatcher)
+        self.collector = memory.CollectAfterConnections()
+        self.listener = Listener(self.dispatcher, connection_ended=self.collector.connection_ended)
         self.dispatcher.after_reclaim = self.prewarm
         self.runtime.loan_path = lending.state_path(self.config.lend_state_file)
         self.runtime.loan = lending.load(self.runtime.loan_path)
@@ -140,6 +140,7 @@ class Daemon:
         # listen backlog, as they do under socket activation before READY.
         await loop.run_in_executor(None, self.device.start, self.config.watchdog.other_budget_s)
         await self.listener.start(listener)
+        memory.freeze_startup_objects()
         self.notifier.ready(status.summary(self.dispatcher))
         log.info("hailo-device-manager %s ready on %s (backend %s; event loop and device thread: %s)",
                  __version__, self.dispatcher.socket_path, self.config.backend, self.placement.describe())
@@ -153,6 +154,7 @@ class Daemon:
         await self._stop.wait()
         for task in tasks:
             task.cancel()
+        self.collector.cancel()
         return await self.shutdown()
 
     def _listener(self):
@@ -277,30 +279,6 @@ def _inode(path: str) -> tuple | None:
     return info.st_dev, info.st_ino
 
 
-M_MMAP_THRESHOLD = -3          # mallopt(3)
-M_ARENA_MAX = -8
-MMAP_THRESHOLD_BYTES = 256 * 1024
-# The event loop's and the worker threads' allocations share this many glibc
-# arenas, not one per thread: a worker that decoded a large hostile body
-# leaves no arena of its own half full (the storm bench's RSS after 3,000
-# hostile connections: +14.6 MiB with 2, +15.3 and +21.9 MiB without).
-MALLOC_ARENAS = 2
-
-
-def return_large_blocks_to_the_system() -> None:
-    """Blocks of 256 KiB and more (request bodies, attachments, answers) from
-    mmap, so that freeing one gives its memory back at once. glibc otherwise
-    raises that threshold each time such a block is freed, and later ones
-    come from a heap it cannot give back: after a burst of large or hostile
-    requests the daemon's RSS would stay up. Best effort (glibc only)."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError):
-        log.debug("mallopt is not available: large blocks stay in the heap")
-
-
 def raise_fd_limit() -> None:
     """Take the hard RLIMIT_NOFILE as the soft one, best effort.
 
@@ -391,7 +369,7 @@ def main(argv=None) -> int:
         return ask_to_reload(args.reload)
     systemd.setup_logging(config.log_level)
     raise_fd_limit()
-    return_large_blocks_to_the_system()
+    memory.return_large_blocks_to_the_system()
     try:
         return asyncio.run(Daemon(config, args).run())
     except (OSError, systemd.SystemdError) as exc:
