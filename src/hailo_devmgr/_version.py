@@ -7,7 +7,6 @@ installed package its metadata. So an upgrade to 0.1.1 reports 0.1.1.
 from __future__ import annotations
 
 import re
-from importlib import metadata
 from pathlib import Path
 
 DISTRIBUTION = "hailo-devmgr"
@@ -25,6 +24,8 @@ def from_changelog(text: str) -> str:
 def _find() -> str:
     if CHANGELOG.is_file():
         return from_changelog(CHANGELOG.read_text(encoding="utf-8"))
+    # Only here: importlib.metadata brings email, zipfile, csv, bz2 and lzma (MiBs of RSS).
+    from importlib import metadata
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
