@@ -13,8 +13,8 @@ Two things keep freed memory from coming back on their own:
   is allocated, and the garbage of the last hundred connections, with the
   bodies they read, would stay (measured after the storm bench's 3,000
   hostile connections: 103 sessions and 6 refused requests uncollected,
-  +5 to +21 MiB of RSS). ``CollectAfterConnections`` collects once soon
-  after connections end, at most once per ``delay_s``.
+  +5 to +21 MiB of RSS). ``CollectAfterConnections`` collects once
+  connections have stopped ending for a second.
 
 ``freeze_startup_objects`` moves what exists once the daemon is ready
 (modules, configuration, the loaded backend) out of every later
@@ -40,6 +40,7 @@ MMAP_THRESHOLD_BYTES = 256 * 1024
 # hostile connections: +14.6 MiB with 2, +15.3 and +21.9 MiB without).
 MALLOC_ARENAS = 2
 COLLECT_DELAY_S = 1.0
+COLLECT_MAX_WAIT_S = 10.0
 
 
 def return_large_blocks_to_the_system() -> None:
@@ -63,19 +64,36 @@ def freeze_startup_objects() -> None:
 
 
 class CollectAfterConnections:
-    """One cyclic collection ``delay_s`` after a connection ends; connections
-    ending meanwhile join it (event loop only)."""
+    """One cyclic collection once connections have stopped ending for
+    ``delay_s``, at the latest ``max_wait_s`` after the first of them
+    (event loop only). While connections keep coming and going the daemon
+    allocates, and Python's own collections run: this one is for the quiet
+    after, and a client that opens and closes connections in a loop gets at
+    most one collection per ``max_wait_s`` out of it."""
 
-    def __init__(self, delay_s: float = COLLECT_DELAY_S):
+    def __init__(self, delay_s: float = COLLECT_DELAY_S, max_wait_s: float = COLLECT_MAX_WAIT_S):
         self.delay_s = delay_s
+        self.max_wait_s = max_wait_s
+        self._first: float | None = None   # loop time of the first end not collected yet
+        self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_ended(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        if self._first is None:
+            self._first = self._last
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._collect)
+            self._timer = loop.call_at(self._last + self.delay_s, self._fire)
 
-    def _collect(self) -> None:
-        self._timer = None
+    def _fire(self) -> None:
+        # One timer, moved on rather than replaced at every end (as session.py's idle timer).
+        loop = asyncio.get_running_loop()
+        due = min(self._last + self.delay_s, self._first + self.max_wait_s)
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._fire)
+            return
+        self._timer = self._first = None
         began = time.perf_counter()
         found = gc.collect()
         log.debug("collected %d objects of ended connections in %.1f ms", found,
