@@ -4,7 +4,8 @@ to the system.
 Two things keep freed memory from coming back on their own:
 
 - glibc's heap: blocks freed in the middle of it stay in the process
-  (``return_large_blocks_to_the_system``);
+  (``return_large_blocks_to_the_system`` for large blocks; after a burst,
+  ``give_free_heap_back`` for the free pages of the others);
 - Python's cyclic garbage: a connection's session, its stream and reader
   refer to one another, and an exception's traceback holds the frames
   that hold the request it refused (a 4 MB body, for one). Such cycles are
@@ -58,6 +59,26 @@ def return_large_blocks_to_the_system() -> None:
         log.debug("mallopt is not available: large blocks stay in the heap")
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def give_free_heap_back() -> None:
+    """Free pages inside glibc's heaps go back to the system (malloc_trim(0)):
+    the blocks between 512 bytes and the mmap threshold that a burst of
+    requests used come from there, and glibc on its own gives back only the
+    top of a heap. Best effort."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def freeze_startup_objects() -> None:
     """Leave what exists now out of every later cyclic collection (see above)."""
     gc.collect()   # what start-up left as garbage is not kept forever
@@ -105,6 +126,7 @@ class CollectAfterConnections:
         self._previous = loop.time()
         began = time.perf_counter()
         found = gc.collect()
+        give_free_heap_back()
         log.debug("collected %d objects of ended connections in %.1f ms", found,
                   (time.perf_counter() - began) * 1000)
 
