@@ -132,8 +132,10 @@ class Container:
             time.sleep(0.05)
         raise TimeoutError("the container's systemd did not start")
 
-    def _wait_running(self, timeout: float = 60) -> None:
+    def _wait_running(self, timeout: float = 180) -> None:
         # is-system-running fails once or twice before the container's bus is up.
+        # A trixie boot once took over 60 s on a quiet 2-CPU CI machine (its units
+        # were all up a minute later): 180 s, so only a boot that hangs fails.
         deadline = time.monotonic() + timeout
         while True:
             state = self.sh("systemctl is-system-running --wait", check=False, timeout=timeout).stdout.strip()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,18 @@ def _thread_cpus(pid: int) -> dict[int, str]:
     return masks
 
 
+def _ready_line(daemon) -> str:
+    """The daemon's "ready" log line (the socket accepts before it is written:
+    clients wait in the backlog while the device opens)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for line in daemon.log().splitlines():
+            if " ready on " in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no ready line in the log:\n{daemon.log()[-2000:]}")
+
+
 def _allowed_list() -> str:
     return CpuPlacement.choose("auto").describe().split("of CPUs ", 1)[1]
 
@@ -94,7 +107,7 @@ def test_daemon_pins_its_loop_and_device_thread_and_leaves_workers_free(start_da
     assert masks[pid] == cpu                                   # the event loop (the main thread)
     assert sum(mask == cpu for mask in masks.values()) >= 2    # and the device thread
     assert _allowed_list() in masks.values()                   # the worker that parsed the body
-    assert f"event loop and device thread: CPU {cpu} of CPUs" in daemon.log()
+    assert f"event loop and device thread: CPU {cpu} of CPUs" in _ready_line(daemon)
 
 
 @several_cpus
@@ -102,4 +115,4 @@ def test_off_pins_no_thread(start_daemon):
     daemon = start_daemon(cpu_affinity="off")
     masks = _thread_cpus(daemon.process.pid)
     assert set(masks.values()) == {_allowed_list()}
-    assert "event loop and device thread: not pinned" in daemon.log()
+    assert "event loop and device thread: not pinned" in _ready_line(daemon)
