@@ -45,36 +45,36 @@ COLLECT_DELAY_S = 1.0
 COLLECT_SPACING_S = 10.0
 
 
+def _glibc(name: str):
+    """A function of glibc, or None (another C library): these are best effort."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOPT = _glibc("mallopt")
+_MALLOC_TRIM = _glibc("malloc_trim")
+
+
 def return_large_blocks_to_the_system() -> None:
     """Blocks of 256 KiB and more (request bodies, attachments, answers) from
     mmap, so that freeing one gives its memory back at once. glibc otherwise
     raises that threshold each time such a block is freed, and later ones
     come from a heap it cannot give back: after a burst of large or hostile
-    requests the daemon's RSS would stay up. Best effort (glibc only)."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError):
+    requests the daemon's RSS would stay up."""
+    if _MALLOPT is None:
         log.debug("mallopt is not available: large blocks stay in the heap")
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
+        return
+    _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    _MALLOPT(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def give_free_heap_back() -> None:
     """Free pages inside glibc's heaps go back to the system (malloc_trim(0)):
     the blocks between 512 bytes and the mmap threshold that a burst of
     requests used come from there, and glibc on its own gives back only the
-    top of a heap. Best effort."""
+    top of a heap."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

@@ -121,7 +121,7 @@ def _check_form(path: str, field: str) -> None:
 # device thread take the GIL, so a stat per small request cost two context
 # switches (measured: 12 % of the daemon's CPU per request). What the trust
 # allows is only staleness: for at most that long a re-pointed name still
-# means the file it meant, which was inside model_dirs when checked, and
+# means the real path it was checked as, which was inside model_dirs, and
 # open_model checks the opened file again in any case. Any thread may use
 # the table (dict operations are atomic); cleared when full.
 RESOLUTION_TRUST_S = 1.0
