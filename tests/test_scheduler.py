@@ -282,3 +282,91 @@ def test_a_results_size_counts_its_arrays_and_text_and_gives_up_on_huge_structur
     assert payload_bytes(result) == 4000 + 3 + 2
     assert payload_bytes([{"a": 1}] * 300, max_nodes=256) is None
     assert payload_bytes([[[]]] * 100, max_nodes=150) is None   # nested: too many nodes in all
+
+
+class _Batchable:
+    """A job's fn that may share a device call with others of its key (as actions.InferCall)."""
+
+    def __init__(self, name, key):
+        self.name, self.batch_key = name, key
+
+    def __call__(self):
+        return self.name
+
+
+def batchable(name, key, client="a", priority=NORMAL, **fields) -> Job:
+    return Job(fn=_Batchable(name, key), label=name, budget_s=1, priority=priority, client=client,
+               owner=client, request_id=name, **fields)
+
+
+def drain_batches(queue, most: int) -> list[list[str]]:
+    batches = []
+    while (first := queue.get(0)) is not None:
+        batches.append([first.label] + [job.label for job in queue.take_along(first, most)]
+                       if first.batch_key is not None else [first.label])
+    return batches
+
+
+@pytest.mark.parametrize("policy", [FairScheduler, FifoQueue])
+def test_a_batch_is_the_jobs_of_its_key_that_would_run_next_and_no_others(policy):
+    queue = policy()
+    for item in (batchable("m1", "m"), batchable("m2", "m"), job("plain"), batchable("m3", "m"),
+                 batchable("other", "o"), batchable("m4", "m"), batchable("m5", "m"), batchable("m6", "m")):
+        queue.put(item)
+    # A batch stops at the first job of another key (or none), and at its size.
+    assert drain_batches(queue, most=2) == [["m1", "m2"], ["plain"], ["m3"], ["other"], ["m4", "m5", "m6"]]
+
+
+def test_a_batch_keeps_the_round_robin_between_clients():
+    queue = FairScheduler()
+    for index in range(4):
+        queue.put(batchable(f"greedy{index}", "m", client="greedy"))
+    queue.put(batchable("polite0", "m", client="polite"))
+    queue.put(job("polite1", client="polite"))
+    # The polite client's jobs come where they would one by one: a batch of the
+    # greedy client's does not jump them.
+    assert drain_batches(queue, most=7) == [["greedy0", "polite0", "greedy1"], ["polite1"],
+                                            ["greedy2", "greedy3"]]
+
+
+def test_a_client_past_its_untaken_bytes_gets_nothing_into_a_batch():
+    queue = FairScheduler(QueueLimits(max_untaken_bytes=1000))
+    for item in (batchable("slow1", "m", client="slow"), batchable("fast1", "m", client="fast"),
+                 batchable("slow2", "m", client="slow"), batchable("fast2", "m", client="fast")):
+        queue.put(item)
+    first = queue.get(0)
+    queue.job_done(first, 1500)   # as if it had run: the slow client is past its bound
+    assert [job.label for job in queue.take_along(first, 7)] == ["fast1", "fast2"]
+    assert len(queue) == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("policy", [FairScheduler, FifoQueue])
+def test_batches_take_jobs_in_exactly_the_order_one_by_one_would(seed, policy):
+    """Whatever the clients, classes, keys and affinity: the batches, put end
+    to end, are the order ``get`` alone gives (a batch changes how jobs run,
+    never which runs when), and each batch has one key."""
+    import random
+    rng = random.Random(seed)
+    loaded = frozenset({"generic:/warm.hef"})
+
+    keys = {}   # label -> batch key
+
+    def fill():
+        queue = policy(QueueLimits(affinity_max_skips=2), loaded_keys=lambda: loaded)
+        make = random.Random(seed)
+        for index in range(40):
+            label, key = f"j{index}", make.choice(["a", "b", None])
+            fields = dict(client=make.choice(["x", "y", "z"]), priority=make.randrange(3),
+                          model_key=make.choice(["generic:/warm.hef", "generic:/cold.hef"]))
+            queue.put(batchable(label, key, **fields) if key else job(label, **fields))
+            keys[label] = key
+        return queue
+
+    one_by_one = drain(fill())
+    batches = drain_batches(fill(), most=rng.randrange(1, 6))
+    assert [label for batch in batches for label in batch] == one_by_one
+    assert any(len(batch) > 1 for batch in batches)
+    for batch in batches:
+        if len(batch) > 1:
+            assert len({keys[label] for label in batch}) == 1 and keys[batch[0]] is not None

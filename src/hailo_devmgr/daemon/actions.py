@@ -145,13 +145,6 @@ def device_job(request: DeviceRequest, registry, budgets,
     """(callable for the device thread, label, budget in seconds). ``on_token``:
     for a streamed infer, called on the device thread per piece of text."""
     model_type, model_path, spec = request.model_type, request.model_path, request.spec
-    runtime = registry.runtime
-
-    def check_thermal():
-        # Again on the device thread: the chip may have heated while queued.
-        refusal = runtime.thermal_refusal()
-        if refusal is not None:
-            raise refusal
 
     if request.action == "unload_model":
         def unload():
@@ -162,38 +155,120 @@ def device_job(request: DeviceRequest, registry, budgets,
 
     if request.action == "load_model":
         def load():
-            check_thermal()
+            _check_thermal(registry)
             model, already = registry.load(spec, request.log_fields, request.keep_alive, request.admin)
             return {"model_path": model_path, "model_type": model_type,
                     "message": "Model already loaded" if already else "Model loaded",
                     **model.handler.load_info()}
         return load, f"load {spec.key}", budgets.load_budget_s
 
-    # Some requests are several device calls (whisper: one per 30 s window),
-    # each with the whole infer budget.
-    calls = spec.handler_cls.device_calls(request.inputs)
-    infer_budget_s = budgets.infer_budget_s * calls
+    call = InferCall(request, registry, budgets, on_token)
+    return call, f"infer {spec.key}", budgets.load_budget_s
 
-    def infer():
+
+class InferCall:
+    """An infer on the device thread: called alone, or, when it has a
+    ``batch_key``, with the requests for the same model that would run right
+    after it, in one device call (:meth:`run_batch`, device.py)."""
+
+    def __init__(self, request: DeviceRequest, registry, budgets, on_token: Callable[[str], bool] | None):
+        self.request = request
+        self.registry = registry
+        # Some requests are several device calls (whisper: one per 30 s window),
+        # each with the whole infer budget.
+        self.infer_budget_s = budgets.infer_budget_s * request.spec.handler_cls.device_calls(request.inputs)
+        self.load_budget_s = budgets.load_budget_s
+        self.on_token = on_token
+        self.load_ms = 0.0   # this request's load on demand
+        self.batch_key = _batch_key(request)
+
+    def __call__(self) -> tuple[Any, float, float]:
         # Two phases, each budgeted on its own for the watchdog: a load on
         # demand (the job's own budget), then the inference.
-        check_thermal()
-        model, already = registry.load(spec, request.log_fields, request.keep_alive, request.admin)
-        load_ms = 0.0 if already else model.load_ms   # this request's load on demand
-        begin_phase(f"infer {spec.key}", infer_budget_s)
+        request, spec, registry = self.request, self.request.spec, self.registry
+        model = self._load()
+        begin_phase(f"infer {spec.key}", self.infer_budget_s)
         # The HailoRT timeout: the infer budget, capped by what the load left of the deadline.
-        timeout_ms = hailort_timeout_ms(int(infer_budget_s * 1000), request.deadline)
+        timeout_ms = hailort_timeout_ms(int(self.infer_budget_s * 1000), request.deadline)
         try:
             if request.stream:
-                result, run_ms = registry.generate(spec, request.inputs, timeout_ms, on_token, request.backend_options,
-                                                   request.log_fields, request.keep_alive, request.admin, model)
+                result, run_ms = registry.generate(spec, request.inputs, timeout_ms, self.on_token,
+                                                   request.backend_options, request.log_fields,
+                                                   request.keep_alive, request.admin, model)
             else:
                 result, run_ms = registry.infer(spec, request.inputs, timeout_ms, request.backend_options,
                                                 request.log_fields, request.keep_alive, request.admin, model)
         except RequestError as error:
             raise _as_deadline(error, request.deadline) from None
-        return result, run_ms, load_ms
-    return infer, f"infer {spec.key}", budgets.load_budget_s
+        return result, run_ms, self.load_ms
+
+    def _load(self):
+        """The request's model (loaded on demand), after the thermal check."""
+        request = self.request
+        begin_phase(f"infer {request.spec.key}", self.load_budget_s)   # also within a batch
+        _check_thermal(self.registry)
+        model, already = self.registry.load(request.spec, request.log_fields, request.keep_alive, request.admin)
+        self.load_ms = 0.0 if already else model.load_ms
+        return model
+
+    def batch_limit(self) -> int:
+        """How many requests (this one included) may share its device call."""
+        return self.registry.batch_limit(self.request.spec, self.request.log_fields)
+
+    @staticmethod
+    def run_batch(calls: list["InferCall"]) -> list[tuple[Any, BaseException | None]]:
+        """Calls of one ``batch_key``, in their order: each loads (or finds) its
+        model as it would alone; those that got the same loaded model run
+        together. Per call ``(result, None)`` or ``(None, error)``."""
+        outcomes: list = [None] * len(calls)
+        groups: dict[int, tuple[Any, list[int]]] = {}   # id(model) -> (model, indices)
+        for index, call in enumerate(calls):
+            try:
+                model = call._load()
+            except Exception as error:
+                outcomes[index] = (None, error)
+                continue
+            groups.setdefault(id(model), (model, []))[1].append(index)
+        for model, members in groups.values():
+            first = calls[members[0]]
+            registry = first.registry
+            if not registry.is_loaded(model):   # released meanwhile (a run before broke the device)
+                for index in members:
+                    outcomes[index] = _outcome(calls[index])
+                continue
+            begin_phase(f"infer {model.spec.key} (a batch of {len(members)})", first.infer_budget_s)
+            ran = registry.infer_batch(model, [calls[index].request.inputs for index in members],
+                                       int(first.infer_budget_s * 1000), first.request.log_fields)
+            for index, (done, error) in zip(members, ran):
+                outcomes[index] = (None, error) if error is not None else (
+                    (*done, calls[index].load_ms), None)
+        return outcomes
+
+
+def _check_thermal(registry) -> None:
+    # Again on the device thread: the chip may have heated while queued.
+    refusal = registry.runtime.thermal_refusal()
+    if refusal is not None:
+        raise refusal
+
+
+def _outcome(call: InferCall) -> tuple[Any, BaseException | None]:
+    try:
+        return call(), None
+    except Exception as error:
+        return None, error
+
+
+def _batch_key(request: DeviceRequest):
+    """Requests with equal keys may share a device call: same model name and
+    parameters, a model type that batches, and nothing of their own that
+    the call would have to honour (a deadline, backend options, streaming).
+    Which loaded model each gets (a uid's own tuned one) is decided per
+    request when they run."""
+    if request.stream or request.deadline is not None or request.backend_options is not None \
+            or not request.spec.handler_cls.runs_in_batches:
+        return None
+    return request.spec.identity
 
 
 def _as_deadline(error: RequestError, deadline: float | None) -> RequestError:

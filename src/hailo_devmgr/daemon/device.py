@@ -11,6 +11,10 @@ backoff), read the chip temperature (the thermal guard's input), and the
 registry's chores (unload idle models, reload pinned models after a
 rebuild). It sleeps until the next chore is due or a job arrives.
 
+Jobs for one model that would run one after the other run as one batch
+(:meth:`DeviceThread._run_batch`): one device call for all of them, each
+settled on its own (see ``Job.batch_key``).
+
 Health, for the systemd watchdog: the thread records when its current
 operation started and how long that kind of operation may take. A call
 stuck past its budget makes :meth:`DeviceThread.health` report a problem, so
@@ -93,6 +97,7 @@ class DeviceThread:
         self._thread = threading.Thread(target=self._main, name="hailo-device", daemon=True)
         self._started = threading.Event()
         self._wake_scheduled = False   # a wake-up is on the event loop's list (submit)
+        self.batched_requests = 0      # jobs that shared a device call with others (status)
 
     # -- event loop side ----------------------------------------------------
 
@@ -169,7 +174,11 @@ class DeviceThread:
                 if self.queue.closed:
                     break
                 continue
-            self._run_job(job)
+            batch = self._batch_of(job)
+            if len(batch) > 1:
+                self._run_batch(batch)
+            else:
+                self._run_job(job)
         self._run_guarded("close device", self.runtime.budgets.other_budget_s, self.runtime.close)
 
     def _do_chores(self) -> float:
@@ -207,6 +216,17 @@ class DeviceThread:
             log.exception("device thread: checking %s failed", chore.label)
             return None
 
+    def _batch_of(self, job: Job) -> list[Job]:
+        """``job`` and the jobs to run in one device call with it (see jobs.Job.batch_key)."""
+        if job.batch_key is None:
+            return [job]
+        try:
+            most = job.fn.batch_limit() - 1
+        except Exception:
+            log.exception("device thread: sizing a batch failed")
+            most = 0
+        return [job, *self.queue.take_along(job, most)] if most > 0 else [job]
+
     def _run_job(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return  # its client went away while it waited
@@ -222,6 +242,31 @@ class DeviceThread:
             # Timestamps first: whoever the future wakes reads them.
             job.finished_at = time.monotonic()
             self.queue.record_run(job.finished_at - job.started_at)
+        self._settle(job, result, error)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Jobs of one batch key, in one device call (each settled on its own)."""
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        started = time.monotonic()
+        if len(live) > 1:
+            self.batched_requests += len(live)
+        self._current = (f"{live[0].label} (a batch of {len(live)})", started, live[0].budget_s)
+        try:
+            outcomes = live[0].fn.run_batch([job.fn for job in live])
+        except BaseException as exc:  # a fault of the batch itself: each job gets its own copy of it
+            log.exception("device thread: a batch of %d jobs failed", len(live))
+            outcomes = [(None, RuntimeError(f"the batch failed: {exc!r}")) for _ in live]
+        finally:
+            self._current = None
+            finished = time.monotonic()
+        for job, (result, error) in zip(live, outcomes):
+            job.started_at, job.finished_at = started, finished
+            self.queue.record_run((finished - started) / len(live))
+            self._settle(job, result, error)
+
+    def _settle(self, job: Job, result: Any, error: BaseException | None) -> None:
         if error is not None:
             job.future.set_exception(error)
         else:

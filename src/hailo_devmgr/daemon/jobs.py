@@ -166,6 +166,13 @@ class Job:
     result_bytes: int = 0            # of its result, counted to its client until answered (scheduler.py)
     answered: bool = False           # its answer is made (or its request gone): nothing more to count
 
+    @property
+    def batch_key(self) -> Hashable | None:
+        """Jobs with one key may run in one device call (None: alone). Such a
+        job's ``fn`` is an ``actions.InferCall``: it also has ``batch_limit()``
+        and ``run_batch(fns)`` (device.py)."""
+        return getattr(self.fn, "batch_key", None)
+
     def outcome(self, handoff) -> asyncio.Future:
         """The job's result on the event loop of ``handoff`` (handoff.py): one
         batched hand-over when the job settles, whichever thread settles it.

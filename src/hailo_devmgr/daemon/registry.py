@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAULT_MS = 1000
 FOREVER = -1.0
+# A batch (several requests in one device call) may keep the device at most
+# about this long, so whoever waits behind it (an interactive request: the
+# device is not pre-empted) waits this much more at worst. Models slower
+# than half of it per request run alone.
+MAX_BATCH_RUN_MS = 2.0
+FRAME_MS_WEIGHT = 0.2   # of the newest call in the moving average
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class LoadedModel:
     loaded_by_uid: int | None = None    # who loaded it (only that uid or an admin may unload it
                                         # or shorten its keep-alive); None: the daemon (a pin)
     loaded_by_admin: bool = False
+    frame_ms: float | None = None       # device time per request, moving average (batch sizes)
     keep_alive_fields: dict = field(default_factory=dict)  # log fields of the request that set it
 
     def expires_mono(self) -> float | None:
@@ -173,13 +180,26 @@ def _failure(prefix: str, exc: Exception, default_code: str, files: ModelFiles) 
     return RequestError(code, f"{prefix}{reason}", retry_after_ms=retry_after_ms)
 
 
+def _average_frame_ms(model: LoadedModel, frame_ms: float) -> None:
+    previous = model.frame_ms
+    model.frame_ms = frame_ms if previous is None else previous + FRAME_MS_WEIGHT * (frame_ms - previous)
+
+
 def _shown(error: RequestError, files: ModelFiles) -> RequestError:
     """A handler's own error, naming model files by their real paths, not /proc/self/fd/N."""
     message = files.shown(error.message)
     if message == error.message:
         return error
-    return RequestError(error.code, message, retry_after_ms=error.retry_after_ms, fatal=error.fatal,
-                        field=error.field)
+    return _each(error, message)
+
+
+def _each(error: RequestError, message: str | None = None) -> RequestError:
+    """A copy of ``error`` (with another message): each request of a batch
+    raises its own, so no traceback grows from being raised twice."""
+    copy = RequestError(error.code, error.message if message is None else message,
+                        retry_after_ms=error.retry_after_ms, fatal=error.fatal, field=error.field)
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 class ModelRegistry:
@@ -259,13 +279,62 @@ class ModelRegistry:
         return self._run(spec, lambda handler: handler.generate(inputs, timeout_ms, on_token), backend_options,
                          log_fields, keep_alive, admin, model)
 
+    def infer_batch(self, model: LoadedModel, inputs: list, timeout_ms: int,
+                    log_fields: dict | None = None) -> list[tuple[Any, BaseException | None]]:
+        """Several requests' inferences on ``model`` (``load`` just returned it
+        for each) in one device call; for each request ``((result, run ms),
+        None)`` or ``(None, its error)``. An input the model cannot take fails
+        its own request only; a failed run fails every request in it.
+        ``log_fields``: the first request's, for what is logged of the model."""
+        outcomes: list = [None] * len(inputs)
+        frames, members = [], []
+        for index, one in enumerate(inputs):
+            try:
+                frames.append(model.handler.bind(one))
+                members.append(index)
+            except RequestError as error:
+                outcomes[index] = (None, _shown(error, model.files))
+            except Exception as error:   # answered as any handler's fault is
+                outcomes[index] = (None, error)
+        if not frames:
+            return outcomes
+        try:
+            results, run_ms = self._call(model, lambda handler: handler.run_frames(frames, timeout_ms), None,
+                                         log_fields, len(frames))
+        except RequestError as error:
+            for index in members:
+                outcomes[index] = (None, _each(error))
+        else:
+            for index, result in zip(members, results):
+                outcomes[index] = ((result, run_ms), None)
+        return outcomes
+
+    def is_loaded(self, model: LoadedModel) -> bool:
+        """Whether ``model`` is still the one loaded under its identity."""
+        return self._models.get(model.spec.identity) is model
+
+    def batch_limit(self, spec: ModelSpec, log_fields: dict | None) -> int:
+        """How many requests for ``spec`` may share one device call now: as
+        many as its handler allows, within MAX_BATCH_RUN_MS of device time
+        (1 until its model has run once: the first request loads it, alone)."""
+        model = self._find(spec, _uid(log_fields))
+        if model is None or model.frame_ms is None:
+            return 1
+        by_time = int(MAX_BATCH_RUN_MS / max(model.frame_ms, 0.001))
+        return max(1, min(model.handler.batch_limit(), by_time))
+
     def _run(self, spec: ModelSpec, call, backend_options: Any, log_fields: dict | None,
              keep_alive: float | None, admin: bool, model: LoadedModel | None) -> tuple[Any, float]:
-        """``call(handler)`` on the model (loaded first if needed): HailoRT's
-        failures become answers, and those that break the model or the
-        device are dealt with here."""
-        if model is None or self._models.get(spec.identity) is not model:
+        """``call(handler)`` on the model (loaded first if needed)."""
+        if model is None or not self.is_loaded(model):
             model, _ = self.load(spec, log_fields, keep_alive, admin)
+        return self._call(model, call, backend_options, log_fields)
+
+    def _call(self, model: LoadedModel, call, backend_options: Any, log_fields: dict | None,
+              uses: int = 1) -> tuple[Any, float]:
+        """``call(model.handler)`` for ``uses`` requests: HailoRT's failures
+        become answers, and those that break the model or the device are
+        dealt with here."""
         started = time.perf_counter()
         try:
             with self.runtime.backend.request_scope(backend_options):
@@ -281,10 +350,12 @@ class ModelRegistry:
                 error = self._discard_broken(model, error, log_fields)
             raise error from exc
         finally:
-            model.uses += 1
+            model.uses += uses
             model.last_used = model.idle_since = time.time()
             model.last_used_mono = model.idle_since_mono = time.monotonic()
-        return result, (time.perf_counter() - started) * 1000
+        run_ms = (time.perf_counter() - started) * 1000
+        _average_frame_ms(model, run_ms / uses)
+        return result, run_ms
 
     def unload(self, model_type: str, model_path: str, log_fields: dict | None = None,
                admin: bool = True) -> bool:

@@ -34,13 +34,19 @@ makes them until their answers are written (``job_done``, ``answer_made``,
 its waiting jobs do not start, so a client that does not read its answers
 cannot have the device make more of them.
 
+Batches: after ``get``, the device thread may ``take_along`` the jobs
+that would be taken next anyway, while they share the first one's
+``batch_key`` (one model; device.py runs them in one device call). The
+order is the one ``get`` alone would give, so a batch changes how jobs run,
+never which runs when.
+
 Jobs whose deadline passed before they started are answered ``timeout`` and
 never run. :class:`FifoQueue` keeps the core's first-come order (config
 ``scheduling.policy: fifo``), for comparison in benchmarks.
 
 Locking: every field is guarded by ``_lock`` (one lock); ``put``, ``remove``,
 ``drop_owner``, ``answer_made`` and ``unread`` come from the event loop,
-``get`` and ``job_done`` from the device thread,
+``get``, ``take_along`` and ``job_done`` from the device thread,
 which sleeps on ``_wakeup`` (a C queue: one token when it sleeps and a job
 comes; no Python-level condition variable on the request path).
 Jobs are settled outside our lock (a JobFuture has its own, jobs.py).
@@ -280,8 +286,7 @@ class JobQueue:
                 self._sleeping = False   # awake (a token left by a late put only costs one more look)
                 runnable = self._runnable()
                 if runnable:
-                    job = self._select(runnable, now)
-                    self._jobs.remove(job)
+                    job = self._take(*self._choose(runnable, now))
                     break
                 left = deadline - now
                 if self._closed or left <= 0:
@@ -294,6 +299,29 @@ class JobQueue:
         for late in expired:
             late.future.set_exception(RequestError(TIMEOUT, "Timed out before the device could start it"))
         return job
+
+    def take_along(self, first: Job, most: int) -> list[Job]:
+        """Up to ``most`` jobs that share ``first``'s ``batch_key`` and would be
+        taken right after it, in that order: they run with it in one device
+        call (device thread). The order stays the one ``get`` would give."""
+        taken: list[Job] = []
+        with self._lock:
+            now = time.monotonic()
+            while len(taken) < most:
+                runnable = self._runnable()
+                if not runnable:
+                    break
+                pick, passed_over = self._choose(runnable, now)
+                if pick.batch_key != first.batch_key or pick.batch_key is None:
+                    break
+                taken.append(self._take(pick, passed_over))
+        return taken
+
+    def _take(self, pick: Job, passed_over: Job | None) -> Job:
+        """Under the lock: ``pick`` leaves the queue to run."""
+        self._chosen(pick, passed_over)
+        self._jobs.remove(pick)
+        return pick
 
     def record_run(self, seconds: float) -> None:
         self._run_s += _EWMA_WEIGHT * (seconds - self._run_s)
@@ -310,16 +338,21 @@ class JobQueue:
             return self._jobs
         return [job for job in self._jobs if job.client not in self._over]
 
-    def _select(self, jobs: list[Job], now: float) -> Job:
-        """Which of ``jobs`` (waiting, none of a client past its bound; never empty) runs next."""
+    def _choose(self, jobs: list[Job], now: float) -> tuple[Job, Job | None]:
+        """Which of ``jobs`` (waiting, none of a client past its bound; never
+        empty) runs next, and the job it is chosen over, if any (affinity);
+        nothing changes until ``_chosen``."""
         raise NotImplementedError
+
+    def _chosen(self, pick: Job, passed_over: Job | None) -> None:
+        """``pick`` runs next: the policy's record of it."""
 
 
 class FifoQueue(JobQueue):
     """First come, first served: the core's order, kept for comparison."""
 
-    def _select(self, jobs: list[Job], now: float) -> Job:
-        return min(jobs, key=lambda job: job.enqueued_at)
+    def _choose(self, jobs: list[Job], now: float) -> tuple[Job, Job | None]:
+        return min(jobs, key=lambda job: job.enqueued_at), None
 
 
 class FairScheduler(JobQueue):
@@ -334,15 +367,9 @@ class FairScheduler(JobQueue):
         promoted = int((now - job.enqueued_at) // self.limits.aging_s) if self.limits.aging_s > 0 else 0
         return max(0, job.priority - promoted)
 
-    def _select(self, jobs: list[Job], now: float) -> Job:
-        # One job waiting: nothing to choose (the usual case when the device keeps up).
-        pick = jobs[0] if len(jobs) == 1 else self._choose(jobs, now)
-        self._last_turn[pick.client] = next(self._turns)
-        if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
-            self._forget_idle_clients()
-        return pick
-
-    def _choose(self, jobs: list[Job], now: float) -> Job:
+    def _choose(self, jobs: list[Job], now: float) -> tuple[Job, Job | None]:
+        if len(jobs) == 1:
+            return jobs[0], None   # nothing to choose (the usual case when the device keeps up)
         # One pass (the device thread runs this between every two jobs): the
         # best effective class, its jobs, and each client's oldest in it.
         best = None
@@ -362,23 +389,29 @@ class FairScheduler(JobQueue):
         client = min(oldest_of, key=lambda c: (turn(c, 0), oldest_of[c].enqueued_at))
         return self._with_affinity(oldest_of[client], in_class)
 
+    def _chosen(self, pick: Job, passed_over: Job | None) -> None:
+        if passed_over is not None:
+            passed_over.skips += 1
+        self._last_turn[pick.client] = next(self._turns)
+        if len(self._last_turn) > MAX_REMEMBERED_CLIENTS:
+            self._forget_idle_clients()
+
     def _forget_idle_clients(self) -> None:
         """Bound the per-client record: clients with nothing queued start afresh."""
         waiting = {job.client for job in self._jobs}
         self._last_turn = {client: turn for client, turn in self._last_turn.items() if client in waiting}
 
-    def _with_affinity(self, pick: Job, in_class: list[Job]) -> Job:
+    def _with_affinity(self, pick: Job, in_class: list[Job]) -> tuple[Job, Job | None]:
         if pick.skips >= self.limits.affinity_max_skips or pick.model_key is None:
-            return pick
+            return pick, None
         loaded = self._loaded_keys()
         if pick.model_key in loaded:
-            return pick
+            return pick, None
         warm = min((job for job in in_class if job.model_key in loaded), key=lambda job: job.enqueued_at,
                    default=None)
         if warm is None:
-            return pick
-        pick.skips += 1
-        return warm
+            return pick, None
+        return warm, pick
 
 
 def create_queue(policy: str, limits: QueueLimits, loaded_keys: Callable[[], frozenset]) -> JobQueue:

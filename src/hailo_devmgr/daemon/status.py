@@ -50,6 +50,7 @@ def status_payload(d, asker=None) -> dict:
         "throttled": d.runtime.throttled,
         "runtime_faults": d.runtime.runtime_faults,
         "runtime_recoveries": d.runtime.runtime_recoveries,
+        "batched_requests": d.device.batched_requests,
         "held_by_clients": d.admission.held(),
         **_loan(d),
     }

@@ -57,7 +57,9 @@ def families(status: dict, device: dict, metrics: dict) -> Iterable:
     for name, key, documentation in (
             ("evictions", "total_lru_evictions", "Models evicted to make room"),
             ("runtime_faults", "runtime_faults", "Runtime faults (device lost, HailoRT context broken)"),
-            ("runtime_recoveries", "runtime_recoveries", "Device rebuilds that succeeded after a fault")):
+            ("runtime_recoveries", "runtime_recoveries", "Device rebuilds that succeeded after a fault"),
+            ("batched_requests", "batched_requests", "Requests that shared a device call with others "
+                                                     "for the same model")):
         counter = CounterMetricFamily(PREFIX + name, documentation)
         counter.add_metric([], status.get(key) or 0)
         yield counter

@@ -397,9 +397,12 @@ class _SimulatedChip:
     def generation(self) -> int:
         return self._generation
 
-    def infer_ms(self) -> int:
+    def infer_ms(self, frames: int = 1) -> int:
+        """How long an inference over ``frames`` bindings takes: ``infer_ms`` per
+        frame (no gain is claimed for the chip's pipelining, which we cannot
+        measure here), or the request's ``simulate_ms`` for the whole call."""
         override = self.infer_ms_override
-        return self.settings.infer_ms if override is None else override
+        return self.settings.infer_ms * frames if override is None else override
 
     def sleep_ms(self, milliseconds: float) -> None:
         if milliseconds > 0:  # sleep(0) would still hand the GIL away and wait to get it back
@@ -1030,7 +1033,7 @@ class ConfiguredInferModel:
         self.run_async(bindings).wait(timeout)
 
     def run_async(self, bindings, callback=None) -> AsyncInferJob:
-        """One inference over a list of Bindings (a batch): one ``infer_ms`` in all."""
+        """One inference over a list of Bindings (a batch): ``infer_ms`` per frame."""
         self._ensure_usable()
         frames = self._checked_bindings(bindings)
         self._submit_checks(frames)
@@ -1045,7 +1048,7 @@ class ConfiguredInferModel:
             if callback is not None:
                 callback(completion_info=AsyncInferCompletionInfo(None))
 
-        return _make(self._chip, "AsyncInferJob", self._chip, self._chip.infer_ms(), finish)
+        return _make(self._chip, "AsyncInferJob", self._chip, self._chip.infer_ms(len(frames)), finish)
 
     def _submit_checks(self, frames: list) -> None:
         """What libhailort checks per submitted binding; a failure shuts the model down."""

@@ -56,6 +56,9 @@ class Handler:
     # True where a failed HailoRT run leaves the model unusable (InferModel:
     # a failed submit shuts the configured model down), so it must be reloaded.
     failed_run_breaks_model = False
+    # True where the requests of one model can share a device call: the
+    # handler has ``bind``, ``run_frames`` and ``batch_limit`` (registry.infer_batch).
+    runs_in_batches = False
 
     def __init__(self, platform: Any, vdevice: Any, model_path: str, params: dict, *,
                  activate_to_run: bool = False):
@@ -109,6 +112,21 @@ class Handler:
     def run(self, inputs: Any, timeout_ms: int) -> Any:
         """Run one inference; returns JSON-able data with ndarrays inside."""
         raise NotImplementedError
+
+    # Batches (``runs_in_batches``): ``run`` is then ``run_frames([bind(inputs)])[0]``.
+
+    def bind(self, inputs: Any) -> Any:
+        """One request's inputs made ready for ``run_frames``: checked against
+        the model, no device call (a bad request fails alone, before the run)."""
+        raise NotImplementedError
+
+    def run_frames(self, frames: list, timeout_ms: int) -> list:
+        """The results of several requests' bound inputs, from one device call."""
+        raise NotImplementedError
+
+    def batch_limit(self) -> int:
+        """How many requests may share one device call now."""
+        return 1
 
     def load_info(self) -> dict:
         """Extra fields for the ``load_model`` answer (loaded or already

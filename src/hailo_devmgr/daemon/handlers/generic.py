@@ -13,6 +13,7 @@ from .network import Network
 class GenericHandler(Handler):
     failed_run_breaks_model = True  # a run through InferModel (network.py)
     model_type = "generic"
+    runs_in_batches = True
 
     @classmethod
     def parse_input(cls, input_data: Any, limits: InputLimits) -> dict:
@@ -25,7 +26,16 @@ class GenericHandler(Handler):
         self.network.load()
 
     def run(self, inputs: dict, timeout_ms: int) -> dict:
-        return {"outputs": self.network.run(inputs, timeout_ms, where="input_data.inputs")}
+        return self.run_frames([self.bind(inputs)], timeout_ms)[0]
+
+    def bind(self, inputs: dict) -> dict:
+        return self.network.bind(inputs, where="input_data.inputs")
+
+    def run_frames(self, frames: list[dict], timeout_ms: int) -> list[dict]:
+        return [{"outputs": outputs} for outputs in self.network.run_frames(frames, timeout_ms)]
+
+    def batch_limit(self) -> int:
+        return self.network.batch_limit()
 
     def release(self) -> None:
         self.network.release()

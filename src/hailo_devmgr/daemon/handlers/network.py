@@ -19,6 +19,13 @@ from .base import MAX_TIMEOUT_MS, Handler, InputLimits, match_stream, ms_left, r
 # so this module needs no import of the platform to map them.
 _DTYPES = {"UINT8": np.dtype("uint8"), "UINT16": np.dtype("uint16"), "FLOAT32": np.dtype("float32")}
 
+# Requests for one model that wait in a row run as one HailoRT run() over
+# their bindings (registry.infer_batch): the async queue gets several frames
+# at once, and the per-call work is paid once. Bounded so a batch's results,
+# made before their clients' bounds see them, stay small.
+MAX_BATCH_FRAMES = 8
+MAX_BATCH_RESULT_BYTES = 1 << 20
+
 
 def stream_dtype(stream: Any) -> np.dtype:
     """The numpy dtype of a stream's current format.
@@ -96,8 +103,9 @@ class Network:
                                             "(use model_type generic for this HEF)")
         return names[0]
 
-    def run(self, inputs: dict[str, np.ndarray], timeout_ms: int, where: str = "input_data") -> dict:
-        """Bind inputs by name, run once, return outputs by name."""
+    def bind(self, inputs: dict[str, np.ndarray], where: str = "input_data") -> dict[str, np.ndarray]:
+        """One frame's input buffers, by name, checked against the model's
+        inputs (no device call: a bad frame fails before anything runs)."""
         expected = self._inputs.keys()
         if inputs.keys() != expected:
             raise RequestError(BAD_REQUEST, f"{where} must name exactly the model inputs "
@@ -106,7 +114,18 @@ class Network:
         for name, array in inputs.items():
             shape, dtype = self.input_spec(name)
             buffers[name] = match_stream(array, shape, dtype, f"{where} {name!r}")
-        return self._run_frames([buffers], timeout_ms)[0]
+        return buffers
+
+    def run(self, inputs: dict[str, np.ndarray], timeout_ms: int, where: str = "input_data") -> dict:
+        """Bind inputs by name, run once, return outputs by name."""
+        return self.run_frames([self.bind(inputs, where)], timeout_ms)[0]
+
+    def batch_limit(self) -> int:
+        """How many frames of different requests may share one run: at most
+        MAX_BATCH_FRAMES, and their results at most MAX_BATCH_RESULT_BYTES
+        (results are counted against their clients only once made)."""
+        frame_bytes = sum(int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in self._outputs)
+        return max(1, min(MAX_BATCH_FRAMES, MAX_BATCH_RESULT_BYTES // max(frame_bytes, 1)))
 
     def run_single(self, frames: list[np.ndarray], timeout_ms: int, where: list[str],
                    chunk: int | None = None) -> list[dict]:
@@ -121,11 +140,12 @@ class Network:
         step = chunk or len(buffers) or 1
         results: list[dict] = []
         for start in range(0, len(buffers), step):
-            results.extend(self._run_frames(buffers[start:start + step], timeout_ms))
+            results.extend(self.run_frames(buffers[start:start + step], timeout_ms))
         return results
 
-    def _run_frames(self, frames: list[dict[str, np.ndarray]], timeout_ms: int) -> list[dict]:
-        """``run`` over the frames' bindings, at most the async queue's size per call."""
+    def run_frames(self, frames: list[dict[str, np.ndarray]], timeout_ms: int) -> list[dict]:
+        """``run`` over the frames' bindings (from ``bind``), at most the async
+        queue's size per call; outputs by name per frame."""
         results: list[dict] = []
         deadline = time.monotonic() + timeout_ms / 1000  # one budget for every chunk
         for start in range(0, len(frames), self.queue_size):
