@@ -6,6 +6,8 @@ fails alone, and status counts what shared a call.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ from hailo_devmgr.daemon import actions
 from hailo_devmgr.daemon import hailort_status as hs
 from hailo_devmgr.daemon import registry as reg
 from hailo_devmgr.daemon.backends.simulated import SimulatedBackend
-from hailo_devmgr.daemon.config import Config, DeviceConfig, SimulatedConfig, WatchdogConfig
+from hailo_devmgr.daemon.config import Config, DeviceConfig, SchedulingConfig, SimulatedConfig, WatchdogConfig
 from hailo_devmgr.daemon.device import DeviceRuntime
 from hailo_devmgr.daemon.handlers import HANDLERS, InputLimits, network
 from hailo_devmgr.daemon.model_files import resolve_model_path
@@ -106,12 +108,18 @@ def test_requests_with_their_own_deadline_run_alone(start_daemon, model_dir):
 
 # ------------------------------------------------- in-process: the shared call
 
+def simulated_config(tmp_path, **fields) -> Config:
+    return Config(max_loaded_models=4, simulated=SimulatedConfig(load_ms=0, infer_ms=0,
+                                                                   lock_path=str(tmp_path / "lock")), **fields)
+
+
 @pytest.fixture
 def runtime(tmp_path):
-    config = Config(max_loaded_models=4, simulated=SimulatedConfig(load_ms=0, infer_ms=0,
-                                                                     lock_path=str(tmp_path / "lock")))
-    backend = SimulatedBackend(config.simulated, DeviceConfig())
-    runtime = DeviceRuntime(backend, Settings(config))
+    yield from opened(simulated_config(tmp_path))
+
+
+def opened(config):
+    runtime = DeviceRuntime(SimulatedBackend(config.simulated, DeviceConfig()), Settings(config))
     assert runtime.open()
     yield runtime
     runtime.close()
@@ -139,15 +147,25 @@ def test_a_batch_is_as_large_as_its_results_and_its_device_time_allow(runtime, m
     call()
     [model] = registry._models.values()
     for frame_ms, limit in ((0.001, 8), (0.5, 4), (0.9, 2), (1.5, 1), (40.0, 1)):
-        model.frame_ms = frame_ms                     # within MAX_BATCH_RUN_MS (2 ms) of device time
+        model.frame_ms = frame_ms                     # within scheduling.max_batch_ms (2) of device time
         assert call.batch_limit() == limit, frame_ms
+    runtime.settings.replace(replace(runtime.settings.config, scheduling=SchedulingConfig(max_batch_ms=0)))
+    model.frame_ms = 0.001
+    assert call.batch_limit() == 1                    # 0: never
+    runtime.settings.replace(replace(runtime.settings.config, scheduling=SchedulingConfig()))
     monkeypatch.setattr(network, "MAX_BATCH_RESULT_BYTES", 100)
     model.frame_ms = 0.001
     assert call.batch_limit() == 2                    # two results of 48 bytes
 
 
-def test_a_failed_shared_call_fails_each_request_with_its_own_error(runtime, model_dir, monkeypatch):
-    monkeypatch.setattr(reg, "MAX_BATCH_RUN_MS", 1e9)   # however slow this machine is
+@pytest.fixture
+def patient_runtime(tmp_path):
+    """Batches of 8 however slow this machine runs the model."""
+    yield from opened(simulated_config(tmp_path, scheduling=SchedulingConfig(max_batch_ms=1000)))
+
+
+def test_a_failed_shared_call_fails_each_request_with_its_own_error(patient_runtime, model_dir):
+    runtime = patient_runtime
     registry = reg.ModelRegistry(runtime, runtime.settings)
     calls = calls_for(registry, model_dir, 4, bad=(1,))
     assert calls[0].batch_key == calls[3].batch_key is not None

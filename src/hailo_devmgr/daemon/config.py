@@ -250,6 +250,9 @@ class SchedulingConfig:
     # A waiting job moves up one priority class per aging_s (0: never).
     aging_s: float = _key(_number(0.0, 86400.0), 10.0)
     affinity_max_skips: int = _key(_integer(0, 1000), 4)
+    # Requests for one model waiting in a row run in one device call while
+    # the call keeps the device at most about this long (0: never).
+    max_batch_ms: float = _key(_number(0.0, 1000.0), 2.0)
     # Requests a v2 connection may have in flight at once.
     max_inflight_per_connection: int = _key(_integer(1, 10_000), 64)
     # Default priority of a client by uid or systemd unit (a request's own

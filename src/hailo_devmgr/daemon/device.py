@@ -218,7 +218,7 @@ class DeviceThread:
 
     def _batch_of(self, job: Job) -> list[Job]:
         """``job`` and the jobs to run in one device call with it (see jobs.Job.batch_key)."""
-        if job.batch_key is None:
+        if job.batch_key is None or not self.queue:   # (no lock: nothing waiting now is all it asks)
             return [job]
         try:
             most = job.fn.batch_limit() - 1

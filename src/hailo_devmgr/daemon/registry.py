@@ -46,12 +46,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAULT_MS = 1000
 FOREVER = -1.0
-# A batch (several requests in one device call) may keep the device at most
-# about this long, so whoever waits behind it (an interactive request: the
-# device is not pre-empted) waits this much more at worst. Models slower
-# than half of it per request run alone.
-MAX_BATCH_RUN_MS = 2.0
-FRAME_MS_WEIGHT = 0.2   # of the newest call in the moving average
+FRAME_MS_WEIGHT = 0.2   # of the newest call in the moving average (LoadedModel.frame_ms)
 
 
 @dataclass(frozen=True)
@@ -315,12 +310,14 @@ class ModelRegistry:
 
     def batch_limit(self, spec: ModelSpec, log_fields: dict | None) -> int:
         """How many requests for ``spec`` may share one device call now: as
-        many as its handler allows, within MAX_BATCH_RUN_MS of device time
-        (1 until its model has run once: the first request loads it, alone)."""
+        many as its handler allows, within ``scheduling.max_batch_ms`` of
+        device time. The device is not pre-empted, so whoever waits behind a
+        batch (an interactive request) waits that much more at worst. 1 until
+        its model has run once (the first request loads it, alone)."""
         model = self._find(spec, _uid(log_fields))
         if model is None or model.frame_ms is None:
             return 1
-        by_time = int(MAX_BATCH_RUN_MS / max(model.frame_ms, 0.001))
+        by_time = int(self.settings.config.scheduling.max_batch_ms / max(model.frame_ms, 0.001))
         return max(1, min(model.handler.batch_limit(), by_time))
 
     def _run(self, spec: ModelSpec, call, backend_options: Any, log_fields: dict | None,
