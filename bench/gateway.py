@@ -38,7 +38,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from hailo_devmgr.client import AsyncClient  # noqa: E402
+from hailo_devmgr.client import AsyncClient, NotConnected  # noqa: E402
 
 TOKEN_MS = 10
 TOKENS = 60
@@ -90,6 +90,18 @@ async def wait_up(base: str) -> None:
     raise RuntimeError("the gateway did not start")
 
 
+async def wait_for_daemon(socket_path: str) -> None:
+    """The gateway may answer before the daemon's socket is there (on a busy machine)."""
+    for _ in range(400):
+        try:
+            async with AsyncClient(socket_path) as client:
+                await client.request("ping")
+                return
+        except NotConnected:
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the daemon did not start")
+
+
 async def direct(client: AsyncClient, path: str) -> list[float]:
     """Arrival times (s after sending) of each piece, on the device socket."""
     sent = time.perf_counter()
@@ -117,6 +129,7 @@ async def through_gateway(session: aiohttp.ClientSession, base: str, tokens: int
 
 async def measure(base: str, socket_path: str, path: str) -> dict:
     await wait_up(base)
+    await wait_for_daemon(socket_path)
     async with AsyncClient(socket_path) as client, aiohttp.ClientSession() as session:
         await client.load_model(path, "llm", keep_alive=-1)
         await direct(client, path)              # warm-up, both paths
