@@ -6,6 +6,7 @@ fails alone, and status counts what shared a call.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -186,3 +187,43 @@ def test_a_failed_shared_call_fails_each_request_with_its_own_error(patient_runt
     assert [error for _, error in outcomes] == [None] * 3
     assert outcomes[0][0][2] > 0 and outcomes[1][0][2] == outcomes[2][0][2] == 0   # load_ms: the first loaded it
     assert [model["uses"] for model in registry.snapshot] == [3]
+
+
+def test_a_batchs_time_per_request_counts_binding_its_inputs(patient_runtime, model_dir, monkeypatch):
+    """Inputs that must be copied to the model's layout (CHW sent to an HWC
+    model) cost the device thread that time in a batch too: it counts in the
+    time per request that sizes the next batches, as it does alone."""
+    registry = reg.ModelRegistry(patient_runtime, patient_runtime.settings)
+    calls = calls_for(registry, model_dir, 3)
+    calls[0]()
+    handler_cls = HANDLERS["generic"]
+    bind = handler_cls.bind
+
+    def slow_bind(self, inputs):
+        time.sleep(0.02)
+        return bind(self, inputs)
+    monkeypatch.setattr(handler_cls, "bind", slow_bind)
+    [model] = registry._models.values()
+    model.frame_ms = 0.0
+    outcomes = actions.InferCall.run_batch(calls[1:])
+    assert [error for _, error in outcomes] == [None, None]
+    assert model.frame_ms >= 3          # a fifth (the moving average's weight) of 20 ms a request
+
+
+def test_a_request_running_in_a_batch_is_running_for_cancel(start_daemon, model_dir):
+    daemon = start_daemon(simulated={"infer_ms": 200}, scheduling={"max_batch_ms": 1000})
+    warm(daemon, model_dir)                            # 200 ms a request: batches of up to 5
+    blocker = Raw(daemon.socket_path)
+    blocker.send(infer(model_dir, request_id="blocker", simulate_ms=500))
+    wait_busy(daemon)
+    connection = Raw(daemon.socket_path)
+    for index in range(3):
+        connection.send(two_inputs(model_dir, f"r{index}", seed=index))
+    with Client(daemon.socket_path, timeout=30) as client:
+        wait_until(lambda: "(a batch of 3)" in (client.status()["device_busy_with"] or ""), what="the batch")
+    connection.send({"action": "cancel", "target": "r1", "request_id": "c"})
+    answers = {answer["request_id"]: answer for answer in (connection.read() for _ in range(4))}
+    assert (answers["c"]["state"], answers["c"]["cancelled"]) == ("running", False)
+    assert [answers[f"r{index}"]["status"] for index in range(3)] == ["ok"] * 3
+    blocker.close()
+    connection.close()

@@ -250,6 +250,8 @@ class DeviceThread:
         if not live:
             return
         started = time.monotonic()
+        for job in live:
+            job.started_at = started   # running now (cancel answers "running")
         if len(live) > 1:
             self.batched_requests += len(live)
         self._current = (f"{live[0].label} (a batch of {len(live)})", started, live[0].budget_s)
@@ -262,7 +264,7 @@ class DeviceThread:
             self._current = None
             finished = time.monotonic()
         for job, (result, error) in zip(live, outcomes):
-            job.started_at, job.finished_at = started, finished
+            job.finished_at = finished
             self.queue.record_run((finished - started) / len(live))
             self._settle(job, result, error)
 

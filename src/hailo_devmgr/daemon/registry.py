@@ -283,6 +283,7 @@ class ModelRegistry:
         ``log_fields``: the first request's, for what is logged of the model."""
         outcomes: list = [None] * len(inputs)
         frames, members = [], []
+        binding = time.perf_counter()   # the device thread's time for the batch: binds (copies) too
         for index, one in enumerate(inputs):
             try:
                 frames.append(model.handler.bind(one))
@@ -293,6 +294,7 @@ class ModelRegistry:
                 outcomes[index] = (None, error)
         if not frames:
             return outcomes
+        bind_ms = (time.perf_counter() - binding) * 1000
         try:
             results, run_ms = self._call(model, lambda handler: handler.run_frames(frames, timeout_ms), None,
                                          log_fields, len(frames))
@@ -300,6 +302,7 @@ class ModelRegistry:
             for index in members:
                 outcomes[index] = (None, _each(error))
         else:
+            _average_frame_ms(model, (bind_ms + run_ms) / len(frames))
             for index, result in zip(members, results):
                 outcomes[index] = ((result, run_ms), None)
         return outcomes
@@ -325,7 +328,9 @@ class ModelRegistry:
         """``call(handler)`` on the model (loaded first if needed)."""
         if model is None or not self.is_loaded(model):
             model, _ = self.load(spec, log_fields, keep_alive, admin)
-        return self._call(model, call, backend_options, log_fields)
+        result, run_ms = self._call(model, call, backend_options, log_fields)
+        _average_frame_ms(model, run_ms)   # (binding included: run binds its inputs)
+        return result, run_ms
 
     def _call(self, model: LoadedModel, call, backend_options: Any, log_fields: dict | None,
               uses: int = 1) -> tuple[Any, float]:
@@ -350,9 +355,7 @@ class ModelRegistry:
             model.uses += uses
             model.last_used = model.idle_since = time.time()
             model.last_used_mono = model.idle_since_mono = time.monotonic()
-        run_ms = (time.perf_counter() - started) * 1000
-        _average_frame_ms(model, run_ms / uses)
-        return result, run_ms
+        return result, (time.perf_counter() - started) * 1000
 
     def unload(self, model_type: str, model_path: str, log_fields: dict | None = None,
                admin: bool = True) -> bool:
