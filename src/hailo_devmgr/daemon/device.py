@@ -275,7 +275,8 @@ class DeviceThread:
             # Counted before the next job is taken, so a client whose answers
             # pile up waits now, not once the event loop has seen them (a
             # result too intricate to size here counts once its answer is made).
-            self.queue.job_done(job, payload_bytes(result) or 0)
+            job.result_size = payload_bytes(result)   # sized once: the answer is made by it too
+            self.queue.job_done(job, job.result_size or 0)
             job.future.set_result(result)
 
     def _run_guarded(self, label: str, budget_s: float, fn: Callable[[], Any]) -> None:

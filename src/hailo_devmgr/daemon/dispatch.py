@@ -246,7 +246,7 @@ class Dispatcher:
                     prepared.inputs = None
             self.metrics.observe(request.action, prepared.model_type, job, None)
             if request.action == "infer":
-                result = await self._infer_payload(result, connection)
+                result = await self._infer_payload(result, connection, job.result_size)
             if tokens:
                 result.update(stream=True, done=True)
                 if tokens.stop_reason is not None:
@@ -536,7 +536,9 @@ class Dispatcher:
             fields["CLIENT"] = connection.client_label
         return fields
 
-    async def _infer_payload(self, outcome, connection: Session | None = None) -> dict:
+    async def _infer_payload(self, outcome, connection: Session | None = None,
+                             result_size: int | None = None) -> dict:
+        """``result_size``: the result's bytes as the device thread sized them."""
         result, run_ms, load_ms = outcome
         payload = {"inference_time_ms": round(run_ms, 3)}
         if load_ms:
@@ -544,7 +546,7 @@ class Dispatcher:
         if connection is not None and connection.binary_results:
             # ndarrays stay: Session.send writes them as attachments or memfds.
             return {"result": result, **payload}
-        if _is_small_result(result):
+        if result_size is not None and result_size <= SMALL_RESULT_BYTES:
             encoded = encode_results(result)  # base64 of a few KiB: cheaper than a hand-over
         else:
             encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
@@ -566,14 +568,9 @@ def _peer(connection: Session | None) -> Peer:
     return connection.peer if connection is not None else Peer(None, None, None)
 
 
+# A result of at most this many bytes (in a shallow structure: jobs.RESULT_NODES)
+# is encoded on the event loop: base64 of a few KiB is cheaper than a hand-over.
 SMALL_RESULT_BYTES = 64 * 1024
-
-
-def _is_small_result(result) -> bool:
-    """At most SMALL_RESULT_BYTES of arrays and text, in a shallow structure
-    (handlers' results are a dict of outputs, a list of segments, an array or text)."""
-    size = jobs.payload_bytes(result, max_nodes=256)
-    return size is not None and size <= SMALL_RESULT_BYTES
 
 
 def _work_key(connection: Session | None):

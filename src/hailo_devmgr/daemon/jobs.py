@@ -124,11 +124,17 @@ class JobFuture:
             raise concurrent.futures.CancelledError()
 
 
-def payload_bytes(value: Any, max_nodes: int = 4096) -> int | None:
+# A result with more containers and values than this is not sized on the
+# device thread (it counts against its client once its answer is made) and
+# is encoded by a worker, not on the event loop. A handler's result is a dict
+# of outputs, a list of segments, an array or text: far fewer.
+RESULT_NODES = 256
+
+
+def payload_bytes(value: Any, max_nodes: int = RESULT_NODES) -> int | None:
     """About how many bytes a job's result holds: its arrays, texts and bytes
     (handlers' results are dicts, lists and tuples of those). None when it
-    has more than ``max_nodes`` containers and values: too many to look at
-    (what a handler returns has far fewer)."""
+    has more than ``max_nodes`` containers and values: too many to look at."""
     total, pending = 0, [value]
     for _ in range(max_nodes):
         if not pending:
@@ -164,6 +170,7 @@ class Job:
     finished_at: float | None = None
     skips: int = 0                   # times passed over for affinity
     result_bytes: int = 0            # of its result, counted to its client until answered (scheduler.py)
+    result_size: int | None = None   # its result's bytes as the device thread sized them (None: not sized)
     answered: bool = False           # its answer is made (or its request gone): nothing more to count
 
     @property
