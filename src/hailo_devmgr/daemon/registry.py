@@ -33,7 +33,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from . import hailort_status as hs
@@ -58,25 +57,25 @@ class ModelSpec:
     real_path: str           # what is opened (a model_files.AllowedPath from the request's check)
     params: dict             # model_params as check_params returns them: paths resolved (AllowedPaths)
     handler_cls: type[Handler]
+    # Derived once, in __post_init__ (a cached_property takes a lock on its
+    # first read in Python 3.11: three per request here).
+    # key: the model's name, as pins, unload_model, status and the scheduler know it.
+    key: str = field(init=False, repr=False, compare=False)
+    # params_json: the parameters the loaded model depends on, as canonical
+    # JSON ('' for none). check_params keeps only the keys the handler uses;
+    # an empty value means what an absent one does (ocr's recognition_hefs: {}).
+    params_json: str = field(init=False, repr=False, compare=False)
+    # identity: the cache key, the name and the parameters (two loads share a
+    # model only if both match).
+    identity: str = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def key(self) -> str:
-        """The model's name, as pins, unload_model, status and the scheduler know it."""
-        return f"{self.model_type}:{self.model_path}"
-
-    @cached_property
-    def params_json(self) -> str:
-        """The parameters the loaded model depends on, as canonical JSON ('' for none).
-
-        check_params keeps only the keys the handler uses; an empty value
-        means what an absent one does (ocr's ``recognition_hefs: {}``)."""
-        used = {key: value for key, value in self.params.items() if value not in (None, "", {})}
-        return json.dumps(used, sort_keys=True, separators=(",", ":")) if used else ""
-
-    @cached_property
-    def identity(self) -> str:
-        """The cache key: the name and the parameters (two loads share a model only if both match)."""
-        return f"{self.key} {self.params_json}" if self.params_json else self.key
+    def __post_init__(self):
+        key = f"{self.model_type}:{self.model_path}"
+        used = {name: value for name, value in self.params.items() if value not in (None, "", {})}
+        params_json = json.dumps(used, sort_keys=True, separators=(",", ":")) if used else ""
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "params_json", params_json)
+        object.__setattr__(self, "identity", f"{key} {params_json}" if params_json else key)
 
 
 @dataclass
