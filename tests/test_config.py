@@ -59,6 +59,7 @@ def test_conffile_documents_every_key_with_its_default(tmp_path):
     ("model_dirs: [relative/path]", "model_dirs: must be an absolute path"),
     ("socket_mode: '0999'", "socket_mode: must be an octal mode"),
     ("watchdog: 5", "watchdog: must be a mapping"),
+    ("scheduling: {max_batch_ms: -1}", "scheduling.max_batch_ms: must be between 0.0 and 1000.0, got -1"),
     ("pin: [{model_type: clip}]", "pin: [0] needs model_type and model_path strings"),
     ("backend: [unclosed", "YAML error"),
     ("- a list", "top level: must be a mapping"),
