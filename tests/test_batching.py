@@ -154,7 +154,10 @@ def test_a_batch_is_as_large_as_its_results_and_its_device_time_allow(runtime, m
     model.frame_ms = 0.001
     assert call.batch_limit() == 1                    # 0: never
     runtime.settings.replace(replace(runtime.settings.config, scheduling=SchedulingConfig()))
-    monkeypatch.setattr(network, "MAX_BATCH_RESULT_BYTES", 100)
+    monkeypatch.setattr(network, "MAX_BATCH_RESULT_BYTES", 100)   # read when a model loads
+    registry.release_all()
+    call()
+    [model] = registry._models.values()
     model.frame_ms = 0.001
     assert call.batch_limit() == 2                    # two results of 48 bytes
 

@@ -7,6 +7,7 @@ Device thread only, except the class methods that parse input.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ class Network:
         # Fixed once configured (formats are set before configure): read per run otherwise.
         self._inputs: dict[str, tuple[list, np.dtype]] = {}
         self._outputs: list[tuple[str, tuple, np.dtype]] = []
+        self._batch_limit = 1   # by result bytes, once the outputs are known (batch_limit)
 
     def load(self) -> None:
         self.model = self.vdevice.create_infer_model(self.path)
@@ -82,6 +84,8 @@ class Network:
                         for name, stream in ((name, self.model.input(name)) for name in self.model.input_names)}
         self._outputs = [(name, tuple(stream.shape), stream_dtype(stream))
                          for name, stream in ((name, self.model.output(name)) for name in self.model.output_names)]
+        frame_bytes = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self._outputs)
+        self._batch_limit = max(1, min(MAX_BATCH_FRAMES, MAX_BATCH_RESULT_BYTES // max(frame_bytes, 1)))
 
     @property
     def input_names(self) -> list[str]:
@@ -124,8 +128,7 @@ class Network:
         """How many frames of different requests may share one run: at most
         MAX_BATCH_FRAMES, and their results at most MAX_BATCH_RESULT_BYTES
         (results are counted against their clients only once made)."""
-        frame_bytes = sum(int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in self._outputs)
-        return max(1, min(MAX_BATCH_FRAMES, MAX_BATCH_RESULT_BYTES // max(frame_bytes, 1)))
+        return self._batch_limit
 
     def run_single(self, frames: list[np.ndarray], timeout_ms: int, where: list[str],
                    chunk: int | None = None) -> list[dict]:
@@ -188,6 +191,7 @@ class Network:
         self.configured = None
         self.model = None
         self._inputs, self._outputs = {}, []
+        self._batch_limit = 1
 
 
 class SingleInputHandler(Handler):
