@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,16 +202,21 @@ def test_a_batchs_time_per_request_counts_binding_its_inputs(patient_runtime, mo
     calls[0]()
     handler_cls = HANDLERS["generic"]
     bind = handler_cls.bind
+    # The registry's clock moves only while inputs are bound: 20 ms each.
+    clock = [0.0]
+    monkeypatch.setattr(reg, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time,
+                                                     monotonic=time.monotonic))
 
     def slow_bind(self, inputs):
-        time.sleep(0.02)
+        clock[0] += 0.020
         return bind(self, inputs)
     monkeypatch.setattr(handler_cls, "bind", slow_bind)
     [model] = registry._models.values()
     model.frame_ms = 0.0
     outcomes = actions.InferCall.run_batch(calls[1:])
     assert [error for _, error in outcomes] == [None, None]
-    assert model.frame_ms >= 3          # a fifth (the moving average's weight) of 20 ms a request
+    # 20 ms a request, with the moving average's weight (a fifth) from 0.
+    assert model.frame_ms == pytest.approx(reg.FRAME_MS_WEIGHT * 20)
 
 
 def test_a_request_running_in_a_batch_is_running_for_cancel(start_daemon, model_dir):
