@@ -6,7 +6,6 @@ them), then the llm type goes through a real daemon's socket.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -156,10 +155,11 @@ def test_abort_stops_the_token_loop_at_once(backend, vdevice, tmp_path):
     path.write_text("token_ms: 300\n")
     handler = LLM(backend.platform, vdevice, str(path), {})
     handler.load()
-    started = time.monotonic()
+    slept = []
+    backend.sleep = slept.append   # the simulated device's clock: what it spent, not what the machine did
     result = handler.generate(parse(prompt="a b c d e f g h"), 10_000, lambda text: False)
     assert result["done_reason"] == "cancelled" and result["generated_tokens"] == 1
-    assert time.monotonic() - started < 0.5  # one token (300 ms), not two (600 ms)
+    assert slept == [0.3]  # one token's time on the device, not two
     handler.release()
 
 
