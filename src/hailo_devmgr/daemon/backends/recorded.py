@@ -7,7 +7,9 @@
 - a recorded method binds its arguments to the recorded signature first, so
   a keyword the version lacks, a missing argument or one too many raises
   TypeError as Python (or pybind11) would, and the implementation is then
-  called with every argument by its recorded name;
+  called with every argument by its recorded name; a method whose
+  implementation has exactly the recorded parameters is left unwrapped
+  (Python's own binding refuses the same calls);
 - a parameter recorded with ``type: str`` (a C++ ``std::string``) refuses
   None with TypeError, as pybind11 does.
 
@@ -37,6 +39,11 @@ class _Absent:
 
 def _checked(method: Any, qualname: str, signature: inspect.Signature, types: dict, static: bool) -> Any:
     function = method.__func__ if isinstance(method, staticmethod) else method
+    if not types and _binds_alike(function, signature, static):
+        # Python binding the implementation's own parameters accepts and
+        # refuses exactly the calls the recorded ones would: no wrapper (the
+        # simulated device makes several such calls per inference).
+        return method
     shapes: dict = {}   # (positional count, keyword names) -> names of the positional ones
 
     type_checks = tuple(types.items())
@@ -74,6 +81,17 @@ def _checked(method: Any, qualname: str, signature: inspect.Signature, types: di
 
 _BIND_EACH_CALL = object()   # a signature with *args or **kwargs: bound on every call
 _AS_GIVEN = object()         # positional values the implementation takes in the recorded order
+
+
+def _binds_alike(function: Any, signature: inspect.Signature, static: bool) -> bool:
+    """The same parameters as recorded (names, order, kinds, which have defaults)."""
+    own = list(inspect.signature(function).parameters.values())
+    own = own if static else own[1:]
+    recorded = list(signature.parameters.values())
+    return len(own) == len(recorded) and all(
+        (mine.name, mine.kind, mine.default is inspect.Parameter.empty)
+        == (theirs.name, theirs.kind, theirs.default is inspect.Parameter.empty)
+        for mine, theirs in zip(own, recorded))
 
 
 def _positional_parameters(function: Any, static: bool) -> tuple:
