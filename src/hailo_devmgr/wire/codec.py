@@ -209,12 +209,12 @@ class FrameReader:
         self._error: RequestError | None = None
         self._closed = False
         self._start = 0                  # stream position where the frame being read starts
+        self._head = bytearray(p.HEADER_SIZE)   # a header that comes in pieces (reused: parsed once whole)
         self._new_frame()
 
     def _new_frame(self) -> None:
         self._phase = _HEADER
-        self._head = bytearray(p.HEADER_SIZE)
-        self._target: memoryview | None = memoryview(self._head)
+        self._target: memoryview | None = None   # where the next bytes go (made when they come)
         self._filled = 0
         self._length = 0
         self._remaining = 0              # body bytes not yet in a chunk
@@ -262,7 +262,8 @@ class FrameReader:
                 self._pos = 0
             self._pending += data
             self._received += len(data)
-        self._keep_fds(list(fds), truncated)
+        if fds or truncated:
+            self._keep_fds(list(fds), truncated)
 
     def want(self) -> memoryview:
         """Where the next bytes go (after NEED_DATA): the rest of the current target."""
@@ -282,7 +283,8 @@ class FrameReader:
             raise RuntimeError("got() more bytes than want() offered")
         self._filled += count
         self._received += count
-        self._keep_fds(list(fds), truncated)
+        if fds or truncated:
+            self._keep_fds(list(fds), truncated)
 
     def attach(self, message: dict | None, allocate: Callable[[int], Any] | None = None) -> list[int]:
         """(After Body) The decoded JSON of the frame (None: not decodable, no
@@ -306,28 +308,29 @@ class FrameReader:
         """The next event (Header, Body, Frame) or NEED_DATA."""
         self._check_open()
         while True:
-            if self._phase == _WAIT_MESSAGE:
+            phase, buffered = self._phase, len(self._pending) - self._pos
+            if phase == _WAIT_MESSAGE:
                 raise RuntimeError("the reader waits for attach() after a Body event")
-            if self._phase == _DONE:
+            if phase == _DONE:
                 return self._finish()
-            if self._phase == _BODY and self._remaining == 0 and self._target is None:
+            if phase == _BODY and self._remaining == 0 and self._target is None:
                 event = self._body_done()
                 if event is not None:
                     return event
                 continue
-            if self._phase == _ATTACHMENTS and self._target is None and len(self._blocks) == len(self._sizes):
+            if phase == _ATTACHMENTS and self._target is None and len(self._blocks) == len(self._sizes):
                 self._phase = _DONE
                 continue
-            if self._phase == _HEADER and not self._filled and self.buffered >= p.HEADER_SIZE:
+            if phase == _HEADER and not self._filled and buffered >= p.HEADER_SIZE:
                 return self._whole_header()   # a header read whole with what came before: no copy
             if self._target is None:
-                if self._phase == _BODY and not self._parts and self.buffered >= self._remaining:
+                if phase == _BODY and not self._parts and buffered >= self._remaining:
                     self._take_whole_body()  # a small body, all fed: one copy
                     continue
-                if self._phase == _ATTACHMENTS and self._sizes[len(self._blocks)] == 0:
+                if phase == _ATTACHMENTS and self._sizes[len(self._blocks)] == 0:
                     self._blocks.append(self._allocator()(0))
                     continue
-                if not self.buffered:
+                if not buffered:
                     return NEED_DATA
                 self._target = self._open_target()
             self._fill_from_pending()
@@ -398,6 +401,8 @@ class FrameReader:
 
     def _open_target(self) -> memoryview | None:
         """The buffer the next bytes go to, allocated now (not before bytes come)."""
+        if self._phase == _HEADER:
+            return memoryview(self._head)
         if self._phase == _BODY:
             self._chunk = bytearray(min(self.chunk_bytes, self._remaining))
             return memoryview(self._chunk)
@@ -485,14 +490,7 @@ class FrameReader:
 
     def _finish(self) -> Frame:
         end = self._received - self.buffered - (self._filled if self._target is not None else 0)
-        count = 0
-        while count < len(self._fds) and self._fds[count][0] <= end:
-            count += 1
-        fds = [fd for _, fd in self._fds[:count]]
-        del self._fds[:count]
-        truncated = bool(self._cuts) and self._cuts[0] <= end
-        while self._cuts and self._cuts[0] <= end:
-            self._cuts.pop(0)
+        fds, truncated = self._fds_until(end) if self._fds or self._cuts else ([], False)
         self._start = end
         frame = Frame(self._body, self._message, self._blocks, fds, truncated)
         if not self.v2 and (fds or truncated):
@@ -501,6 +499,20 @@ class FrameReader:
                                                        "closing the connection", fatal=True))
         self._new_frame()
         return frame
+
+
+    def _fds_until(self, end: int) -> tuple[list[int], bool]:
+        """The descriptors that came with the frame ending at stream position
+        ``end``, and whether some of them were closed on arrival."""
+        count = 0
+        while count < len(self._fds) and self._fds[count][0] <= end:
+            count += 1
+        fds = [fd for _, fd in self._fds[:count]]
+        del self._fds[:count]
+        truncated = bool(self._cuts) and self._cuts[0] <= end
+        while self._cuts and self._cuts[0] <= end:
+            self._cuts.pop(0)
+        return fds, truncated
 
 
 # ---------------------------------------------------------------- writing
