@@ -199,8 +199,10 @@ class Dispatcher:
             # nothing to map: quicker here than a worker's hand-over, and never
             # behind other clients' validations. A path to resolve costs a
             # system call per component, as many as the client writes: a worker's.
-            with contextlib.suppress(NotResolvedLately):
+            try:
                 prepared = self._prepare(request, blocks, lately_only=True)
+            except NotResolvedLately:
+                pass   # resolved by a worker, below
         if prepared is None:
             prepared = await self.worker_pool.run(_work_key(connection), self._prepare, request, blocks)
         budgets = self.config.watchdog
