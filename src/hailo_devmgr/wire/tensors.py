@@ -6,7 +6,6 @@ client library, so both sides agree on every check.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from typing import Any
@@ -60,6 +59,15 @@ def dtype_name(dtype: np.dtype) -> str:
 def check_shape(shape: Any, where: str, max_elements: int) -> tuple[int, ...]:
     """A client's shape, checked before any array is made with it (by reshape,
     frombuffer or empty): every defect a ``bad_request``, never numpy's ValueError."""
+    if type(shape) is list and len(shape) <= MAX_DIMENSIONS:
+        elements = 1   # the usual shape, in one pass; any doubt takes the checks below
+        for size in shape:
+            if type(size) is not int or size < 0:
+                break
+            elements *= size or 1
+        else:
+            if elements <= max_elements:
+                return tuple(shape)
     if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS:
         raise RequestError(BAD_REQUEST, f"{where}shape must be a list of at most {MAX_DIMENSIONS} sizes")
     if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
@@ -89,7 +97,7 @@ def decode_v1(value: Any, where: str = "tensor", max_elements: int = DEFAULT_MAX
     if not isinstance(data, str):
         raise RequestError(BAD_REQUEST, f"{prefix}data_b64 must be a base64 string")
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = binascii.a2b_base64(data, strict_mode=True)   # base64.b64decode(validate=True), less a copy
     except (binascii.Error, ValueError):
         raise RequestError(BAD_REQUEST, f"{prefix}data_b64 is not valid base64")
     expected = math.prod(shape) * dtype.itemsize
@@ -109,7 +117,7 @@ def encode_v1(array: np.ndarray) -> dict:
     return {
         "dtype": dtype_name(array.dtype),
         "shape": list(array.shape),
-        "data_b64": base64.b64encode(array.data).decode("ascii"),
+        "data_b64": binascii.b2a_base64(array.data, newline=False).decode("ascii"),   # = base64.b64encode
     }
 
 
