@@ -837,6 +837,7 @@ class _BoundStream:
         self.spec = spec
         self.format_type = format_type
         self.dtype = _DTYPES[format_type]
+        self.expected_bytes = math.prod(spec.shape) * self.dtype.itemsize
         self._buffer: np.ndarray | None = None  # the caller's
         self._result: np.ndarray | None = None  # allocated here when the caller set none
 
@@ -852,7 +853,7 @@ class _BoundStream:
 
     def _check_size(self, side: str) -> None:
         """libhailort's submit-time check (infer_model.cpp:961-962, v5.2.0): bytes, not dtype."""
-        expected = math.prod(self.spec.shape) * self.dtype.itemsize
+        expected = self.expected_bytes
         if self._buffer is None:
             if side == "Input":  # uncertain: the number HailoRT reports for a missing input buffer
                 raise status_error(INVALID_OPERATION, f"input {self.spec.name!r} has no buffer")
