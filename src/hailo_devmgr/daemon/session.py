@@ -543,7 +543,8 @@ class Session:
             # a uid's frames on several connections, each holding its body,
             # would wait for one another until their deadlines.
             self.admission.pending_bytes.charge(self.peer.uid, cost)
-        else:
+        elif self.admission.pending_bytes.take_now(self.peer.uid, cost, own=frame.held) is not None:
+            # No room now (else taken at once): wait for it, within the frame timeout.
             deadline = asyncio.get_running_loop().time() + self.dispatcher.config.frame_timeout_s
             try:
                 await self.admission.pending_bytes.take(self.peer.uid, cost, deadline, own=frame.held)
