@@ -125,27 +125,43 @@ def test_one_uids_pipelined_status_on_many_connections_does_not_hold_up_another_
     daemon = start_daemon(socket_path=f"{socket_folder}/device.sock", socket_mode="0666")
     victim_code = ("import sys; from hailo_devmgr.client import Client\n"
                    f"c = Client({daemon.socket_path!r}); c.ping(); print('ready', flush=True)\n"
-                   "sys.stdin.readline(); c.ping(); print('answered', flush=True)\n")
+                   "for line in sys.stdin: c.ping(); print('answered', flush=True)\n")
     victim = subprocess.Popen([sys.executable, "-c", victim_code], user=NOBODY, group=NOBODY, text=True,
                               env=env_with_src({"PYTHONPATH": readable_src}),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    flood = [Raw(daemon.socket_path) for _ in range(8)]
+    backlog, flood_size = 30, 8
+    ahead = []   # per attempt: the flood's answers written before the victim's
     try:
         assert victim.stdout.readline() == "ready\n"
-        backlog = 30
+        # Up to three attempts: when the victim's ping reaches the daemon is
+        # up to the machine's scheduler (a busy machine can delay it behind
+        # the whole flood); broken turns fail every attempt.
+        for _ in range(3):
+            ahead.append(_flood_ahead_of_victim(daemon.socket_path, victim, flood_size, backlog))
+            # Without turns, 130-190 of the 240 were written before the victim's
+            # ping was answered (the tasks ran in the passes after they were
+            # read); with them, 2-26.
+            if ahead[-1] < flood_size * backlog // 4:
+                break
+        assert min(ahead) < flood_size * backlog // 4, ahead
+    finally:
+        victim.stdin.close()
+        victim.wait(30)
+
+
+def _flood_ahead_of_victim(socket_path: str, victim, flood_size: int, backlog: int) -> int:
+    """Pipeline ``backlog`` status requests on each of ``flood_size`` connections,
+    then have the victim ping: how many flood answers were written first."""
+    flood = [Raw(socket_path) for _ in range(flood_size)]
+    try:
         for raw in flood:
             raw.sock.sendall(b"".join(p.encode_frame({"action": "status", "request_id": i})
                                       for i in range(backlog)))
         victim.stdin.write("go\n")
         victim.stdin.flush()
         assert victim.stdout.readline() == "answered\n"
-        # Without turns, 130-190 of the 240 were written before the victim's
-        # ping was answered (the tasks ran in the passes after they were
-        # read); with them, 2-26.
-        assert _answers_written(flood) < len(flood) * backlog // 4
+        return _answers_written(flood)
     finally:
-        victim.stdin.close()
-        victim.wait(30)
         for raw in flood:
             raw.close()
 
