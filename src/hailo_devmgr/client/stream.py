@@ -289,6 +289,13 @@ class SocketStream:
         one system call and no event-loop round."""
         if self.closed:
             raise ConnectionResetError("the connection was closed")
+        if len(buffers) == 1 and type(buffers[0]) is bytes and not fds:   # the usual answer
+            data = buffers[0]
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            return ([], []) if sent == len(data) else ([memoryview(data)[sent:]], [])
         views = _views(buffers)
         fds = list(fds)
         while views:
