@@ -262,8 +262,7 @@ class FrameReader:
                 self._pos = 0
             self._pending += data
             self._received += len(data)
-        if fds or truncated:
-            self._keep_fds(list(fds), truncated)
+        self._keep_fds(fds, truncated)
 
     def want(self) -> memoryview:
         """Where the next bytes go (after NEED_DATA): the rest of the current target."""
@@ -283,8 +282,7 @@ class FrameReader:
             raise RuntimeError("got() more bytes than want() offered")
         self._filled += count
         self._received += count
-        if fds or truncated:
-            self._keep_fds(list(fds), truncated)
+        self._keep_fds(fds, truncated)
 
     def attach(self, message: dict | None, allocate: Callable[[int], Any] | None = None) -> list[int]:
         """(After Body) The decoded JSON of the frame (None: not decodable, no
@@ -386,7 +384,11 @@ class FrameReader:
         self._error = error
         return error
 
-    def _keep_fds(self, fds: list[int], truncated: bool) -> None:
+    def _keep_fds(self, fds, truncated: bool) -> None:
+        """Descriptors that came with a read (any sequence), tagged with its end."""
+        if not fds and not truncated:
+            return   # the usual read: none came
+        fds = list(fds)
         room = max(0, MAX_FDS - len(self._fds))
         keep, extra = fds[:room], fds[room:]
         if keep and self.admit_fds is not None and not self.admit_fds(len(keep)):
@@ -490,7 +492,7 @@ class FrameReader:
 
     def _finish(self) -> Frame:
         end = self._received - self.buffered - (self._filled if self._target is not None else 0)
-        fds, truncated = self._fds_until(end) if self._fds or self._cuts else ([], False)
+        fds, truncated = self._fds_until(end)
         self._start = end
         frame = Frame(self._body, self._message, self._blocks, fds, truncated)
         if not self.v2 and (fds or truncated):
@@ -500,10 +502,11 @@ class FrameReader:
         self._new_frame()
         return frame
 
-
     def _fds_until(self, end: int) -> tuple[list[int], bool]:
         """The descriptors that came with the frame ending at stream position
         ``end``, and whether some of them were closed on arrival."""
+        if not self._fds and not self._cuts:
+            return [], False   # the usual frame: none came
         count = 0
         while count < len(self._fds) and self._fds[count][0] <= end:
             count += 1
