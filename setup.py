@@ -3,7 +3,6 @@
 The canonical Debian package is built from debian/; this file also serves
 pybuild there and stdeb for the plain client-library .deb.
 """
-from email import message_from_string
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -14,13 +13,14 @@ HERE = Path(__file__).parent
 def read_version():
     """debian/changelog's version (the one source); an sdist carries it in PKG-INFO."""
     changelog, pkg_info = HERE / "debian/changelog", HERE / "PKG-INFO"
+    namespace = {"__file__": str(HERE / "src/hailo_devmgr/_version.py")}
+    exec((HERE / "src/hailo_devmgr/_version.py").read_text(), namespace)
     if changelog.is_file():
-        namespace = {"__file__": str(HERE / "src/hailo_devmgr/_version.py")}
-        exec((HERE / "src/hailo_devmgr/_version.py").read_text(), namespace)
         return namespace["from_changelog"](changelog.read_text(encoding="utf-8"))
-    if pkg_info.is_file():
-        return message_from_string(pkg_info.read_text(encoding="utf-8"))["Version"]
-    raise SystemExit("setup.py: no debian/changelog (nor PKG-INFO) to take the version from")
+    version = namespace["from_metadata"](pkg_info.read_text(encoding="utf-8")) if pkg_info.is_file() else None
+    if version is None:
+        raise SystemExit("setup.py: no debian/changelog (nor PKG-INFO) to take the version from")
+    return version
 
 
 setup(

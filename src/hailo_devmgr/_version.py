@@ -3,6 +3,11 @@
 setup.py takes it from there into the package metadata; a checkout
 (``make run``, the tests) reads the changelog beside the sources, an
 installed package its metadata. So an upgrade to 0.1.1 reports 0.1.1.
+
+The metadata file is read here, not through importlib.metadata: that
+brings email, zipfile, csv, bz2 and lzma, about 1.5 MiB of RSS in a daemon
+that idles at about 42 MiB, for one line of text (the commands in
+/usr/bin avoid it too: debian/lean-entry-scripts).
 """
 from __future__ import annotations
 
@@ -21,10 +26,37 @@ def from_changelog(text: str) -> str:
     return match.group(1)
 
 
-def _find() -> str:
-    if CHANGELOG.is_file():
-        return from_changelog(CHANGELOG.read_text(encoding="utf-8"))
-    # Only here: importlib.metadata brings email, zipfile, csv, bz2 and lzma (MiBs of RSS).
+def from_metadata(text: str) -> str | None:
+    """The ``Version`` field of core metadata (PKG-INFO, METADATA): RFC 822
+    style headers, ended by the first empty line. None when it has none."""
+    for line in text.splitlines():
+        if not line:
+            break
+        name, colon, value = line.partition(":")
+        if colon and name.strip().lower() == "version":
+            return value.strip() or None
+    return None
+
+
+def installed_metadata(site: Path) -> Path | None:
+    """The metadata file installed beside the package in ``site``, if there
+    is exactly one: ``hailo_devmgr-<version>.egg-info/PKG-INFO`` from
+    Debian's build (``setup.py install``), ``.dist-info/METADATA`` from pip."""
+    found = [*site.glob("hailo_devmgr-*.egg-info/PKG-INFO"), *site.glob("hailo_devmgr-*.dist-info/METADATA")]
+    return found[0] if len(found) == 1 else None
+
+
+def find(changelog: Path, site: Path) -> str:
+    """From ``changelog`` when it exists (a checkout), else from the
+    metadata installed in ``site`` (the folder that holds the package)."""
+    if changelog.is_file():
+        return from_changelog(changelog.read_text(encoding="utf-8"))
+    installed = installed_metadata(site)
+    version = from_metadata(installed.read_text(encoding="utf-8")) if installed else None
+    if version is not None:
+        return version
+    # Only for an unusual install (several copies of the metadata, an egg):
+    # importlib.metadata finds it wherever it is, at the price above.
     from importlib import metadata
     try:
         return metadata.version(DISTRIBUTION)
@@ -32,4 +64,4 @@ def _find() -> str:
         return "unknown"
 
 
-__version__ = _find()
+__version__ = find(CHANGELOG, Path(__file__).resolve().parents[1])
