@@ -408,21 +408,25 @@ def packaged_idle_rss(root: Path, model: str, config_path: Path, env: dict) -> f
     is what systemd runs. The checkout's figure alone missed what only the
     installed files import (importlib.metadata: 1.5 MiB)."""
     debs, tree = root / "debs", root / "packaged"
-    built = subprocess.run(["make", "-C", str(ROOT), "deb", f"DEB_DIR={debs}"], capture_output=True, text=True,
-                           env={**os.environ, "HOME": str(debs.parent)}, timeout=900)
-    if built.returncode != 0:
-        return f"make deb failed ({built.returncode}): {built.stderr.strip().splitlines()[-1:]}"
-    for deb in debs.glob("*.deb"):
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
-    site = tree / "usr" / "lib" / "python3" / "dist-packages"
-    compileall.compile_dir(str(site), quiet=1)
-    sock = str(root / "packaged.sock")
-    packaged_env = {**env, "PYTHONPATH": str(site), "HAILO_DEVICE_SOCKET": sock}
-    with started([str(tree / "usr" / "bin" / "hailo-device-manager"), "--config", str(config_path)], sock,
-                 root / "packaged.log", packaged_env) as process:
-        load(sock, model)
-        time.sleep(0.5)
-        return rss_mib(process.pid)
+    try:
+        built = subprocess.run(["make", "-C", str(ROOT), "deb", f"DEB_DIR={debs}"], capture_output=True,
+                               text=True, env={**os.environ, "HOME": str(debs.parent)}, timeout=900)
+        if built.returncode != 0:   # the Makefile says what is missing on stdout
+            said = (built.stdout + built.stderr).strip().splitlines()[-3:]
+            return f"make deb failed ({built.returncode}): " + " / ".join(said)
+        for deb in debs.glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, capture_output=True)
+        site = tree / "usr" / "lib" / "python3" / "dist-packages"
+        compileall.compile_dir(str(site), quiet=1)
+        sock = str(root / "packaged.sock")
+        packaged_env = {**env, "PYTHONPATH": str(site), "HAILO_DEVICE_SOCKET": sock}
+        with started([str(tree / "usr" / "bin" / "hailo-device-manager"), "--config", str(config_path)], sock,
+                     root / "packaged.log", packaged_env) as process:
+            load(sock, model)
+            time.sleep(0.5)
+            return rss_mib(process.pid)
+    except (OSError, subprocess.SubprocessError, RuntimeError, TimeoutError) as failure:
+        return f"{type(failure).__name__}: {str(failure).strip()[-300:]}"
 
 
 def load(path: str, model: str) -> None:

@@ -180,8 +180,9 @@ def test_install_creates_users_folders_and_enables_socket(debs, clean_system, tm
     assert '"backend": "hailo"' in run("/usr/bin/hailo-device-manager", "--check-config").stdout
     # The commands import their function (debian/lean-entry-scripts) and the version comes
     # from the metadata file: nothing loads importlib.metadata (1.5 MiB more in the daemon).
-    for command in ("/usr/bin/hailo-devmgr", "/usr/bin/hailo-device-manager"):
-        imports = run(command, "--version", env={**SYSTEM_ENV, "PYTHONPROFILEIMPORTTIME": "1"}).stderr
+    for command, flag in (("hailo-devmgr", "--version"), ("hailo-device-manager", "--version"),
+                          ("hailo-devmgr-http", "--help")):
+        imports = run(f"/usr/bin/{command}", flag, env={**SYSTEM_ENV, "PYTHONPROFILEIMPORTTIME": "1"}).stderr
         assert "hailo_devmgr._version" in imports and "importlib.metadata" not in imports, imports[-2000:]
     run("/usr/bin/python3", "-c", "import hailo_devmgr.client, hailo_devmgr.daemon")
 

@@ -41,6 +41,8 @@ def test_the_metadata_gives_its_version_header_only():
     assert from_metadata("Name: hailo-devmgr\nversion:  2.0 \n") == "2.0"   # field names: any case
     assert from_metadata("Name: hailo-devmgr\n\nVersion: 1.0\n") is None      # past the headers
     assert from_metadata("Name: hailo-devmgr\nVersion:\n") is None
+    assert from_metadata("Name: hailo-devmgr\r\nVersion: 3.0\r\n") == "3.0"          # CRLF
+    assert from_metadata("Summary: a\n  Version: 9.9\nVersion: 3.1\n") == "3.1"        # a continuation is not a field
 
 
 @pytest.mark.parametrize("made", [

@@ -28,12 +28,14 @@ def from_changelog(text: str) -> str:
 
 def from_metadata(text: str) -> str | None:
     """The ``Version`` field of core metadata (PKG-INFO, METADATA): RFC 822
-    style headers, ended by the first empty line. None when it has none."""
-    for line in text.splitlines():
+    style headers, ended by the first empty line (a line that starts with
+    a space continues the one before). None when it has none."""
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
         if not line:
             break
         name, colon, value = line.partition(":")
-        if colon and name.strip().lower() == "version":
+        if colon and line[0] not in " \t" and name.strip().lower() == "version":
             return value.strip() or None
     return None
 
@@ -52,7 +54,10 @@ def find(changelog: Path, site: Path) -> str:
     if changelog.is_file():
         return from_changelog(changelog.read_text(encoding="utf-8"))
     installed = installed_metadata(site)
-    version = from_metadata(installed.read_text(encoding="utf-8")) if installed else None
+    try:
+        version = from_metadata(installed.read_text(encoding="utf-8")) if installed else None
+    except (OSError, UnicodeDecodeError):
+        version = None   # unreadable here: importlib.metadata says what it can
     if version is not None:
         return version
     # Only for an unusual install (several copies of the metadata, an egg):
