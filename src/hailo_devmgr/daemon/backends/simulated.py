@@ -43,7 +43,6 @@ import concurrent.futures
 import contextlib
 import enum
 import fcntl
-import functools
 import hashlib
 import itertools
 import json
@@ -580,18 +579,33 @@ def _normal_from_hash(seed: bytes, count: int) -> np.ndarray:
     return radius * np.cos(np.float32(2.0 * math.pi) * (uniform[count:] - np.float32(1.0)))
 
 
+def _output_seed(model_digest: bytes, output_name: str):
+    """The hash an output's values start from: the model and the output's
+    name (made once per configured model, copied per frame)."""
+    hasher = hashlib.blake2b(model_digest, digest_size=16)
+    hasher.update(output_name.encode())
+    return hasher
+
+
+def _inputs_key(inputs: list[tuple[str, memoryview]]) -> bytes:
+    """A frame's input bytes as hashed into every output: each input's name,
+    CRC-32 and length (one pass, several times faster than a cryptographic
+    hash over megabytes: the simulated device should cost little, so
+    benchmarks see the daemon's own work)."""
+    return b"".join(b"\0" + name.encode() + b"\0" + zlib.crc32(data).to_bytes(4, "little")
+                    + len(data).to_bytes(8, "little") for name, data in inputs)
+
+
 def _simulated_output(model_digest: bytes, spec: _StreamSpec, format_type: FormatType,
                       inputs: list[tuple[str, memoryview]]) -> np.ndarray:
-    """Deterministic output: seeded by the model, the output's name and the input bytes.
+    """Deterministic output: seeded by the model, the output's name and the input bytes."""
+    return _seeded_output(_output_seed(model_digest, spec.name), spec, format_type, _inputs_key(inputs))
 
-    The input bytes go in as a CRC-32 (one pass, several times faster than
-    a cryptographic hash over megabytes): the simulated device should cost
-    little, so benchmarks see the daemon's own work."""
-    hasher = hashlib.blake2b(model_digest, digest_size=16)
-    hasher.update(spec.name.encode())
-    for name, data in inputs:
-        hasher.update(b"\0" + name.encode() + b"\0")
-        hasher.update(zlib.crc32(data).to_bytes(4, "little") + len(data).to_bytes(8, "little"))
+
+def _seeded_output(seed, spec: _StreamSpec, format_type: FormatType, inputs_key: bytes) -> np.ndarray:
+    """:func:`_simulated_output` from its parts (``seed`` is not changed)."""
+    hasher = seed.copy()
+    hasher.update(inputs_key)
     count = math.prod(spec.shape)
     # A small output comes straight from the hash, with no numpy call that
     # lets go of the GIL: seeding a generator (which also costs more than a
@@ -599,7 +613,7 @@ def _simulated_output(model_digest: bytes, spec: _StreamSpec, format_type: Forma
     # Each such call hands the GIL to the event loop's thread, and the device
     # thread then waits for it back.
     if format_type != FormatType.FLOAT32 and count <= _SMALL_OUTPUT_ELEMENTS:
-        dtype = np.dtype(_DTYPES[format_type])
+        dtype = _DTYPES[format_type]
         raw = bytearray(hashlib.shake_128(hasher.digest()).digest(count * dtype.itemsize))
         return np.frombuffer(raw, dtype=dtype).reshape(spec.shape)   # writable, as the copy was
     if format_type == FormatType.FLOAT32:
@@ -963,6 +977,9 @@ class ConfiguredInferModel:
         self._formats = formats  # format types as set when configure() ran
         self._token: int | None = token
         self._aborted = False    # shut down by a failed submit: unrecoverable
+        # Per output, what its simulated values start from (see _outputs_for).
+        self._output_seeds = [(stream, formats[stream.name], _output_seed(spec.file.digest, stream.name))
+                              for stream in spec.outputs]
 
     def __enter__(self):
         return self
@@ -1011,10 +1028,11 @@ class ConfiguredInferModel:
 
     def create_bindings(self, input_buffers=None, output_buffers=None) -> Bindings:
         self._ensure_usable()
-        stream = functools.partial(_make, self._chip, "ConfiguredInferModel.Bindings.InferStream")
-        bindings = _make(self._chip, "ConfiguredInferModel.Bindings", self,
-                         {s.name: stream(s, self._formats[s.name]) for s in self._spec.inputs},
-                         {s.name: stream(s, self._formats[s.name]) for s in self._spec.outputs})
+        classes, formats = self._chip.classes, self._formats   # as _make picks them, once per frame
+        stream = classes["ConfiguredInferModel.Bindings.InferStream"]
+        bindings = classes["ConfiguredInferModel.Bindings"](
+            self, {s.name: stream(s, formats[s.name]) for s in self._spec.inputs},
+            {s.name: stream(s, formats[s.name]) for s in self._spec.outputs})
         for name, buffer in (input_buffers or {}).items():
             bindings.input(name).set_buffer(buffer)
         for name, buffer in (output_buffers or {}).items():
@@ -1045,7 +1063,7 @@ class ConfiguredInferModel:
         def finish():
             for frame, outputs in results:
                 for name, array in outputs.items():
-                    frame.output(name)._deliver(array)
+                    frame._outputs[name]._deliver(array)
             if callback is not None:
                 callback(completion_info=AsyncInferCompletionInfo(None))
 
@@ -1073,9 +1091,11 @@ class ConfiguredInferModel:
         return list(bindings)
 
     def _outputs_for(self, frame: Bindings) -> dict:
-        inputs = [(s.name, frame.input(s.name)._input_bytes()) for s in self._spec.inputs]
-        return {s.name: _simulated_output(self._spec.file.digest, s, self._formats[s.name], inputs)
-                for s in self._spec.outputs}
+        """Each output's values, as :func:`_simulated_output` makes them (the
+        frame's inputs hashed once for all its outputs)."""
+        key = _inputs_key([(s.name, frame._inputs[s.name]._input_bytes()) for s in self._spec.inputs])
+        return {stream.name: _seeded_output(seed, stream, format_type, key)
+                for stream, format_type, seed in self._output_seeds}
 
 
 # -------------------------------------------------------------------- genai
