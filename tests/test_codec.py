@@ -142,6 +142,76 @@ def test_undecoded_mode_hands_bodies_and_asks_only_when_attachments_are_possible
     assert reader.buffered == 48      # the unread block stays (the caller closes such a connection)
 
 
+def test_a_plain_frame_read_whole_is_taken_in_one_step():
+    """The daemon's small request: its length (to charge), then its body,
+    without the events; what follows it stays for the next read."""
+    first, second = p.encode_frame({"action": "ping"}), p.encode_frame({"action": "status", "n": 1})
+    reader = c.FrameReader(decode=False)
+    reader.feed(first + second + second[:5])
+    assert reader.whole_length() == len(first) - 4
+    assert json.loads(reader.take_whole(len(first) - 4)) == {"action": "ping"}
+    assert json.loads(reader.take_whole(reader.whole_length())) == {"action": "status", "n": 1}
+    assert reader.whole_length() is None                 # 5 bytes of the next: not whole
+    assert reader.pending == 5 and reader.buffered == 5 and reader.mid_frame
+    with pytest.raises(RuntimeError):
+        reader.take_whole(len(second) - 4)
+    reader.feed(second[5:])
+    assert reader.whole_length() == len(second) - 4   # whole now
+    assert reader.next_event() == c.Header(len(second) - 4)   # the events still work in its place
+    assert reader.whole_length() is None                 # mid-frame: the events go on
+    assert json.loads(reader.next_event().body) == {"action": "status", "n": 1}
+    assert reader.pending == 0 and not reader.mid_frame
+
+
+def test_whole_length_leaves_every_other_frame_to_the_events():
+    plain = p.encode_frame({"action": "ping"})
+    over = c.FrameReader(max_message_bytes=5, decode=False)
+    over.feed(plain)
+    assert over.whole_length() is None
+    with pytest.raises(p.RequestError) as info:
+        over.next_event()                 # the refusal comes from the events, as before
+    assert info.value.code == p.TOO_LARGE and over.whole_length() is None
+
+    listing = c.FrameReader(decode=False)   # may list attachments: decoded and attached first
+    listing.feed(v2_frame({"action": "infer", "x": A}))
+    assert listing.whole_length() is None and isinstance(listing.next_event(), c.Header)
+
+    with_fds = c.FrameReader(decode=False)  # descriptors go with their frame through the events
+    fd = memfd()
+    with_fds.feed(plain, [fd])
+    assert with_fds.whole_length() is None
+    frame = with_fds.frames()[0]
+    assert frame.fds == [fd]
+    c.close_fds(frame.fds)
+
+    decoding = c.FrameReader()              # a client's reader decodes: the events
+    decoding.feed(plain)
+    assert decoding.whole_length() is None and decoding.frames()[0].message == {"action": "ping"}
+
+
+@settings(max_examples=100, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=40), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_the_one_step_and_the_events_give_the_same_frames(bodies, cuts):
+    """Any bytes, fed in any pieces: frames() (which takes plain frames whole)
+    and the events alone give the same bodies and leave the same bytes."""
+    data = b"".join(struct.pack(">I", len(body)) + body for body in bodies) + b"\x00"
+    stepwise, whole = c.FrameReader(decode=False), c.FrameReader(decode=False)
+    by_events, by_frames, start = [], [], 0
+    for cut in sorted({min(cut, len(data)) for cut in cuts}) + [len(data)]:
+        stepwise.feed(data[start:cut])
+        whole.feed(data[start:cut])
+        start = cut
+        while (event := stepwise.next_event()) is not c.NEED_DATA:
+            if isinstance(event, c.Body):
+                stepwise.attach(None)
+            elif isinstance(event, c.Frame):
+                by_events.append(event.body)
+        by_frames += [frame.body for frame in whole.frames()]
+    assert by_frames == by_events == bodies
+    assert whole.pending == stepwise.pending == 1 and whole.buffered == stepwise.buffered
+
+
 # ---------------------------------------------------------------- v2
 
 def test_v2_round_trip_with_attachments_and_memfds():

@@ -236,11 +236,24 @@ class Session:
                 return None
             finally:
                 self._idle_timer.stop()
+        frame = self._take_whole()
+        if frame is not None:
+            return frame
         self._mid_frame = True
         try:
             return await self._read_rest(_FrameClock(config.frame_timeout_s))
         finally:
             self._mid_frame = False
+
+    def _take_whole(self) -> Frame | None:
+        """A plain frame read whole already (a small request, with no
+        attachments and no descriptors), its length charged to the uid and
+        taken in one step when there is room now; else None, and the frame
+        is read event by event (_read_rest: the waits, the refusals)."""
+        length = self._reader.whole_length()
+        if length is None or self.admission.pending_bytes.take_now(self.peer.uid, length) is not None:
+            return None
+        return Frame(body=self._reader.take_whole(length), held=length)
 
     async def _read_rest(self, clock: "_FrameClock") -> Frame | None:
         """Feed the codec until the frame is whole: its length is charged to the
