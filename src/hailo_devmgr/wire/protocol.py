@@ -94,7 +94,7 @@ class RequestError(Exception):
 
 def encode_json(message: dict) -> bytes:
     """A message's JSON body: compact, UTF-8, no NaN or Infinity."""
-    return _ENCODER.encode(message).encode("utf-8")
+    return _encode(message).encode("utf-8")
 
 
 def encode_frame(message: dict) -> bytes:
@@ -141,6 +141,47 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
+def _one_shot(encoder: json.JSONEncoder):
+    """``encoder.encode`` less its two Python-level calls per message (a small
+    answer's encoding is mostly those): the C encoder made directly, as
+    ``iterencode`` makes it for a one-shot encode, a new one each time (its
+    cycle markers start empty). The stdlib's ``encode`` itself where the C
+    accelerator is missing or is not called this way (checked once, here)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    args = (encoder.default, json.encoder.encode_basestring_ascii, None, encoder.key_separator,
+            encoder.item_separator, encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
+
+    def encode(message) -> str:
+        return "".join(make({}, *args)(message, 0))
+
+    probe = {"a": [1, -2.5, "é\u2603\n", None, True, False], "b": {"c": 10 ** 20}}
+    try:
+        if encoder.ensure_ascii and make is not None and encode(probe) == encoder.encode(probe):
+            return encode
+    except (TypeError, ValueError):
+        pass
+    return encoder.encode
+
+
+_encode = _one_shot(_ENCODER)
+_scan = _DECODER.scan_once
+
+
+def _decode(text: str):
+    """``_DECODER.decode``, with the usual body (an object, nothing around it)
+    scanned at once; anything else, or anything wrong, goes the stdlib's way,
+    which words the error."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            message, end = _scan(text, 0)
+        except Exception:
+            pass
+        else:
+            if end == len(text):
+                return message
+    return _DECODER.decode(text)
+
+
 def decode_body(body: bytes) -> dict:
     """JSON body → dict. Raises ``bad_request`` for anything else."""
     try:
@@ -148,7 +189,7 @@ def decode_body(body: bytes) -> dict:
     except UnicodeDecodeError as exc:
         raise RequestError(BAD_REQUEST, f"Message is not valid UTF-8: {exc.reason} at byte {exc.start}")
     try:
-        message = _DECODER.decode(text)
+        message = _decode(text)
     except json.JSONDecodeError as exc:
         raise RequestError(BAD_REQUEST, f"Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
     except RecursionError:
