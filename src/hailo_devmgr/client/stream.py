@@ -68,6 +68,8 @@ def read_for(sock: socket.socket, reader: FrameReader) -> int:
     it wants when that is at least READ_AHEAD bytes, else up to READ_AHEAD
     bytes fed to it. Returns the byte count (0: end of stream); raises what
     the socket raises (BlockingIOError, TimeoutError, ...)."""
+    if reader.reading_header:   # the usual read: a request's or an answer's start
+        return _read_small(sock, reader)
     view = reader.want()
     if len(view) >= READ_AHEAD:
         count, fds, truncated = recv_with_fds(sock, view)
@@ -80,7 +82,10 @@ def _read_small(sock: socket.socket, reader: FrameReader, most: int = READ_AHEAD
     """Up to ``most`` bytes (at most READ_AHEAD) fed to ``reader``, whatever it is reading."""
     scratch = _read_ahead_buffer()[:most]
     count, fds, truncated = recv_with_fds(sock, scratch)
-    _hand_over(reader.feed, scratch[:count], fds, truncated)
+    if fds or truncated:
+        _hand_over(reader.feed, scratch[:count], fds, truncated)
+    else:
+        reader.feed(scratch[:count])   # nothing to close if it refuses
     return count
 
 

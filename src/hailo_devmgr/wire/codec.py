@@ -262,7 +262,14 @@ class FrameReader:
                 self._pos = 0
             self._pending += data
             self._received += len(data)
-        self._keep_fds(fds, truncated)
+        if fds or truncated:
+            self._keep_fds(fds, truncated)
+
+    @property
+    def reading_header(self) -> bool:
+        """Between frames or inside a header: the next read is a small one
+        (up to a read-ahead's worth, fed), never into a buffer of the reader's."""
+        return self._phase == _HEADER
 
     def want(self) -> memoryview:
         """Where the next bytes go (after NEED_DATA): the rest of the current target."""

@@ -88,7 +88,7 @@ def decode_v1(value: Any, where: str = "tensor", max_elements: int = DEFAULT_MAX
     if isinstance(value, DecodedTensor):
         check_shape(list(value.array.shape), prefix, max_elements)
         return value.array
-    if not isinstance(value, dict) or not all(k in value for k in ("dtype", "shape", "data_b64")):
+    if not isinstance(value, dict) or "dtype" not in value or "shape" not in value or "data_b64" not in value:
         # Exactly the v1 text (clients match on it); the field goes beside it.
         raise RequestError(BAD_REQUEST, MISSING_TENSOR_FIELDS, field=where or "tensor")
     dtype = check_dtype(value["dtype"], prefix)
