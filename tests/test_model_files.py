@@ -122,3 +122,20 @@ def test_the_event_loop_only_uses_names_resolved_lately(dirs, trust):
     os.symlink(root / "secret" / "key.hef", link)
     with pytest.raises(NotResolvedLately):
         resolve_model_path(link, model_dirs, lately_only=True)
+
+
+def test_a_spec_without_parameters_is_shared_only_while_its_path_is_the_same_checked_object():
+    """ModelSpec.of spares a small request a new spec, never across a new
+    resolution of its path: after a reload changes model_dirs, the spec
+    carries the path as checked against the new folders."""
+    from hailo_devmgr.daemon.handlers.generic import GenericHandler
+    from hailo_devmgr.daemon.registry import ModelSpec
+    old = model_files.AllowedPath("/m/x.hef", ("/m",))
+    first = ModelSpec.of("generic", "/m/x.hef", old, {}, GenericHandler)
+    assert ModelSpec.of("generic", "/m/x.hef", old, {}, GenericHandler) is first
+    new = model_files.AllowedPath("/m/x.hef", ("/m", "/n"))
+    again = ModelSpec.of("generic", "/m/x.hef", new, {}, GenericHandler)
+    assert again is not first and again.real_path is new and again.real_path.model_dirs == ("/m", "/n")
+    assert again == first and again.identity == first.identity == "generic:/m/x.hef"
+    tuned = ModelSpec.of("generic", "/m/x.hef", new, {"batch_size": 2}, GenericHandler)
+    assert tuned is not ModelSpec.of("generic", "/m/x.hef", new, {"batch_size": 2}, GenericHandler)

@@ -117,7 +117,7 @@ def prepare(request: p.Request, config, lately_only: bool = False) -> DeviceRequ
     real_path = resolve_model_path(model_path, dirs, lately_only=lately_only)
     checked = handler_cls.check_params(
         params, lambda path, name: resolve_model_path(path, dirs, f"model_params.{name}", lately_only))
-    prepared.spec = ModelSpec(model_type, model_path, real_path, checked, handler_cls)
+    prepared.spec = ModelSpec.of(model_type, model_path, real_path, checked, handler_cls)
     if action == "infer":
         prepared.stream = _stream_flag(body, handler_cls, model_type)
         limits = _input_limits(config.max_tensor_elements, config.max_audio_s)

@@ -150,13 +150,17 @@ class Admission:
             self._not_reading.discard(client)
             log.info("%s reads its answers again: its device requests run", client, extra={"CLIENT_UID": uid})
 
-    async def answers_taken(self, uid) -> None:
-        """Wait while the uid holds more than its share of request bytes and
-        unread answers: a client that asks and never reads gets no more of
-        its work queued (its queued work is held: answer_waiting). Bounded
-        like any wait: then busy."""
+    def answers_taken(self, uid):
+        """None when the uid's answers are taken (the usual case: no coroutine
+        is made for it); else an awaitable that waits while the uid holds more
+        than its share of request bytes and unread answers: a client that asks
+        and never reads gets no more of its work queued (its queued work is
+        held: answer_waiting). Bounded like any wait: then busy."""
         if self.unsent_answers.refusal(uid, 0) is None:
-            return   # the usual case: no wait, no deadline to set
+            return None
+        return self._wait_for_answers(uid)
+
+    async def _wait_for_answers(self, uid) -> None:
         deadline = asyncio.get_running_loop().time() + self.settings.config.frame_timeout_s
         try:
             await self.unsent_answers.take(uid, 0, deadline)

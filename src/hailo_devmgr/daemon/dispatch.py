@@ -222,8 +222,8 @@ class Dispatcher:
         tokens = self._open_stream(request, connection) if prepared.stream else None
         fn, label, budget_s = actions.device_job(prepared, self.registry, budgets,
                                                  tokens.on_token if tokens else None)
-        if connection is not None:
-            await self.admission.answers_taken(connection.peer.uid)
+        if connection is not None and (unread := self.admission.answers_taken(connection.peer.uid)) is not None:
+            await unread   # this uid's answers are not being read: its new work waits
         if tracked and request.request_id in connection.cancel_requested:
             raise scheduler.cancelled_error()  # cancelled while it was being validated
         uid = _peer(connection).uid

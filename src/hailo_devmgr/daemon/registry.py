@@ -77,6 +77,27 @@ class ModelSpec:
         object.__setattr__(self, "params_json", params_json)
         object.__setattr__(self, "identity", f"{key} {params_json}" if params_json else key)
 
+    @classmethod
+    def of(cls, model_type: str, model_path: str, real_path: str, params: dict,
+           handler_cls: type[Handler]) -> "ModelSpec":
+        """The spec a request names. One named without parameters is made once
+        and shared while its path resolves to the same checked object
+        (model_files keeps that for a second, then checks the file again):
+        one frozen object less per small request. Any thread may call it."""
+        if params:
+            return cls(model_type, model_path, real_path, params, handler_cls)
+        known = _PLAIN_SPECS.get((model_type, model_path))
+        if known is not None and known.real_path is real_path and known.handler_cls is handler_cls:
+            return known
+        if len(_PLAIN_SPECS) >= _PLAIN_SPECS_MAX:
+            _PLAIN_SPECS.clear()
+        spec = _PLAIN_SPECS[(model_type, model_path)] = cls(model_type, model_path, real_path, params, handler_cls)
+        return spec
+
+
+_PLAIN_SPECS: dict = {}   # (model_type, model_path) -> ModelSpec without parameters
+_PLAIN_SPECS_MAX = 1024
+
 
 @dataclass
 class LoadedModel:
