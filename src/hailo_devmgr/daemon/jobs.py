@@ -143,12 +143,13 @@ def payload_bytes(value: Any, max_nodes: int = RESULT_NODES) -> int | None:
         if not pending:
             return total
         item = pending.pop()
-        if type(item) in _SCALARS:
+        kind = type(item)   # exact types first: the usual ones cost no isinstance
+        if kind in _SCALARS:
             continue   # (the timings beside every result)
-        if isinstance(item, np.ndarray):
-            total += item.nbytes
-        elif isinstance(item, dict):
+        if kind is dict or isinstance(item, dict):
             pending.extend(item.values())
+        elif kind is np.ndarray or isinstance(item, np.ndarray):
+            total += item.nbytes
         elif isinstance(item, (list, tuple)):
             if len(item) > max_nodes:
                 return None

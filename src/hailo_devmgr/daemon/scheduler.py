@@ -363,10 +363,6 @@ class FairScheduler(JobQueue):
         self._turns = itertools.count(1)
         self._last_turn: dict[Hashable, int] = {}  # client -> when it was last served
 
-    def effective_class(self, job: Job, now: float) -> int:
-        promoted = int((now - job.enqueued_at) // self.limits.aging_s) if self.limits.aging_s > 0 else 0
-        return max(0, job.priority - promoted)
-
     def _choose(self, jobs: list[Job], now: float) -> tuple[Job, Job | None]:
         if len(jobs) == 1:
             return jobs[0], None   # nothing to choose (the usual case when the device keeps up)
@@ -375,8 +371,13 @@ class FairScheduler(JobQueue):
         best = None
         in_class: list[Job] = []
         oldest_of: dict[Hashable, Job] = {}
+        aging_s = self.limits.aging_s
         for job in jobs:
-            rank = self.effective_class(job, now)
+            # Its class after aging: one class up per aging_s waited, down to 0
+            # (inline: this runs for every waiting job between any two jobs).
+            rank = job.priority - int((now - job.enqueued_at) // aging_s) if aging_s > 0 else job.priority
+            if rank < 0:
+                rank = 0
             if best is None or rank < best:
                 best, in_class, oldest_of = rank, [], {}
             elif rank > best:
