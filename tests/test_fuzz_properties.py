@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import event, given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -234,3 +234,42 @@ def test_whole_request_path_from_bytes(data, paths, config):
     responses = only_request_errors(lambda: harness.feed(stream, config, split))
     for response in responses or ():
         assert ("status" in response) != ("error" in response)
+
+
+# ------------------------------------------------------------------ JSON as the stdlib has it
+# protocol.py's one-shot encoder and object scan are shortcuts, never another dialect.
+
+@FUZZ(200)
+@given(message=st.dictionaries(st.text(max_size=8), json_values, max_size=5))
+def test_bodies_are_written_and_read_as_the_stdlib_writes_and_reads_them(message):
+    try:
+        expected = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as error:   # NaN or an infinity somewhere: refused alike
+        with pytest.raises(ValueError) as ours:
+            p.encode_json(message)
+        assert str(ours.value) == str(error)
+        return
+    assert p.encode_json(message) == expected
+    assert p.decode_body(expected) == message
+
+
+@FUZZ(300)
+@given(text=st.one_of(st.text(max_size=30), st.sampled_from(
+    ['{"a":1}', ' {"a":1}', '{"a":1} ', '{"a":1}x', '{"a":1}{"b":2}', '{"a":}', '{"a":NaN}', '{"a":1,}',
+     '{', '}', '[1]', '{"a":"\\ud800"}'])))
+def test_bodies_are_read_as_json_loads_reads_them(text):
+    assume(all(not "\ud800" <= char <= "\udfff" for char in text))   # not UTF-8: refused before JSON
+    try:
+        expected = json.loads(text, parse_constant=p._not_json)
+    except ValueError as error:
+        with pytest.raises(p.RequestError) as refused:
+            p.decode_body(text.encode())
+        assert refused.value.code == p.BAD_REQUEST
+        if isinstance(error, json.JSONDecodeError):
+            assert refused.value.message == f"Invalid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        return
+    if isinstance(expected, dict):
+        assert p.decode_body(text.encode()) == expected
+    else:
+        with pytest.raises(p.RequestError):
+            p.decode_body(text.encode())
