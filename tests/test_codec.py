@@ -143,50 +143,50 @@ def test_undecoded_mode_hands_bodies_and_asks_only_when_attachments_are_possible
 
 
 def test_a_plain_frame_read_whole_is_taken_in_one_step():
-    """The daemon's small request: its length (to charge), then its body,
-    without the events; what follows it stays for the next read."""
+    """The daemon's small request: its length offered to be charged, then its
+    body, without the events; what follows it stays for the next read."""
     first, second = p.encode_frame({"action": "ping"}), p.encode_frame({"action": "status", "n": 1})
     reader = c.FrameReader(decode=False)
     reader.feed(first + second + second[:5])
-    assert reader.whole_length() == len(first) - 4
-    assert json.loads(reader.take_whole(len(first) - 4)) == {"action": "ping"}
-    assert json.loads(reader.take_whole(reader.whole_length())) == {"action": "status", "n": 1}
-    assert reader.whole_length() is None                 # 5 bytes of the next: not whole
+    asked = []
+    assert json.loads(reader.take_plain(lambda length: asked.append(length) or True)) == {"action": "ping"}
+    assert asked == [len(first) - 4]
+    assert reader.take_plain(lambda length: False) is None   # not charged: not taken
+    assert json.loads(reader.take_plain()) == {"action": "status", "n": 1}
+    assert reader.take_plain() is None                      # 5 bytes of the next: not whole
     assert reader.pending == 5 and reader.buffered == 5 and reader.mid_frame
-    with pytest.raises(RuntimeError):
-        reader.take_whole(len(second) - 4)
     reader.feed(second[5:])
-    assert reader.whole_length() == len(second) - 4   # whole now
     assert reader.next_event() == c.Header(len(second) - 4)   # the events still work in its place
-    assert reader.whole_length() is None                 # mid-frame: the events go on
+    assert reader.take_plain() is None                        # mid-frame: the events go on
     assert json.loads(reader.next_event().body) == {"action": "status", "n": 1}
     assert reader.pending == 0 and not reader.mid_frame
 
 
-def test_whole_length_leaves_every_other_frame_to_the_events():
+def test_take_plain_leaves_every_other_frame_to_the_events():
     plain = p.encode_frame({"action": "ping"})
+    never = lambda length: pytest.fail("nothing to charge")  # noqa: E731
     over = c.FrameReader(max_message_bytes=5, decode=False)
     over.feed(plain)
-    assert over.whole_length() is None
+    assert over.take_plain(never) is None
     with pytest.raises(p.RequestError) as info:
         over.next_event()                 # the refusal comes from the events, as before
-    assert info.value.code == p.TOO_LARGE and over.whole_length() is None
+    assert info.value.code == p.TOO_LARGE and over.take_plain(never) is None
 
     listing = c.FrameReader(decode=False)   # may list attachments: decoded and attached first
     listing.feed(v2_frame({"action": "infer", "x": A}))
-    assert listing.whole_length() is None and isinstance(listing.next_event(), c.Header)
+    assert listing.take_plain(never) is None and isinstance(listing.next_event(), c.Header)
 
     with_fds = c.FrameReader(decode=False)  # descriptors go with their frame through the events
     fd = memfd()
     with_fds.feed(plain, [fd])
-    assert with_fds.whole_length() is None
+    assert with_fds.take_plain(never) is None
     frame = with_fds.frames()[0]
     assert frame.fds == [fd]
     c.close_fds(frame.fds)
 
     decoding = c.FrameReader()              # a client's reader decodes: the events
     decoding.feed(plain)
-    assert decoding.whole_length() is None and decoding.frames()[0].message == {"action": "ping"}
+    assert decoding.take_plain(never) is None and decoding.frames()[0].message == {"action": "ping"}
 
 
 @settings(max_examples=100, deadline=None)

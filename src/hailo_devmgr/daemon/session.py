@@ -236,7 +236,7 @@ class Session:
                 return None
             finally:
                 self._idle_timer.stop()
-        frame = self._take_whole()
+        frame = self._take_plain()
         if frame is not None:
             return frame
         self._mid_frame = True
@@ -245,15 +245,14 @@ class Session:
         finally:
             self._mid_frame = False
 
-    def _take_whole(self) -> Frame | None:
+    def _take_plain(self) -> Frame | None:
         """A plain frame read whole already (a small request, with no
         attachments and no descriptors), its length charged to the uid and
         taken in one step when there is room now; else None, and the frame
         is read event by event (_read_rest: the waits, the refusals)."""
-        length = self._reader.whole_length()
-        if length is None or self.admission.pending_bytes.take_now(self.peer.uid, length) is not None:
-            return None
-        return Frame(body=self._reader.take_whole(length), held=length)
+        pool, uid = self.admission.pending_bytes, self.peer.uid
+        body = self._reader.take_plain(lambda length: pool.take_now(uid, length) is None)
+        return None if body is None else Frame(body=body, held=len(body))
 
     async def _read_rest(self, clock: "_FrameClock") -> Frame | None:
         """Feed the codec until the frame is whole: its length is charged to the

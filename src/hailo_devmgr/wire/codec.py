@@ -309,37 +309,30 @@ class FrameReader:
         self._phase = _ATTACHMENTS if self._sizes else _DONE
         return list(self._sizes)
 
-    def whole_length(self) -> int | None:
-        """(decode=False) The JSON length of the next frame when all of it is
-        here already and it is a plain one: no descriptors came and its JSON
-        cannot list attachments. The caller may charge that length and take
-        the frame with :meth:`take_whole` in one step, instead of the events
-        (the usual small request). None: use :meth:`next_event`, which also
-        reports whatever is wrong with the frame."""
+    def take_plain(self, admit: Callable[[int], bool] | None = None) -> bytes | None:
+        """(decode=False) The JSON body of the next frame, taken in one step
+        instead of the events, when all of it is here already and it is a
+        plain one: no descriptors came and its JSON cannot list attachments
+        (the usual small request). A Frame of that body alone. ``admit(length)``
+        is asked first: the caller charges the length there (False: nothing
+        is taken). None: use :meth:`next_event`, which also reports whatever
+        is wrong with the frame."""
         if self.decode or self._phase != _HEADER or self._filled or self._fds or self._cuts \
                 or self._error is not None or self._closed:
             return None
-        start = self._pos + p.HEADER_SIZE
         pending = self._pending
+        start = self._pos + p.HEADER_SIZE
         if len(pending) < start:
             return None
         length = int.from_bytes(pending[self._pos:start], "big")
         end = start + length
         if length > self.max_message_bytes or len(pending) < end or pending.find(_ATTACHMENTS_KEY, start, end) >= 0:
             return None
-        return length
-
-    def take_whole(self, length: int) -> bytes:
-        """The JSON body of the frame :meth:`whole_length` gave ``length`` for,
-        taken (nothing may come between the two calls): a Frame of that body
-        alone."""
-        start = self._pos + p.HEADER_SIZE
-        end = start + length
-        if self._phase != _HEADER or self._filled or len(self._pending) < end:
-            raise RuntimeError("take_whole() without the whole frame whole_length() saw")
-        body = bytes(self._pending[start:end])
+        if admit is not None and not admit(length):
+            return None
+        body = bytes(pending[start:end])
         self._pos = end
-        self._start = self._received - (len(self._pending) - end)
+        self._start = self._received - (len(pending) - end)
         return body
 
     def next_event(self):
@@ -384,9 +377,9 @@ class FrameReader:
         no attachments, ``message`` None); for callers with no say in either."""
         frames = []
         while True:
-            length = self.whole_length()
-            if length is not None:   # the daemon's way to a plain frame (Session._take_whole)
-                frames.append(Frame(self.take_whole(length)))
+            body = self.take_plain()
+            if body is not None:   # the daemon's way to a plain frame (Session._take_plain)
+                frames.append(Frame(body))
                 continue
             event = self.next_event()
             if event is NEED_DATA:

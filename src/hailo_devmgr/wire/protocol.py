@@ -156,11 +156,20 @@ def _one_shot(encoder: json.JSONEncoder):
 
     probe = {"a": [1, -2.5, "é\u2603\n", None, True, False], "b": {"c": 10 ** 20}}
     try:
-        if encoder.ensure_ascii and make is not None and encode(probe) == encoder.encode(probe):
+        if encoder.ensure_ascii and make is not None and encode(probe) == encoder.encode(probe) \
+                and _refuses_nan(encode) == _refuses_nan(encoder.encode):
             return encode
     except (TypeError, ValueError):
         pass
     return encoder.encode
+
+
+def _refuses_nan(encode) -> bool:
+    try:
+        encode({"x": float("nan")})
+    except ValueError:
+        return True
+    return False
 
 
 _encode = _one_shot(_ENCODER)
@@ -174,9 +183,9 @@ def _decode(text: str):
     if text[:1] == "{" and text[-1:] == "}":
         try:
             message, end = _scan(text, 0)
-        except Exception:
+        except StopIteration:   # (not at an object's start; raw_decode's one rewording)
             pass
-        else:
+        else:   # any other error is raised as decode raises it: parsed once, not twice
             if end == len(text):
                 return message
     return _DECODER.decode(text)
