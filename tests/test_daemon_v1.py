@@ -1,6 +1,7 @@
 """Protocol v1 over the real socket of a running daemon (simulated backend)."""
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import struct
@@ -286,3 +287,18 @@ def test_control_plane_answers_while_the_device_is_busy(client, daemon, model_di
     assert "infer" in status["device_busy_with"]
     assert read_frame(slow._sock)["request_id"] == "slow"
     slow.close()
+
+
+def test_a_large_result_is_encoded_by_a_worker_and_answered_whole(daemon, model_dir):
+    """A v1 answer over 64 KiB of tensors is base64-encoded in the worker
+    pool (dispatch.SMALL_RESULT_BYTES), not on the event loop: the same answer."""
+    path = model_dir / "large-output.hef"
+    path.write_text("inputs: [{name: x, shape: [4], format: UINT8}]\n"
+                    "outputs: [{name: y, shape: [320, 320], format: UINT8}]\n")
+    request = {"action": "infer", "model_type": "generic", "model_path": str(path), "request_id": "big",
+               "input_data": {"inputs": {"x": {"dtype": "uint8", "shape": [4], "data_b64": "AQIDBA=="}}}}
+    answer = raw_exchange(daemon.socket_path, frame(json.dumps(request).encode()))
+    assert answer["status"] == "ok" and answer["request_id"] == "big"
+    output = answer["result"]["outputs"]["y"]
+    assert output["dtype"] == "uint8" and output["shape"] == [320, 320]
+    assert len(base64.b64decode(output["data_b64"])) == 320 * 320

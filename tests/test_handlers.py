@@ -283,3 +283,15 @@ def test_wrong_shape_and_dtype_after_load_name_the_field(client, models):
     error = hc.refused(lambda: client.infer(models["ocr_det.hef"], {"mode": "detection", "image": tensor(
         np.zeros((1, 1, 3), np.uint8))}, "ocr"))
     assert error.message.startswith("input_data.image has shape [1, 1, 3]")
+
+
+def test_without_hailorts_scheduler_each_model_is_activated_for_its_run(start_daemon, models):
+    """device.scheduling_algorithm none: HailoRT runs only the one activated
+    model, so each run activates its model and lets go after (72 otherwise):
+    two models take turns, a batch of requests included."""
+    daemon = start_daemon(device={"scheduling_algorithm": "none"})
+    with Client(daemon.socket_path, timeout=30) as client:
+        for _ in range(2):
+            assert hc.check_generic(client, models["net.hef"])["output_layer1"].shape == (512,)
+            image, _ = hc.check_clip(client, models["net.hef"], models["clip_text.hef"])
+            assert image.shape == (512,)

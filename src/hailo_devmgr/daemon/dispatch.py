@@ -248,7 +248,9 @@ class Dispatcher:
                     prepared.inputs = None
             self.metrics.observe(request.action, prepared.model_type, job, None)
             if request.action == "infer":
-                result = await self._infer_payload(result, connection, job.result_size)
+                result = self._infer_payload(result, connection, job.result_size)
+                if not isinstance(result, dict):
+                    result = await result   # encoded by a worker (a large result)
             if tokens:
                 result.update(stream=True, done=True)
                 if tokens.stop_reason is not None:
@@ -538,9 +540,10 @@ class Dispatcher:
             fields["CLIENT"] = connection.client_label
         return fields
 
-    async def _infer_payload(self, outcome, connection: Session | None = None,
-                             result_size: int | None = None) -> dict:
-        """``result_size``: the result's bytes as the device thread sized them."""
+    def _infer_payload(self, outcome, connection: Session | None = None, result_size: int | None = None):
+        """An infer's answer payload; an awaitable of it when a worker encodes
+        the result (a large one), so a small one makes no coroutine.
+        ``result_size``: the result's bytes as the device thread sized them."""
         result, run_ms, load_ms = outcome
         payload = {"inference_time_ms": round(run_ms, 3)}
         if load_ms:
@@ -549,9 +552,12 @@ class Dispatcher:
             # ndarrays stay: Session.send writes them as attachments or memfds.
             return {"result": result, **payload}
         if result_size is not None and result_size <= SMALL_RESULT_BYTES:
-            encoded = encode_results(result)  # base64 of a few KiB: cheaper than a hand-over
-        else:
-            encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
+            # base64 of a few KiB: cheaper than a hand-over
+            return {"result": encode_results(result), **payload}
+        return self._encoded_by_worker(result, payload, connection)
+
+    async def _encoded_by_worker(self, result, payload: dict, connection: Session | None) -> dict:
+        encoded = await self.worker_pool.run(_work_key(connection), encode_results, result)
         return {"result": encoded, **payload}
 
 

@@ -169,16 +169,16 @@ class Network:
             bindings_list.append(bindings)
             results.append(outputs)
         self.configured.wait_for_async_ready(timeout_ms, frames_count=len(bindings_list))
-        with self._activated():
+        if self.activate_to_run:
+            with self._activated():
+                self.configured.run(bindings_list, timeout_ms)
+        else:   # HailoRT's scheduler runs it (the default)
             self.configured.run(bindings_list, timeout_ms)
         return results
 
     @contextlib.contextmanager
     def _activated(self):
         """No scheduler: HailoRT runs only the one activated model (72 otherwise)."""
-        if not self.activate_to_run:
-            yield
-            return
         self.configured.activate()
         try:
             yield
