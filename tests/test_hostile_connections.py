@@ -423,3 +423,36 @@ def test_a_uids_large_frames_on_several_connections_do_not_wait_for_each_other(h
     """))
     assert json.loads(out) == ["ok"] * 4
     assert time.monotonic() - started < 10     # no waiting out a deadline
+
+
+def test_descriptors_over_the_uids_share_refuse_their_own_frame_only(hostile_daemon, readable_src):
+    """With the uid's descriptor share held (frames that never end), a frame
+    carrying one more is answered busy with the documented text, and a plain
+    frame that arrived in the same read, ahead of it, is answered as usual."""
+    daemon = hostile_daemon(frame_timeout_s=10)
+    out = attack(ATTACKER, readable_src, daemon.socket_path, raw("""
+        import array, os
+        fd = os.memfd_create("x")
+        sixteen = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 16))]
+        holders = []
+        for _ in range(8):                       # 8 x 16: the uid's 128 descriptors
+            sock = connect(hello=True)
+            sock.sendmsg([b"\\x00\\x00"], sixteen)  # half a header, sixteen descriptors
+            holders.append(sock)
+        time.sleep(0.5)
+        sock = connect(hello=True)
+        plain = frame({"action": "ping", "request_id": "plain"})
+        with_fd = frame({"action": "ping", "request_id": "with-fd", "fds": 1})
+        one = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        sock.sendmsg([plain + with_fd], one)     # one read: the descriptor is the second frame's
+        answers = {}
+        for _ in range(2):
+            length = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
+            answer = json.loads(sock.recv(length, socket.MSG_WAITALL))
+            answers[answer["request_id"]] = [answer.get("status"), answer.get("code"), answer.get("error", "")]
+        print(json.dumps(answers))
+    """))
+    answers = json.loads(out)
+    assert answers["plain"][:2] == ["ok", None]
+    status, code, error = answers["with-fd"]
+    assert code == "busy" and error.startswith("Too many file descriptors held for requests (")

@@ -341,12 +341,13 @@ class Session:
 
     def _hold_fds(self, frame: Frame) -> None:
         """The charged descriptors become the frame's. If some were refused on
-        arrival (closed at once), the frame is answered busy (its framing is
-        intact)."""
+        arrival (closed at once), the frame they came with is answered busy
+        (its framing is intact): the one the codec marks ``fds_truncated``,
+        their read having ended in it, not a frame read whole before them."""
         # Those of the next frame, read ahead with this one's end, stay charged to it.
         frame.fds_held = len(frame.fds)
         self._fds_charged -= frame.fds_held
-        if self._fds_refusal is not None:
+        if self._fds_refusal is not None and frame.fds_truncated:
             transport.close_fds(frame.fds)
             frame.refusal = RequestError(p.BUSY, f"Too many file descriptors held for requests "
                                                  f"({self._fds_refusal})", retry_after_ms=100)
