@@ -178,8 +178,8 @@ _scan = _DECODER.scan_once
 
 def _decode(text: str):
     """``_DECODER.decode``, with the usual body (an object, nothing around it)
-    scanned at once; anything else, or anything wrong, goes the stdlib's way,
-    which words the error."""
+    scanned at once: an error in it raises from that one scan, as ``decode``
+    would raise it. Anything else goes the stdlib's way."""
     if text[:1] == "{" and text[-1:] == "}":
         try:
             message, end = _scan(text, 0)
