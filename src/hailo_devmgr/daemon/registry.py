@@ -86,12 +86,13 @@ class ModelSpec:
         one frozen object less per small request. Any thread may call it."""
         if params:
             return cls(model_type, model_path, real_path, params, handler_cls)
-        known = _PLAIN_SPECS.get((model_type, model_path))
+        name = (model_type, model_path)
+        known = _PLAIN_SPECS.get(name)
         if known is not None and known.real_path is real_path and known.handler_cls is handler_cls:
             return known
         if len(_PLAIN_SPECS) >= _PLAIN_SPECS_MAX:
             _PLAIN_SPECS.clear()
-        spec = _PLAIN_SPECS[(model_type, model_path)] = cls(model_type, model_path, real_path, params, handler_cls)
+        spec = _PLAIN_SPECS[name] = cls(model_type, model_path, real_path, params, handler_cls)
         return spec
 
 
